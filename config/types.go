@@ -1,0 +1,301 @@
+// Package config owns relay's configuration: the TOML schema and its
+// defaults, validation that reports every problem as file:line:col, and the
+// qmail inputs relay reads beside it (control files and tcprules text).
+package config
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Config is the whole relay.toml. Names follow DESIGN.md §4; they are a
+// contract that outside tests rely on.
+type Config struct {
+	Hostname   string      `toml:"hostname"`
+	DataDir    string      `toml:"data_dir"`
+	Listen     []Listener  `toml:"listen"`
+	TLS        TLS         `toml:"tls"`
+	Relay      Relay       `toml:"relay"`
+	Auth       Auth        `toml:"auth"`
+	Delivery   Delivery    `toml:"delivery"`
+	Local      Local       `toml:"local"`
+	Admin      Admin       `toml:"admin"`
+	Policy     Policy      `toml:"policy"`
+	Webservers []Webserver `toml:"webserver"`
+	Notify     Notify      `toml:"notify"`
+
+	// Filled by Load, not by TOML.
+
+	// Path is the file the config was read from ("" for Default()).
+	Path string `toml:"-"`
+	// Control holds what was read from qmail's control directory, or the
+	// values derived from this file when relay.qmail_control_dir is empty.
+	Control *Control `toml:"-"`
+	// TCPRules is the parsed relay.tcprules file, nil when none is set.
+	TCPRules *TCPRules `toml:"-"`
+}
+
+// Listener modes.
+const (
+	ModeSMTP       = "smtp"
+	ModeSubmission = "submission"
+	ModeSMTPS      = "smtps"
+	ModeLocal      = "local"
+)
+
+// Listener is one [[listen]] entry.
+type Listener struct {
+	Addr string `toml:"addr"`
+	Mode string `toml:"mode"`
+}
+
+// TLS is the [tls] section: STARTTLS on smtp/submission, required by smtps.
+type TLS struct {
+	Cert string `toml:"cert"`
+	Key  string `toml:"key"`
+}
+
+// Relay is the [relay] section: the SMTP front end's limits and relay control.
+type Relay struct {
+	LocalDomains        []string `toml:"local_domains"`
+	RelayNetworks       []string `toml:"relay_networks"`
+	MaxMessageBytes     int64    `toml:"max_message_bytes"`
+	MaxRecipients       int      `toml:"max_recipients"`
+	MaxConnections      int      `toml:"max_connections"`
+	MaxConnectionsPerIP int      `toml:"max_connections_per_ip"`
+	Timeout             Duration `toml:"timeout"`
+	QmailControlDir     string   `toml:"qmail_control_dir"`
+	TCPRules            string   `toml:"tcprules"`
+	// SenderIDHeader adds "X-Sender-Id: <primary identity>" to handed-off mail.
+	SenderIDHeader bool `toml:"sender_id_header"`
+}
+
+// Auth is the [auth] section.
+type Auth struct {
+	Checkpassword string   `toml:"checkpassword"` // program and arguments, split on spaces
+	UsersFile     string   `toml:"users_file"`
+	RequireTLS    bool     `toml:"require_tls"`
+	Timeout       Duration `toml:"timeout"` // checkpassword is killed after this
+}
+
+// Delivery methods.
+const (
+	DeliverQmailQueue  = "qmail-queue"
+	DeliverQmailInject = "qmail-inject"
+	DeliverSMTP        = "smtp"
+	DeliverMaildir     = "maildir"
+)
+
+// Delivery is the [delivery] section: where accepted mail goes.
+type Delivery struct {
+	Method   string   `toml:"method"`
+	Command  string   `toml:"command"`
+	SMTPAddr string   `toml:"smtp_addr"`
+	Maildir  string   `toml:"maildir"`
+	Timeout  Duration `toml:"timeout"`
+}
+
+// Local is the [local] section: relay qq and relay sendmail.
+type Local struct {
+	QmailQueue   string   `toml:"qmail_queue"`
+	OnDaemonDown string   `toml:"on_daemon_down"` // accept | defer
+	ExemptUsers  []string `toml:"exempt_users"`
+}
+
+// Admin is the [admin] section.
+type Admin struct {
+	Listen    string `toml:"listen"`
+	TokenFile string `toml:"token_file"`
+	Pprof     bool   `toml:"pprof"` // serve /debug/pprof/ behind the token
+}
+
+// Policy modes and over-limit actions.
+const (
+	PolicyEnforce = "enforce"
+	PolicyObserve = "observe"
+
+	OverLimitDefer  = "defer"
+	OverLimitReject = "reject"
+	OverLimitHold   = "hold"
+)
+
+// Policy is the [policy] section.
+type Policy struct {
+	Mode         string      `toml:"mode"`
+	OverLimit    string      `toml:"over_limit"`
+	SuspendAfter int         `toml:"suspend_after"`
+	Limits       KindLimits  `toml:"limits"`
+	Allow        []AllowRule `toml:"allow"`
+}
+
+// Identity kinds (DESIGN.md §3).
+const (
+	KindUser   = "user"
+	KindUID    = "uid"
+	KindSender = "sender"
+	KindDomain = "domain"
+	KindIP     = "ip"
+)
+
+// KindLimits holds [policy.limits.<kind>]; a nil kind is not capped.
+type KindLimits struct {
+	User   *Limits `toml:"user"`
+	UID    *Limits `toml:"uid"`
+	Sender *Limits `toml:"sender"`
+	Domain *Limits `toml:"domain"`
+	IP     *Limits `toml:"ip"`
+}
+
+// ForKind returns the limits of one identity kind, nil when not capped.
+func (k KindLimits) ForKind(kind string) *Limits {
+	switch kind {
+	case KindUser:
+		return k.User
+	case KindUID:
+		return k.UID
+	case KindSender:
+		return k.Sender
+	case KindDomain:
+		return k.Domain
+	case KindIP:
+		return k.IP
+	}
+	return nil
+}
+
+// Limits is one set of caps. Zero values and empty lists are not capped.
+type Limits struct {
+	MaxRcptsPerMsg int    `toml:"max_rcpts_per_msg"`
+	Rcpts          []Rate `toml:"rcpts"`
+	Msgs           []Rate `toml:"msgs"`
+}
+
+// AllowRule is one [[policy.allow]] entry: the mailing-list allowlist.
+type AllowRule struct {
+	Match          string `toml:"match"`
+	MaxRcptsPerMsg int    `toml:"max_rcpts_per_msg"`
+	Rcpts          []Rate `toml:"rcpts"`
+	Msgs           []Rate `toml:"msgs"`
+	Unlimited      bool   `toml:"unlimited"`
+}
+
+// Webserver is one [[webserver]] entry.
+type Webserver struct {
+	Name   string `toml:"name"`
+	Addr   string `toml:"addr"`
+	Passwd string `toml:"passwd"`
+}
+
+// Notify is the [notify] section.
+type Notify struct {
+	Email   string `toml:"email"`
+	Webhook string `toml:"webhook"`
+}
+
+// Duration is a time.Duration written as a Go duration string ("60s").
+type Duration struct{ time.Duration }
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return fmt.Errorf("invalid duration %q (use e.g. \"60s\", \"20m\")", b)
+	}
+	if v < 0 {
+		return fmt.Errorf("negative duration %q", b)
+	}
+	d.Duration = v
+	return nil
+}
+
+// MarshalText implements encoding.TextMarshaler.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+
+// Rate is a limit "N/W": at most N in any interval of length W.
+type Rate struct {
+	N      int64
+	Window time.Duration
+}
+
+// String gives the rate back in its config form ("500/1h").
+func (r Rate) String() string { return fmt.Sprintf("%d/%s", r.N, FormatWindow(r.Window)) }
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (r *Rate) UnmarshalText(b []byte) error {
+	v, err := ParseRate(string(b))
+	if err != nil {
+		return err
+	}
+	*r = v
+	return nil
+}
+
+// MarshalText implements encoding.TextMarshaler.
+func (r Rate) MarshalText() ([]byte, error) { return []byte(r.String()), nil }
+
+// ParseRate parses "N/W" where W is a count and a unit s, m, h or d
+// ("100/1m", "2000/24h", "3/10s"). A bare unit means one of it ("10/h").
+func ParseRate(s string) (Rate, error) {
+	ns, ws, ok := strings.Cut(strings.TrimSpace(s), "/")
+	if !ok {
+		return Rate{}, fmt.Errorf("invalid rate %q: want N/W, e.g. \"500/1h\"", s)
+	}
+	n, err := strconv.ParseInt(ns, 10, 64)
+	if err != nil || n <= 0 {
+		return Rate{}, fmt.Errorf("invalid rate %q: N must be a positive whole number", s)
+	}
+	w, err := parseWindow(ws)
+	if err != nil {
+		return Rate{}, fmt.Errorf("invalid rate %q: %v", s, err)
+	}
+	return Rate{N: n, Window: w}, nil
+}
+
+const maxWindow = 366 * 24 * time.Hour
+
+func parseWindow(s string) (time.Duration, error) {
+	if s == "" {
+		return 0, fmt.Errorf("missing window")
+	}
+	unit := s[len(s)-1]
+	num := s[:len(s)-1]
+	var per time.Duration
+	switch unit {
+	case 's':
+		per = time.Second
+	case 'm':
+		per = time.Minute
+	case 'h':
+		per = time.Hour
+	case 'd':
+		per = 24 * time.Hour
+	default:
+		return 0, fmt.Errorf("window unit must be s, m, h or d")
+	}
+	k := int64(1)
+	if num != "" {
+		v, err := strconv.ParseInt(num, 10, 64)
+		if err != nil || v <= 0 {
+			return 0, fmt.Errorf("window must be a positive whole number of %c", unit)
+		}
+		k = v
+	}
+	if k > int64(maxWindow/per) {
+		return 0, fmt.Errorf("window longer than 366d")
+	}
+	return time.Duration(k) * per, nil
+}
+
+// FormatWindow writes a window the way a config would ("1h", "24h", "10s").
+func FormatWindow(w time.Duration) string {
+	switch {
+	case w%time.Hour == 0:
+		return fmt.Sprintf("%dh", w/time.Hour)
+	case w%time.Minute == 0:
+		return fmt.Sprintf("%dm", w/time.Minute)
+	default:
+		return fmt.Sprintf("%ds", w/time.Second)
+	}
+}

@@ -1,0 +1,68 @@
+// Package policy decides whether a message may pass: it names every identity
+// a message is attributed to, counts recipients and messages per identity in
+// sliding windows against the configured caps and the mailing-list
+// allowlist, suspends repeat offenders, records events, and keeps all of it
+// in bbolt.
+package policy
+
+import "time"
+
+// Identity is one sender identity of a message (DESIGN.md §3).
+type Identity struct {
+	ID      string // "user:alice", "uid:local:1001", "uid:web1:33", "sender:a@b", "domain:b", "ip:1.2.3.4"
+	Kind    string // config.KindUser, KindUID, KindSender, KindDomain, KindIP
+	Account string // account name where known (passwd), for uid identities
+	Script  string // X-PHP-Originating-Script name, for uid identities
+}
+
+// Action is what a decision tells the SMTP front end to do.
+type Action int
+
+// Actions, in order of severity.
+const (
+	Accept       Action = iota
+	TooManyRcpts        // this recipient is over max_rcpts_per_msg: 452 4.5.3, the message goes on
+	Hold                // 250, but into the hold spool
+	Defer               // 451 4.7.1
+	Reject              // 550 5.7.1 (over a cap with over_limit = "reject", or suspended)
+)
+
+// Decision is the outcome of one check.
+type Decision struct {
+	Action    Action
+	Identity  string        // the identity whose cap fired ("" on Accept)
+	Limit     string        // "500 recipients/1h", "50 recipients per message", "suspended"
+	RetryIn   time.Duration // when the next slot frees up (0 if unknown)
+	Suspended bool          // the identity is suspended
+	Observed  bool          // observe mode: Action is Accept, WouldBe is what enforce would have done
+	WouldBe   Action
+}
+
+// Checker starts policy transactions; *Engine implements it.
+type Checker interface {
+	Begin(ids []Identity) Tx
+}
+
+// Tx is one message's passage through policy. Recipients are reserved as they
+// are accepted so parallel sessions cannot together pass a cap; nothing is
+// charged until Commit.
+type Tx interface {
+	// Check tells whether any identity is suspended (called at MAIL).
+	Check() Decision
+	// AddRcpt checks one more recipient against every identity and reserves it.
+	AddRcpt() Decision
+	// AddIdentities adds identities learned from the headers at DATA
+	// (uid:<webserver>:<uid>, script) and checks them for all recipients so far.
+	AddIdentities(ids ...Identity) Decision
+	// Message checks and reserves one message against every identity's msgs caps.
+	Message() Decision
+	// Commit charges the reservations: the hand-off succeeded.
+	Commit()
+	// Held records that the message went to the hold spool under holdID and
+	// releases the reservations without charging them.
+	Held(holdID string)
+	// Abort releases every reservation (RSET, disconnect, failed hand-off).
+	Abort()
+	// Identities lists the identities of the transaction, strongest first.
+	Identities() []Identity
+}

@@ -1,0 +1,15 @@
+package queue
+
+import "time"
+
+// HeldMeta describes one message in the hold spool.
+type HeldMeta struct {
+	ID         string    `json:"id"`
+	Time       time.Time `json:"time"`
+	From       string    `json:"from"`
+	To         []string  `json:"to"`
+	Identities []string  `json:"identities"`
+	Reason     string    `json:"reason"` // the decision text that held it
+	Subject    string    `json:"subject"`
+	Size       int64     `json:"size"`
+}

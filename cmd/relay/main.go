@@ -1,0 +1,85 @@
+// Command relay is the qmail front end that stops a hosting server from
+// sending spam. See the README for what each subcommand does.
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+const usage = `usage: relay <command> [--config FILE] [args]
+
+commands:
+  serve          run the SMTP front end, policy and admin API
+  check-config   validate a config file and report every problem
+  sendmail       sendmail/qmail-inject drop-in for local scripts
+  qq             qmail-queue drop-in filter for local injection
+  ctl            drive the admin API from a shell
+  qmail-queue    list who is in qmail's queue right now
+  scan           list processes talking SMTP (run on a web server)
+
+--config defaults to $RELAY_CONFIG, then /etc/relay/relay.toml.
+Invoked as "sendmail" or "qmail-queue" (a symlink), relay acts as
+"relay sendmail" or "relay qq".
+`
+
+func main() {
+	os.Exit(dispatch(os.Args, os.Stdout, os.Stderr))
+}
+
+func dispatch(argv []string, stdout, stderr io.Writer) int {
+	switch filepath.Base(argv[0]) {
+	case "sendmail":
+		return runSendmail(argv[1:], stdout, stderr)
+	case "qmail-queue":
+		return runQQ(argv[1:], stdout, stderr)
+	}
+	if len(argv) < 2 {
+		fmt.Fprint(stderr, usage)
+		return 64
+	}
+	cmd, args := argv[1], argv[2:]
+	switch cmd {
+	case "serve":
+		return runServe(args, stdout, stderr)
+	case "check-config":
+		return runCheckConfig(args, stdout, stderr)
+	case "sendmail":
+		return runSendmail(args, stdout, stderr)
+	case "qq":
+		return runQQ(args, stdout, stderr)
+	case "ctl":
+		return runCtl(args, stdout, stderr)
+	case "qmail-queue":
+		return runQmailQueue(args, stdout, stderr)
+	case "scan":
+		return runScan(args, stdout, stderr)
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	}
+	fmt.Fprintf(stderr, "relay: unknown command %q\n\n%s", cmd, usage)
+	return 64
+}
+
+// configPath takes "--config FILE" (or --config=FILE) from the front of args
+// and returns the config path and the remaining arguments. Without the flag
+// it is $RELAY_CONFIG, then /etc/relay/relay.toml; explicit is true when the
+// path was given by flag or environment.
+func configPath(args []string) (path string, rest []string, explicit bool) {
+	if len(args) >= 2 && (args[0] == "--config" || args[0] == "-config") {
+		return args[1], args[2:], true
+	}
+	if len(args) >= 1 {
+		if v, ok := strings.CutPrefix(args[0], "--config="); ok {
+			return v, args[1:], true
+		}
+	}
+	if v := os.Getenv("RELAY_CONFIG"); v != "" {
+		return v, args, true
+	}
+	return "/etc/relay/relay.toml", args, false
+}

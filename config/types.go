@@ -78,6 +78,9 @@ type Auth struct {
 	UsersFile     string   `toml:"users_file"`
 	RequireTLS    bool     `toml:"require_tls"`
 	Timeout       Duration `toml:"timeout"` // checkpassword is killed after this
+
+	// Users is users_file read by Load: login -> bcrypt hash (cost checked).
+	Users map[string][]byte `toml:"-"`
 }
 
 // Delivery methods.
@@ -186,6 +189,9 @@ type Webserver struct {
 	Name   string `toml:"name"`
 	Addr   string `toml:"addr"`
 	Passwd string `toml:"passwd"`
+
+	// Accounts is the passwd file read by Load: uid -> account name.
+	Accounts map[uint32]string `toml:"-"`
 }
 
 // Notify is the [notify] section.

@@ -1,0 +1,341 @@
+package config
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"net/url"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// validator collects every semantic problem of a decoded config, each at
+// the position of the key that causes it.
+type validator struct {
+	file string
+	pos  *positions
+	errs Errors
+	// skip holds keys already reported as undecodable, whose defaults
+	// stand in for them: problems under them would only repeat those.
+	skip map[string]bool
+}
+
+func (v *validator) add(key, format string, args ...any) {
+	for k := key; k != ""; {
+		if v.skip[k] {
+			return
+		}
+		i := strings.LastIndexAny(k, ".[")
+		if i < 0 {
+			break
+		}
+		k = k[:i]
+	}
+	line, col := v.pos.pos(key)
+	v.errs = append(v.errs, Error{File: v.file, Line: line, Col: col, Key: key, Msg: fmt.Sprintf(format, args...)})
+}
+
+func (v *validator) config(c *Config) {
+	if strings.ContainsFunc(c.Hostname, isSpaceOrControl) {
+		v.add("hostname", "must not contain spaces or control characters")
+	}
+	if c.DataDir == "" {
+		v.add("data_dir", "must not be empty")
+	}
+	v.listeners(c)
+	v.tls(c)
+	v.relay(&c.Relay)
+	v.positive("auth.timeout", c.Auth.Timeout.Duration)
+	v.delivery(&c.Delivery)
+	v.local(&c.Local)
+	v.admin(&c.Admin)
+	v.policy(&c.Policy)
+	v.webservers(c.Webservers)
+	v.notify(&c.Notify)
+}
+
+func isSpaceOrControl(r rune) bool { return r <= ' ' || r == 0x7f }
+
+func (v *validator) listeners(c *Config) {
+	if len(c.Listen) == 0 {
+		v.add("listen", "at least one [[listen]] is needed")
+	}
+	seen := map[string]int{}
+	for i, l := range c.Listen {
+		key := fmt.Sprintf("listen[%d]", i)
+		switch l.Mode {
+		case ModeSMTP, ModeSubmission, ModeSMTPS:
+			if err := checkHostPort(l.Addr); err != nil {
+				v.add(key+".addr", "%v", err)
+				continue
+			}
+		case ModeLocal:
+			if l.Addr == "" {
+				v.add(key+".addr", "must name the unix socket path")
+				continue
+			}
+		case "":
+			v.add(key+".mode", "missing; one of smtp, submission, smtps, local")
+			continue
+		default:
+			v.add(key+".mode", "unknown mode %q; one of smtp, submission, smtps, local", l.Mode)
+			continue
+		}
+		if strings.HasSuffix(l.Addr, ":0") {
+			continue // every ":0" is its own ephemeral port
+		}
+		if j, dup := seen[l.Addr]; dup {
+			v.add(key+".addr", "%q is already used by listen[%d]", l.Addr, j)
+			continue
+		}
+		seen[l.Addr] = i
+	}
+}
+
+// checkHostPort accepts "host:port" with a numeric port; the host may be
+// empty (all addresses), an IP or a name.
+func checkHostPort(addr string) error {
+	if addr == "" {
+		return fmt.Errorf("missing; want host:port")
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%q is not host:port", addr)
+	}
+	if strings.ContainsFunc(host, isSpaceOrControl) {
+		return fmt.Errorf("%q: bad host", addr)
+	}
+	if n, err := strconv.ParseUint(port, 10, 16); err != nil || (n == 0 && port != "0") {
+		return fmt.Errorf("%q: port must be a number from 0 to 65535", addr)
+	}
+	return nil
+}
+
+func (v *validator) tls(c *Config) {
+	switch {
+	case c.TLS.Cert != "" && c.TLS.Key == "":
+		v.add("tls.key", "tls.cert is set but tls.key is not")
+	case c.TLS.Key != "" && c.TLS.Cert == "":
+		v.add("tls.cert", "tls.key is set but tls.cert is not")
+	case c.TLS.Cert == "":
+		for i, l := range c.Listen {
+			if l.Mode == ModeSMTPS {
+				v.add(fmt.Sprintf("listen[%d].mode", i), "smtps needs tls.cert and tls.key")
+			}
+		}
+	}
+}
+
+func (v *validator) relay(r *Relay) {
+	for i, d := range r.LocalDomains {
+		if d == "" || strings.ContainsFunc(d, isSpaceOrControl) || strings.Contains(d, "@") {
+			v.add(fmt.Sprintf("relay.local_domains[%d]", i), "%q is not a domain name", d)
+		}
+	}
+	for i, n := range r.RelayNetworks {
+		if _, err := ParseNetwork(n); err != nil {
+			v.add(fmt.Sprintf("relay.relay_networks[%d]", i), "%v", err)
+		}
+	}
+	v.nonNegative("relay.max_message_bytes", r.MaxMessageBytes)
+	v.nonNegative("relay.max_recipients", int64(r.MaxRecipients))
+	v.nonNegative("relay.max_connections", int64(r.MaxConnections))
+	v.nonNegative("relay.max_connections_per_ip", int64(r.MaxConnectionsPerIP))
+	v.positive("relay.timeout", r.Timeout.Duration)
+}
+
+// ParseNetwork parses a relay_networks entry: a CIDR prefix ("10.0.0.0/8",
+// "2001:db8::/32") or a bare IP, which stands for itself alone. The result
+// is masked; IPv4-mapped IPv6 addresses are taken as IPv4.
+func ParseNetwork(s string) (netip.Prefix, error) {
+	if strings.Contains(s, "/") {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return netip.Prefix{}, fmt.Errorf("%q is not a CIDR prefix or IP address", s)
+		}
+		if p.Addr().Zone() != "" {
+			return netip.Prefix{}, fmt.Errorf("%q: zones are not allowed", s)
+		}
+		if p.Addr().Is4In6() && p.Bits() >= 96 {
+			p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+		}
+		return p.Masked(), nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil || a.Zone() != "" {
+		return netip.Prefix{}, fmt.Errorf("%q is not a CIDR prefix or IP address", s)
+	}
+	a = a.Unmap()
+	return netip.PrefixFrom(a, a.BitLen()), nil
+}
+
+func (v *validator) nonNegative(key string, n int64) {
+	if n < 0 {
+		v.add(key, "must not be negative")
+	}
+}
+
+func (v *validator) positive(key string, d time.Duration) {
+	if d <= 0 {
+		v.add(key, "must be longer than 0s")
+	}
+}
+
+func (v *validator) delivery(d *Delivery) {
+	switch d.Method {
+	case DeliverSMTP:
+		if err := checkHostPort(d.SMTPAddr); err != nil {
+			v.add("delivery.smtp_addr", "needed by method smtp: %v", err)
+		}
+	case DeliverMaildir:
+		if d.Maildir == "" {
+			v.add("delivery.maildir", "needed by method maildir")
+		}
+	case DeliverQmailQueue, DeliverQmailInject:
+		if !filepath.IsAbs(d.Command) {
+			v.add("delivery.command", "method %s needs an absolute path here, not %q", d.Method, d.Command)
+		}
+	default:
+		v.add("delivery.method", "unknown method %q; one of qmail-queue, qmail-inject, smtp, maildir", d.Method)
+	}
+	v.positive("delivery.timeout", d.Timeout.Duration)
+}
+
+func (v *validator) local(l *Local) {
+	if !filepath.IsAbs(l.QmailQueue) {
+		v.add("local.qmail_queue", "must be an absolute path, not %q", l.QmailQueue)
+	}
+	if l.OnDaemonDown != "accept" && l.OnDaemonDown != "defer" {
+		v.add("local.on_daemon_down", "%q: one of accept, defer", l.OnDaemonDown)
+	}
+	for i, u := range l.ExemptUsers {
+		if u == "" || strings.ContainsFunc(u, isSpaceOrControl) || strings.Contains(u, ":") {
+			v.add(fmt.Sprintf("local.exempt_users[%d]", i), "%q is not a user name", u)
+		}
+	}
+}
+
+func (v *validator) admin(a *Admin) {
+	if err := checkHostPort(a.Listen); err != nil {
+		v.add("admin.listen", "%v", err)
+		return
+	}
+	if a.TokenFile == "" && !IsLoopbackListen(a.Listen) {
+		v.add("admin.listen", "non-loopback admin listen needs token_file")
+	}
+}
+
+// IsLoopbackListen reports whether a host:port listen address only
+// accepts connections from this machine (127.0.0.0/8, ::1, "localhost").
+// An empty host means every address, so it is not loopback.
+func IsLoopbackListen(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.Unmap().IsLoopback()
+}
+
+func (v *validator) policy(p *Policy) {
+	if p.Mode != PolicyEnforce && p.Mode != PolicyObserve {
+		v.add("policy.mode", "%q: one of enforce, observe", p.Mode)
+	}
+	switch p.OverLimit {
+	case OverLimitDefer, OverLimitReject, OverLimitHold:
+	default:
+		v.add("policy.over_limit", "%q: one of defer, reject, hold", p.OverLimit)
+	}
+	v.nonNegative("policy.suspend_after", int64(p.SuspendAfter))
+	for _, kind := range []string{KindUser, KindUID, KindSender, KindDomain, KindIP} {
+		if l := p.Limits.ForKind(kind); l != nil {
+			key := "policy.limits." + kind
+			v.nonNegative(key+".max_rcpts_per_msg", int64(l.MaxRcptsPerMsg))
+			v.rates(key+".rcpts", l.Rcpts)
+			v.rates(key+".msgs", l.Msgs)
+		}
+	}
+	for i, a := range p.Allow {
+		key := fmt.Sprintf("policy.allow[%d]", i)
+		if err := checkAllowMatch(a.Match); err != nil {
+			v.add(key+".match", "%v", err)
+		}
+		v.nonNegative(key+".max_rcpts_per_msg", int64(a.MaxRcptsPerMsg))
+		v.rates(key+".rcpts", a.Rcpts)
+		v.rates(key+".msgs", a.Msgs)
+		if a.Unlimited && (a.MaxRcptsPerMsg != 0 || len(a.Rcpts) > 0 || len(a.Msgs) > 0) {
+			v.add(key+".unlimited", "unlimited = true cannot be combined with max_rcpts_per_msg, rcpts or msgs")
+		}
+	}
+}
+
+// checkAllowMatch checks a [[policy.allow]] match: an identity id
+// (DESIGN.md §3) with a known kind and something after the colon.
+func checkAllowMatch(m string) error {
+	kind, rest, ok := strings.Cut(m, ":")
+	if m == "" {
+		return fmt.Errorf("missing; an identity such as \"sender:news@example.com\"")
+	}
+	switch kind {
+	case KindUser, KindUID, KindSender, KindDomain, KindIP:
+	default:
+		return fmt.Errorf("%q must start with a kind: user, uid, sender, domain or ip, then ':'", m)
+	}
+	if !ok || rest == "" {
+		return fmt.Errorf("%q: nothing after the kind %q", m, kind)
+	}
+	if strings.ContainsFunc(rest, isSpaceOrControl) {
+		return fmt.Errorf("%q: must not contain spaces", m)
+	}
+	return nil
+}
+
+// rates reports list entries whose window repeats an earlier one: two caps
+// on the same window are a typo, and only the smaller could ever act.
+func (v *validator) rates(key string, rs []Rate) {
+	seen := map[time.Duration]int{}
+	for i, r := range rs {
+		if j, dup := seen[r.Window]; dup {
+			v.add(fmt.Sprintf("%s[%d]", key, i), "window %s repeats %s[%d]", FormatWindow(r.Window), key, j)
+			continue
+		}
+		seen[r.Window] = i
+	}
+}
+
+var webserverName = regexp.MustCompile(`^[A-Za-z0-9_.-]+$`)
+
+func (v *validator) webservers(ws []Webserver) {
+	names := map[string]int{}
+	for i, w := range ws {
+		key := fmt.Sprintf("webserver[%d]", i)
+		if !webserverName.MatchString(w.Name) {
+			v.add(key+".name", "%q: want letters, digits, '_', '.' or '-'", w.Name)
+		} else if j, dup := names[w.Name]; dup {
+			v.add(key+".name", "%q is already the name of webserver[%d]", w.Name, j)
+		} else {
+			names[w.Name] = i
+		}
+		if a, err := netip.ParseAddr(w.Addr); err != nil || a.Zone() != "" {
+			v.add(key+".addr", "%q is not an IP address", w.Addr)
+		}
+	}
+}
+
+func (v *validator) notify(n *Notify) {
+	if n.Webhook != "" {
+		u, err := url.Parse(n.Webhook)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			v.add("notify.webhook", "%q is not an http or https URL", n.Webhook)
+		}
+	}
+	if n.Email != "" && (!strings.Contains(n.Email, "@") || strings.ContainsFunc(n.Email, isSpaceOrControl)) {
+		v.add("notify.email", "%q is not an email address", n.Email)
+	}
+}

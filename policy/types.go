@@ -65,4 +65,7 @@ type Tx interface {
 	Abort()
 	// Identities lists the identities of the transaction, strongest first.
 	Identities() []Identity
+	// SetSample gives the message's Message-ID and Subject (at DATA), quoted
+	// in notifications about its identities.
+	SetSample(messageID, subject string)
 }

@@ -1,0 +1,162 @@
+package policy
+
+import (
+	"fmt"
+	"strings"
+
+	"relay/config"
+)
+
+// limitSet is the caps that apply to one identity: its kind's defaults or
+// the first [[policy.allow]] rule that matches it.
+type limitSet struct {
+	rule     string // "default user", "allow sender:*@lists.example.com", "none"
+	maxRcpts int64  // 0: no per-message cap
+	rcpts    []config.Rate
+	msgs     []config.Rate
+}
+
+// noLimits applies to identities of a kind without [policy.limits.<kind>].
+var noLimits = &limitSet{rule: "none"}
+
+func (ls *limitSet) rates(metric uint8) []config.Rate {
+	if metric == metricMsgs {
+		return ls.msgs
+	}
+	return ls.rcpts
+}
+
+// allowRule is one precompiled [[policy.allow]] entry.
+type allowRule struct {
+	kind   string
+	match  glob
+	limits *limitSet
+}
+
+// policyConf is the part of the config policy decides with, compiled once
+// per New/Reload and swapped atomically.
+type policyConf struct {
+	observe      bool
+	overAction   Action
+	suspendAfter int
+	defaults     [numKinds]*limitSet
+	rules        []allowRule
+	hostname     string
+	notifyEmail  string
+	webhook      string
+}
+
+func compileConf(cfg *config.Config) (*policyConf, error) {
+	p := cfg.Policy
+	c := &policyConf{
+		suspendAfter: p.SuspendAfter,
+		hostname:     cfg.Hostname,
+		notifyEmail:  cfg.Notify.Email,
+		webhook:      cfg.Notify.Webhook,
+	}
+	switch p.Mode {
+	case "", config.PolicyEnforce:
+	case config.PolicyObserve:
+		c.observe = true
+	default:
+		return nil, fmt.Errorf("policy.mode %q: want enforce or observe", p.Mode)
+	}
+	switch p.OverLimit {
+	case "", config.OverLimitDefer:
+		c.overAction = Defer
+	case config.OverLimitReject:
+		c.overAction = Reject
+	case config.OverLimitHold:
+		c.overAction = Hold
+	default:
+		return nil, fmt.Errorf("policy.over_limit %q: want defer, reject or hold", p.OverLimit)
+	}
+	if p.SuspendAfter < 0 {
+		return nil, fmt.Errorf("policy.suspend_after %d: must not be negative", p.SuspendAfter)
+	}
+	for rank, kind := range kindNames {
+		l := p.Limits.ForKind(kind)
+		if l == nil {
+			c.defaults[rank] = noLimits
+			continue
+		}
+		ls, err := newLimitSet("default "+kind, l.MaxRcptsPerMsg, l.Rcpts, l.Msgs)
+		if err != nil {
+			return nil, fmt.Errorf("policy.limits.%s: %v", kind, err)
+		}
+		c.defaults[rank] = ls
+	}
+	for i, r := range p.Allow {
+		kind := kindOf(r.Match)
+		if kind == "" {
+			return nil, fmt.Errorf("policy.allow[%d].match %q: want <kind>:<address> with kind user, uid, ip, sender or domain", i, r.Match)
+		}
+		pattern := r.Match
+		if kind == config.KindSender || kind == config.KindDomain {
+			pattern = strings.ToLower(pattern) // those ids are lowercased
+		}
+		ls := &limitSet{rule: "allow " + r.Match}
+		if !r.Unlimited {
+			var err error
+			ls, err = newLimitSet("allow "+r.Match, r.MaxRcptsPerMsg, r.Rcpts, r.Msgs)
+			if err != nil {
+				return nil, fmt.Errorf("policy.allow[%d]: %v", i, err)
+			}
+		}
+		c.rules = append(c.rules, allowRule{kind: kind, match: compileGlob(pattern), limits: ls})
+	}
+	return c, nil
+}
+
+func newLimitSet(rule string, maxRcpts int, rcpts, msgs []config.Rate) (*limitSet, error) {
+	if maxRcpts < 0 {
+		return nil, fmt.Errorf("max_rcpts_per_msg %d: must not be negative", maxRcpts)
+	}
+	for _, r := range append(append([]config.Rate(nil), rcpts...), msgs...) {
+		if r.N <= 0 || r.Window <= 0 {
+			return nil, fmt.Errorf("limit %q: N and W must be positive", r.String())
+		}
+	}
+	return &limitSet{rule: rule, maxRcpts: int64(maxRcpts), rcpts: rcpts, msgs: msgs}, nil
+}
+
+// limitsFor returns the caps of one identity: the first allow rule that
+// matches it, else its kind's defaults.
+func (c *policyConf) limitsFor(id, kind string) *limitSet {
+	for i := range c.rules {
+		r := &c.rules[i]
+		if r.kind == kind && r.match.matches(id) {
+			return r.limits
+		}
+	}
+	if rank := kindRank(kind); rank < numKinds {
+		return c.defaults[rank]
+	}
+	return noLimits
+}
+
+// glob is a compiled pattern where '*' matches any run of characters.
+type glob struct {
+	parts []string // the literal text between the stars
+}
+
+func compileGlob(pattern string) glob { return glob{parts: strings.Split(pattern, "*")} }
+
+func (g glob) matches(s string) bool {
+	if len(g.parts) == 1 {
+		return s == g.parts[0]
+	}
+	first, last := g.parts[0], g.parts[len(g.parts)-1]
+	if len(s) < len(first)+len(last) || !strings.HasPrefix(s, first) || !strings.HasSuffix(s, last) {
+		return false
+	}
+	s = s[len(first) : len(s)-len(last)]
+	for _, p := range g.parts[1 : len(g.parts)-1] {
+		i := strings.Index(s, p)
+		if i < 0 {
+			return false
+		}
+		s = s[i+len(p):]
+	}
+	return true
+}

@@ -1,0 +1,67 @@
+package policy
+
+import "github.com/prometheus/client_golang/prometheus"
+
+// numActions is the number of Action values.
+const numActions = int(Reject) + 1
+
+// metrics are the engine's Prometheus series. Labels never carry an
+// identity or address.
+type metrics struct {
+	decisions *prometheus.CounterVec
+	suspended prometheus.Gauge
+	// Resolved once so the mail path does no label hashing: [observed][action][kind rank, numKinds = "none"].
+	byLabel [2][numActions][numKinds + 1]prometheus.Counter
+}
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	m := &metrics{
+		decisions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "relay_policy_decisions_total",
+			Help: "Policy decisions by action (observe_<action> in observe mode) and the kind of identity that decided (none for accept).",
+		}, []string{"action", "kind"}),
+		suspended: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "relay_suspended_identities",
+			Help: "Identities currently suspended.",
+		}),
+	}
+	for obs := range 2 {
+		for a := range numActions {
+			action := Action(a).String()
+			if obs == 1 {
+				action = "observe_" + action
+			}
+			for k := range numKinds + 1 {
+				kind := "none"
+				if k < numKinds {
+					kind = kindNames[k]
+				}
+				m.byLabel[obs][a][k] = m.decisions.WithLabelValues(action, kind)
+			}
+		}
+	}
+	if reg != nil {
+		for _, c := range []prometheus.Collector{m.decisions, m.suspended} {
+			if err := reg.Register(c); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return m, nil
+}
+
+// decision counts one decision; kind is the deciding identity's kind.
+func (m *metrics) decision(d Decision, kind string) {
+	obs, a := 0, d.Action
+	if d.Observed {
+		obs, a = 1, d.WouldBe
+	}
+	if a < 0 || int(a) >= numActions {
+		return
+	}
+	k := kindRank(kind)
+	if d.Identity == "" || k > numKinds {
+		k = numKinds
+	}
+	m.byLabel[obs][a][k].Inc()
+}

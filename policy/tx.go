@@ -1,0 +1,537 @@
+package policy
+
+import (
+	"strconv"
+	"time"
+
+	"relay/config"
+)
+
+// txEnt is one identity of a transaction with what it holds reserved.
+type txEnt struct {
+	id    Identity
+	st    *idState
+	shard int
+	lim   *limitSet // caps under the config the transaction began with
+	rcpts int64     // recipients reserved on its rcpts windows
+	msgs  int64     // messages reserved on its msgs windows
+	over  bool      // an over-limit event was recorded for it in this transaction
+}
+
+// overHit is one cap that a check found exceeded.
+type overHit struct {
+	ent    int
+	metric uint8
+	rate   config.Rate
+	used   int64
+	retry  time.Duration
+}
+
+// suspendRec is an automatic suspension to make durable after the locks
+// are released.
+type suspendRec struct {
+	id    string
+	susp  Suspension
+	event Event
+}
+
+// tx implements Tx. It is used by one SMTP session at a time and is not
+// safe for concurrent use.
+type tx struct {
+	e        *Engine
+	conf     *policyConf
+	ents     []txEnt
+	buf      [6]txEnt
+	shardBuf [8]int
+	hitBuf   [4]overHit
+	rcpts    int64 // recipients accepted so far (reserved, or bound for hold)
+	msg      bool  // Message reserved one message
+	holding  bool  // a Hold decision was given: the rest of the message goes to hold
+	holdDec  Decision
+	done     bool
+
+	sampleID, sampleSubject string
+
+	// Work for after the shard locks are released.
+	postEvents   []Event
+	postSuspends []suspendRec
+	postNotes    []notification
+}
+
+// finished answers calls on a transaction that already ended.
+var finished = Decision{Action: Defer, Limit: "policy transaction already finished"}
+
+// add resolves and references new identities, appending them to ents.
+func (t *tx) add(ids []Identity) {
+	for _, id := range ids {
+		if id.ID == "" {
+			continue
+		}
+		if id.Kind == "" {
+			id.Kind = kindOf(id.ID)
+		}
+		dup := false
+		for i := range t.ents {
+			if t.ents[i].id.ID == id.ID {
+				dup = true
+				break
+			}
+		}
+		if dup {
+			continue
+		}
+		lim := t.conf.limitsFor(id.ID, id.Kind)
+		st, si := t.e.acquire(id, lim)
+		t.ents = append(t.ents, txEnt{id: id, st: st, shard: si, lim: lim})
+	}
+}
+
+// sortEnts puts the identities strongest first.
+func (t *tx) sortEnts() {
+	// Insertion sort by strength: a handful of entries, stable.
+	for i := 1; i < len(t.ents); i++ {
+		for j := i; j > 0 && kindRank(t.ents[j].id.Kind) < kindRank(t.ents[j-1].id.Kind); j-- {
+			t.ents[j], t.ents[j-1] = t.ents[j-1], t.ents[j]
+		}
+	}
+}
+
+func (t *tx) lock() []int {
+	idx := t.shardBuf[:0]
+	for i := range t.ents {
+		idx = append(idx, t.ents[i].shard)
+	}
+	return t.e.lockShards(idx)
+}
+
+// evaluate checks the identities from ents[from:] for needR more recipients
+// (the message then having total) and needM more messages. perMsg is the
+// action for a message over max_rcpts_per_msg. It returns the enforce-mode
+// decision and the caps found exceeded. Shard locks are held.
+func (t *tx) evaluate(from int, now int64, needR, needM, total int64, perMsg Action) (Decision, []overHit) {
+	hits := t.hitBuf[:0]
+	var suspended, tooMany *txEnt
+	var tooManyN int64
+	for i := from; i < len(t.ents); i++ {
+		ent := &t.ents[i]
+		if ent.st.suspension != nil {
+			if suspended == nil {
+				suspended = ent
+			}
+			continue
+		}
+		lim := ent.lim
+		if needR > 0 && lim.maxRcpts > 0 && total > lim.maxRcpts && tooMany == nil {
+			tooMany, tooManyN = ent, lim.maxRcpts
+		}
+		for _, m := range [2]uint8{metricRcpts, metricMsgs} {
+			need := needR
+			if m == metricMsgs {
+				need = needM
+			}
+			if need == 0 {
+				continue
+			}
+			for _, r := range lim.rates(m) {
+				w := ent.st.window(m, r.Window)
+				if used := w.used(now); used+need > r.N {
+					hits = append(hits, overHit{ent: i, metric: m, rate: r, used: used, retry: w.retryIn(now, r.N, need)})
+				}
+			}
+		}
+	}
+	switch {
+	case suspended != nil:
+		return Decision{Action: Reject, Identity: suspended.id.ID, Limit: "suspended", Suspended: true}, hits
+	case len(hits) > 0:
+		// The cap that frees up last decides: its retry time is the true one.
+		best := hits[0]
+		for _, h := range hits[1:] {
+			if h.retry > best.retry {
+				best = h
+			}
+		}
+		return Decision{
+			Action:   t.conf.overAction,
+			Identity: t.ents[best.ent].id.ID,
+			Limit:    limitText(best.metric, best.rate.N, best.rate.Window),
+			RetryIn:  best.retry,
+		}, hits
+	case tooMany != nil:
+		return Decision{Action: perMsg, Identity: tooMany.id.ID, Limit: perMsgText(tooManyN)}, hits
+	}
+	return Decision{Action: Accept}, hits
+}
+
+// settle applies what a refused check means to the identities: the last
+// decision, over-limit events, throttle start, automatic suspension. It
+// returns the decision to give, converted for observe mode. Shard locks
+// are held.
+func (t *tx) settle(dec Decision, hits []overHit, now time.Time) Decision {
+	if dec.Action == Accept {
+		return dec
+	}
+	ns := now.UnixNano()
+	c := t.conf
+	var deciding *txEnt
+	for i := range t.ents {
+		if t.ents[i].id.ID == dec.Identity {
+			deciding = &t.ents[i]
+			break
+		}
+	}
+	if deciding != nil {
+		st := deciding.st
+		st.lastDecision = dec.Action.String() + ": " + dec.Text() + " (" + deciding.lim.rule + ")"
+		if c.observe {
+			st.lastDecision = "observe, would " + st.lastDecision
+		}
+		t.e.shards[deciding.shard].markDirty(st)
+	}
+	for _, h := range hits {
+		ent := &t.ents[h.ent]
+		if ent.over {
+			continue
+		}
+		ent.over = true
+		t.overEvent(ent, h, dec, now, ns)
+	}
+	if dec.Suspended && c.observe && deciding != nil && ns-deciding.st.lastLogged >= int64(eventLogSpacing) {
+		deciding.st.lastLogged = ns
+		t.postEvents = append(t.postEvents, t.event(deciding, EventObserve, now, "would reject: "+dec.Text()))
+	}
+	if !c.observe {
+		return dec
+	}
+	obs := dec
+	obs.Action, obs.Observed, obs.WouldBe = Accept, true, dec.Action
+	return obs
+}
+
+// overEvent records one over-limit event of ent's identity.
+func (t *tx) overEvent(ent *txEnt, h overHit, dec Decision, now time.Time, ns int64) {
+	c := t.conf
+	st := ent.st
+	prev := st.lastOver
+	st.lastOver = ns
+	keep := st.overTimes[:0]
+	for _, ot := range st.overTimes {
+		if ns-ot < int64(suspendSpan) {
+			keep = append(keep, ot)
+		}
+	}
+	if len(keep) == maxOverTimes {
+		keep = keep[:copy(keep, keep[1:])]
+	}
+	st.overTimes = append(keep, ns)
+	t.e.shards[ent.shard].markDirty(st)
+
+	limit := limitText(h.metric, h.rate.N, h.rate.Window)
+	detail := "over " + limit + " (used " + strconv.FormatInt(h.used, 10) + ", " + ent.lim.rule + ")"
+	logSpaced := ns-st.lastLogged >= int64(eventLogSpacing)
+	if logSpaced {
+		st.lastLogged = ns
+	}
+	if c.observe {
+		if logSpaced {
+			t.postEvents = append(t.postEvents, t.event(ent, EventObserve, now, "would "+c.overAction.String()+": "+detail))
+		}
+		if c.suspendAfter > 0 && len(st.overTimes) >= c.suspendAfter && st.suspension == nil {
+			t.postEvents = append(t.postEvents, t.event(ent, EventObserve, now,
+				"would suspend: "+strconv.Itoa(len(st.overTimes))+" over-limit events in 24h"))
+			st.overTimes = st.overTimes[:0]
+		}
+		return
+	}
+	note := func(kind string) notification {
+		n := notification{
+			Event: kind, Identity: ent.id.ID, Kind: ent.id.Kind, Account: st.account, Script: ent.id.Script,
+			Limit: limit, Used: h.used, OverLimitEvents: len(st.overTimes), Action: c.overAction.String(),
+			MessageID: t.sampleID, Subject: t.sampleSubject, Time: now,
+		}
+		if n.MessageID == "" && n.Subject == "" {
+			n.MessageID, n.Subject = st.sampleID, st.sampleSubject
+		}
+		return n
+	}
+	if prev == 0 || ns-prev >= int64(quietSpan) {
+		t.postEvents = append(t.postEvents, t.event(ent, EventThrottleStart, now, detail))
+		t.postNotes = append(t.postNotes, note(EventThrottleStart))
+	}
+	if logSpaced {
+		t.postEvents = append(t.postEvents, t.event(ent, EventOverLimit, now, c.overAction.String()+": "+detail))
+	}
+	if c.suspendAfter > 0 && len(st.overTimes) >= c.suspendAfter && st.suspension == nil {
+		reason := strconv.Itoa(len(st.overTimes)) + " over-limit events in 24h, the last " + detail
+		st.suspension = &Suspension{Reason: reason, At: now, Auto: true}
+		t.postSuspends = append(t.postSuspends, suspendRec{id: st.id, susp: *st.suspension, event: t.event(ent, EventSuspended, now, reason)})
+		t.postNotes = append(t.postNotes, note(EventSuspended))
+	}
+}
+
+func (t *tx) event(ent *txEnt, kind string, now time.Time, detail string) Event {
+	acct := ent.st.account
+	if ent.id.Account != "" {
+		acct = ent.id.Account
+	}
+	return Event{Time: now, Kind: kind, Identity: ent.id.ID, Account: acct, Script: ent.id.Script, Detail: detail}
+}
+
+// afterUnlock does the work that must not run under shard locks: durable
+// suspensions, events, notifications, logging and metrics.
+func (t *tx) afterUnlock(dec Decision) Decision {
+	e := t.e
+	for _, s := range t.postSuspends {
+		if err := e.storeSuspension(s.id, s.event); err != nil {
+			e.log.Error("policy: storing suspension", "identity", s.id, "err", err)
+		}
+		e.metrics.suspended.Inc()
+		e.log.Warn("policy: identity suspended", "identity", s.id, "reason", s.susp.Reason)
+	}
+	for _, ev := range t.postEvents {
+		e.events.add(ev, true)
+	}
+	for _, n := range t.postNotes {
+		e.notify.send(n, t.conf, e.now())
+	}
+	t.postSuspends, t.postEvents, t.postNotes = t.postSuspends[:0], t.postEvents[:0], t.postNotes[:0]
+	if dec.Action != Accept || dec.Observed {
+		action := dec.Action
+		if dec.Observed {
+			action = dec.WouldBe
+		}
+		e.log.Info("policy: over a limit", "identity", dec.Identity, "limit", dec.Limit, "action", action.String(),
+			"observe", dec.Observed, "retry_in", dec.RetryIn)
+	}
+	e.metrics.decision(dec, t.kindOf(dec.Identity))
+	return dec
+}
+
+func (t *tx) kindOf(id string) string {
+	for i := range t.ents {
+		if t.ents[i].id.ID == id {
+			return t.ents[i].id.Kind
+		}
+	}
+	return ""
+}
+
+// reserve adds needR recipients and needM messages to the reservations of
+// ents[from:]. Shard locks are held.
+func (t *tx) reserve(from int, needR, needM int64) {
+	for i := from; i < len(t.ents); i++ {
+		ent := &t.ents[i]
+		if needR > 0 {
+			for _, r := range ent.lim.rcpts {
+				ent.st.window(metricRcpts, r.Window).reserved += needR
+			}
+			ent.rcpts += needR
+		}
+		if needM > 0 {
+			for _, r := range ent.lim.msgs {
+				ent.st.window(metricMsgs, r.Window).reserved += needM
+			}
+			ent.msgs += needM
+		}
+	}
+}
+
+// release gives back every reservation and, when charge is set, records
+// the message as sent at now. It ends the transaction. Shard locks are held.
+func (t *tx) release(charge bool, ns int64) {
+	for i := range t.ents {
+		ent := &t.ents[i]
+		st := ent.st
+		for _, r := range ent.lim.rcpts {
+			w := st.window(metricRcpts, r.Window)
+			w.reserved -= ent.rcpts
+			if charge {
+				w.add(ns, t.rcpts)
+			}
+		}
+		for _, r := range ent.lim.msgs {
+			w := st.window(metricMsgs, r.Window)
+			w.reserved -= ent.msgs
+			if charge {
+				w.add(ns, 1)
+			}
+		}
+		ent.rcpts, ent.msgs = 0, 0
+		st.refs--
+		if charge {
+			st.lastSeen = ns
+			if t.sampleID != "" || t.sampleSubject != "" {
+				st.sampleID, st.sampleSubject = t.sampleID, t.sampleSubject
+			}
+			t.e.shards[ent.shard].markDirty(st)
+		}
+	}
+	t.done = true
+}
+
+// Check tells whether any identity is suspended.
+func (t *tx) Check() Decision {
+	if t.done {
+		return finished
+	}
+	now := t.e.now()
+	locked := t.lock()
+	dec, hits := t.evaluate(0, now.UnixNano(), 0, 0, 0, Accept)
+	dec = t.settle(dec, hits, now)
+	t.e.unlockShards(locked)
+	return t.afterUnlock(dec)
+}
+
+// AddRcpt checks one more recipient against every identity and reserves it.
+func (t *tx) AddRcpt() Decision {
+	if t.done {
+		return finished
+	}
+	if t.holding {
+		t.rcpts++
+		return t.afterUnlock(t.holdDec)
+	}
+	now := t.e.now()
+	locked := t.lock()
+	dec, hits := t.evaluate(0, now.UnixNano(), 1, 0, t.rcpts+1, TooManyRcpts)
+	dec = t.settle(dec, hits, now)
+	t.accept(dec, 0, 1, 0)
+	t.e.unlockShards(locked)
+	return t.afterUnlock(dec)
+}
+
+// accept updates the transaction for a decision on needR recipients and
+// needM messages of ents[from:]. Shard locks are held.
+func (t *tx) accept(dec Decision, from int, needR, needM int64) {
+	switch dec.Action {
+	case Accept:
+		t.reserve(from, needR, needM)
+		if from == 0 {
+			t.rcpts += needR
+			if needM > 0 {
+				t.msg = true
+			}
+		}
+	case Hold:
+		t.holding, t.holdDec = true, dec
+		if from == 0 {
+			t.rcpts += needR
+		}
+	}
+}
+
+// AddIdentities adds identities learned from the headers and checks them
+// for all recipients so far (and the message, once Message has reserved it).
+func (t *tx) AddIdentities(ids ...Identity) Decision {
+	if t.done {
+		return finished
+	}
+	from := len(t.ents)
+	t.add(ids)
+	defer t.sortEnts() // after the new ones, at ents[from:], are settled
+	if len(t.ents) == from {
+		return Decision{Action: Accept}
+	}
+	if t.holding {
+		return t.afterUnlock(t.holdDec)
+	}
+	var needM int64
+	if t.msg {
+		needM = 1
+	}
+	now := t.e.now()
+	locked := t.lock()
+	dec, hits := t.evaluate(from, now.UnixNano(), t.rcpts, needM, t.rcpts, t.conf.overAction)
+	dec = t.settle(dec, hits, now)
+	t.accept(dec, from, t.rcpts, needM)
+	t.e.unlockShards(locked)
+	return t.afterUnlock(dec)
+}
+
+// Message checks and reserves one message against every identity's msgs caps.
+func (t *tx) Message() Decision {
+	if t.done {
+		return finished
+	}
+	if t.msg {
+		return Decision{Action: Accept}
+	}
+	if t.holding {
+		return t.afterUnlock(t.holdDec)
+	}
+	now := t.e.now()
+	locked := t.lock()
+	dec, hits := t.evaluate(0, now.UnixNano(), 0, 1, 0, Accept)
+	dec = t.settle(dec, hits, now)
+	t.accept(dec, 0, 0, 1)
+	t.e.unlockShards(locked)
+	return t.afterUnlock(dec)
+}
+
+// Commit charges the message to every identity: the hand-off succeeded.
+func (t *tx) Commit() {
+	if t.done {
+		return
+	}
+	ns := t.e.now().UnixNano()
+	locked := t.lock()
+	t.release(true, ns)
+	t.e.unlockShards(locked)
+}
+
+// Held releases the reservations without charging them and records that
+// the message went to the hold spool under holdID.
+func (t *tx) Held(holdID string) {
+	if t.done {
+		return
+	}
+	now := t.e.now()
+	locked := t.lock()
+	t.release(false, now.UnixNano())
+	var ev Event
+	if len(t.ents) > 0 {
+		ent := &t.ents[0]
+		for i := range t.ents {
+			if t.ents[i].id.ID == t.holdDec.Identity {
+				ent = &t.ents[i]
+			}
+		}
+		detail := "held as " + holdID
+		if txt := t.holdDec.Text(); txt != "" {
+			detail += ": " + txt
+		}
+		ev = t.event(ent, EventHeld, now, detail)
+	}
+	t.e.unlockShards(locked)
+	if ev.Kind != "" {
+		t.e.events.add(ev, true)
+	}
+}
+
+// Abort releases every reservation (RSET, disconnect, failed hand-off).
+func (t *tx) Abort() {
+	if t.done {
+		return
+	}
+	locked := t.lock()
+	t.release(false, 0)
+	t.e.unlockShards(locked)
+}
+
+// Identities lists the transaction's identities, strongest first.
+func (t *tx) Identities() []Identity {
+	out := make([]Identity, len(t.ents))
+	for i := range t.ents {
+		out[i] = t.ents[i].id
+	}
+	return out
+}
+
+// SetSample gives the Message-ID and Subject of the message, quoted in
+// notifications about its identities.
+func (t *tx) SetSample(messageID, subject string) {
+	if len(subject) > maxSubject {
+		subject = subject[:maxSubject]
+	}
+	t.sampleID, t.sampleSubject = messageID, subject
+}

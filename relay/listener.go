@@ -1,0 +1,179 @@
+package relay
+
+import (
+	"crypto/tls"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"relay/config"
+)
+
+// connInfo is what relay learns about a connection when it accepts it.
+type connInfo struct {
+	id     uint64
+	remote netip.Addr // client address, unmapped; invalid on the local socket
+	uid    uint32     // peer uid from SO_PEERCRED, local socket only
+	local  bool
+	rule   config.TCPRule // tcprules line that matched
+	ruled  bool           // rule is set
+}
+
+// trackedConn is an accepted connection that gives its slot back when it is
+// closed.
+type trackedConn struct {
+	net.Conn
+	info    connInfo
+	release func()
+	once    sync.Once
+}
+
+func (c *trackedConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(c.release)
+	return err
+}
+
+// connInfoOf finds relay's connInfo under what go-smtp hands a session
+// (a *tls.Conn after STARTTLS or on smtps).
+func connInfoOf(c net.Conn) (connInfo, bool) {
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn()
+	}
+	t, ok := c.(*trackedConn)
+	if !ok {
+		return connInfo{}, false
+	}
+	return t.info, true
+}
+
+// gateListener applies the connection-level rules before go-smtp writes its
+// banner: tcprules deny (closed without a word, as tcpserver does),
+// max_connections and max_connections_per_ip ("421 4.7.0 too many
+// connections", then closed), and it reads the peer's uid on the local
+// socket.
+type gateListener struct {
+	net.Listener
+	srv   *Server
+	local bool
+	tls   bool // smtps: nothing may be written in clear text
+}
+
+func (l *gateListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		if tc := l.srv.admit(c, l.local, l.tls); tc != nil {
+			return tc, nil
+		}
+	}
+}
+
+// tooManyConnections is written by the gate before closing a connection
+// over a limit.
+const tooManyConnections = "421 4.7.0 too many connections\r\n"
+
+// admit decides on one new connection; it returns nil after closing it.
+func (s *Server) admit(c net.Conn, local, isTLS bool) *trackedConn {
+	st := s.settings.Load()
+	info := connInfo{id: s.nextConnID.Add(1), local: local}
+	if local {
+		uid, err := peerUID(c)
+		if err != nil {
+			s.log.Warn("local socket: no peer credentials", "err", err)
+			c.Close()
+			return nil
+		}
+		info.uid = uid
+	} else {
+		ap, err := netip.ParseAddrPort(c.RemoteAddr().String())
+		if err != nil {
+			c.Close()
+			return nil
+		}
+		info.remote = ap.Addr().Unmap().WithZone("")
+		if st.tcpRules != nil {
+			info.rule, info.ruled = st.tcpRules(info.remote)
+			if info.ruled && !info.rule.Allow {
+				s.log.Info("tcprules deny", "remote", info.remote.String())
+				c.Close()
+				return nil
+			}
+		}
+	}
+	key := ipKey(info.remote)
+	s.connMu.Lock()
+	over := (st.maxConns > 0 && s.connTotal >= st.maxConns) ||
+		(!local && st.maxConnsPerIP > 0 && s.connPerIP[key] >= st.maxConnsPerIP)
+	if !over {
+		s.connTotal++
+		if !local {
+			s.connPerIP[key]++
+		}
+	}
+	s.connMu.Unlock()
+	if over {
+		s.log.Info("too many connections", "remote", info.remote.String(), "local", local)
+		if !isTLS {
+			c.SetWriteDeadline(time.Now().Add(time.Second))
+			c.Write([]byte(tooManyConnections))
+		}
+		c.Close()
+		return nil
+	}
+	s.metrics.connectionsOpen.Inc()
+	return &trackedConn{Conn: c, info: info, release: func() {
+		s.metrics.connectionsOpen.Dec()
+		s.connMu.Lock()
+		s.connTotal--
+		if !local {
+			if s.connPerIP[key]--; s.connPerIP[key] <= 0 {
+				delete(s.connPerIP, key)
+			}
+		}
+		s.connMu.Unlock()
+	}}
+}
+
+// ipKey groups client addresses for max_connections_per_ip the way ip:
+// identities are grouped: IPv6 by /64, which one customer controls whole.
+func ipKey(a netip.Addr) netip.Prefix {
+	if !a.IsValid() {
+		return netip.Prefix{}
+	}
+	if a.Is4() {
+		return netip.PrefixFrom(a, 32)
+	}
+	p, _ := a.Prefix(64)
+	return p
+}
+
+// peerUID reads the uid of the process at the other end of a unix socket
+// (SO_PEERCRED, unix(7)); the kernel fills it in, so it cannot be forged.
+func peerUID(c net.Conn) (uint32, error) {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return 0, fmt.Errorf("not a unix socket: %T", c)
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var cred *unix.Ucred
+	var credErr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return 0, err
+	}
+	if credErr != nil {
+		return 0, credErr
+	}
+	return cred.Uid, nil
+}

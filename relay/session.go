@@ -1,0 +1,697 @@
+package relay
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"log/slog"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/emersion/go-sasl"
+	"github.com/emersion/go-smtp"
+
+	"relay/config"
+	"relay/policy"
+	"relay/queue"
+)
+
+// backend makes a session for each connection of one listener.
+type backend struct {
+	srv  *Server
+	mode string
+}
+
+// NewSession runs at the client's first HELO/EHLO (go-smtp's choice), and
+// again after STARTTLS.
+func (b *backend) NewSession(c *smtp.Conn) (smtp.Session, error) {
+	s := b.srv
+	if s.draining.Load() {
+		return nil, replyShuttingDown
+	}
+	info, ok := connInfoOf(c.Conn())
+	if !ok {
+		s.log.Error("connection without relay's connection info")
+		return nil, replyInternal
+	}
+	st := s.settings.Load()
+	_, isTLS := c.TLSConnectionState()
+	ss := &session{
+		srv:       s,
+		st:        st,
+		conn:      c,
+		mode:      b.mode,
+		cid:       strconv.FormatUint(info.id, 10),
+		remote:    info.remote,
+		local:     info.local,
+		uid:       info.uid,
+		helo:      c.Hostname(),
+		tls:       isTLS,
+		databytes: st.databytes,
+	}
+	if info.local {
+		ss.account = st.accounts[info.uid]
+		ss.exempt = ss.account != "" && st.exempt[ss.account]
+		ss.check = strings.EqualFold(c.Hostname(), checkHelo)
+		ss.relayClient = true
+	} else {
+		if st.relayNetwork(info.remote) {
+			ss.relayClient = true
+		}
+		if info.ruled {
+			if v, ok := info.rule.Env["RELAYCLIENT"]; ok {
+				ss.relayClient = true
+				ss.rcptSuffix = v
+			}
+			if v, ok := info.rule.Env["DATABYTES"]; ok {
+				if n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64); err == nil && n >= 0 {
+					ss.databytes = n
+				}
+			}
+		}
+		if ws := st.webserverAt(info.remote); ws != nil {
+			ss.webserver = ws
+			ss.relayClient = true
+		}
+	}
+	ss.log = s.log.With("cid", ss.cid)
+	return ss, nil
+}
+
+// session is one SMTP session. Connection fields stay for the session;
+// transaction fields (tx) are cleared by Reset. go-smtp may call Reset and
+// Logout from another goroutine while Data runs (BDAT, Server.Close), so
+// every method holds mu.
+type session struct {
+	mu   sync.Mutex
+	srv  *Server
+	st   *settings // the configuration the session started with
+	conn *smtp.Conn
+	log  *slog.Logger
+
+	// connection
+	mode        string
+	cid         string
+	remote      netip.Addr // invalid on the local socket
+	local       bool
+	uid         uint32 // peer uid on the local socket
+	account     string // its name in /etc/passwd
+	exempt      bool   // account is in local.exempt_users
+	check       bool   // a `relay qq` check session
+	helo        string
+	tls         bool
+	user        string // AUTH login
+	relayClient bool   // may send anywhere, and is counted by policy
+	rcptSuffix  string // tcprules RELAYCLIENT value, appended to recipients
+	databytes   int64
+	webserver   *webserver
+
+	// transaction
+	tx *transaction
+	// pending is a check session's reservation after "250 ok reserved",
+	// kept across the Reset go-smtp does after DATA until AUTH
+	// X-RELAY-COMMIT commits it or RSET, MAIL or the end of the session
+	// aborts it.
+	pending     policy.Tx
+	keepPending bool // the next Reset is go-smtp's after DATA: keep pending and exemptDone
+	// exemptDone: the check session answered "250 ok exempt"; a commit is
+	// then a no-op.
+	exemptDone bool
+	counted    bool // counted in Server.busy
+}
+
+// transaction is one MAIL ... DATA.
+type transaction struct {
+	from        string
+	rcpts       []string
+	rejected    int
+	badMailFrom bool
+	ids         []policy.Identity
+	ptx         policy.Tx // nil when policy is not consulted
+	hold        bool
+	holdReason  string
+	start       time.Time
+	size        int64
+	code        int // last reply code
+	qp          int
+	result      string // metrics result; "" until decided
+}
+
+// trusted reports whether mail from this session is counted by policy:
+// authenticated, relay clients (relay_networks, tcprules RELAYCLIENT),
+// configured web servers and the local socket (DESIGN.md §3). Mail from the
+// internet to local domains is not.
+func (s *session) trusted() bool { return s.relayClient || s.user != "" }
+
+// identities lists what the envelope tells about the sender, strongest
+// first (DESIGN.md §3).
+func (s *session) identities(from string) []policy.Identity {
+	var ids []policy.Identity
+	if s.user != "" {
+		ids = append(ids, policy.UserID(s.user))
+	}
+	if s.local {
+		ids = append(ids, policy.LocalUID(s.uid, s.account))
+	}
+	if s.remote.IsValid() {
+		ids = append(ids, policy.IPID(s.remote))
+	}
+	ids = append(ids, policy.SenderID(from))
+	if d, ok := policy.DomainID(from); ok {
+		ids = append(ids, d)
+	}
+	return ids
+}
+
+// AuthMechanisms: PLAIN and LOGIN where an Authenticator is configured
+// (go-smtp offers them only over TLS unless auth.require_tls = false);
+// X-RELAY-COMMIT in check sessions; nothing else on the local socket.
+func (s *session) AuthMechanisms() []string {
+	switch {
+	case s.check:
+		return []string{"X-RELAY-COMMIT"}
+	case s.local:
+		return nil
+	case s.srv.deps.Auth != nil && s.srv.deps.Auth.Enabled():
+		return []string{sasl.Plain, sasl.Login}
+	}
+	return nil
+}
+
+// Auth starts an AUTH exchange.
+func (s *session) Auth(mech string) (sasl.Server, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.tx != nil {
+		return nil, replyAuthInMail
+	}
+	switch {
+	case s.check && mech == "X-RELAY-COMMIT":
+		return commitServer{s}, nil
+	case s.check || s.local || s.srv.deps.Auth == nil || !s.srv.deps.Auth.Enabled():
+		return nil, smtp.ErrAuthUnknownMechanism
+	case mech == sasl.Plain:
+		return sasl.NewPlainServer(func(identity, login, password string) error {
+			if identity != "" && identity != login {
+				return replyAuthMismatch
+			}
+			return s.authenticate(login, password)
+		}), nil
+	case mech == sasl.Login:
+		return NewLoginServer(s.authenticate), nil
+	}
+	return nil, smtp.ErrAuthUnknownMechanism
+}
+
+// authenticate checks a login; on success the session may relay and is
+// counted as user:<login>.
+func (s *session) authenticate(login, password string) error {
+	err := s.srv.deps.Auth.Authenticate(s.srv.ctx, login, password, s.remote)
+	switch {
+	case err == nil:
+		s.mu.Lock()
+		s.user = login
+		s.mu.Unlock()
+		s.log.Info("auth", "user", login)
+		return nil
+	case errors.Is(err, ErrAuthBad):
+		s.log.Info("auth failed", "user", login)
+		return replyAuthFailed
+	case errors.Is(err, ErrAuthLocked):
+		s.log.Info("auth locked", "user", login)
+		return replyAuthLocked
+	case errors.Is(err, ErrAuthTemporary):
+		s.log.Warn("auth unavailable", "user", login, "err", err)
+		return replyAuthTemporary
+	}
+	s.log.Error("auth error", "user", login, "err", err)
+	return replyAuthTemporary
+}
+
+// commitServer is the SASL "mechanism" X-RELAY-COMMIT: `relay qq` sends it
+// after the real qmail-queue exited 0, and the reservation is charged.
+type commitServer struct{ s *session }
+
+func (c commitServer) Next([]byte) ([]byte, bool, error) {
+	s := c.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case s.pending != nil:
+		s.pending.Commit()
+		s.pending = nil
+		s.log.Info("check committed", "uid", s.uid)
+	case s.exemptDone:
+		s.exemptDone = false
+	default:
+		return nil, false, replyNothingToDo
+	}
+	s.syncBusy()
+	return nil, true, nil
+}
+
+// Mail starts a transaction (a second MAIL replaces the first, as in
+// qmail-smtpd).
+func (s *session) Mail(from string, opts *smtp.MailOptions) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.endTx()
+	s.abortPending()
+	defer s.syncBusy()
+	if s.srv.draining.Load() {
+		return replyShuttingDown
+	}
+	if s.mode == config.ModeSubmission && s.user == "" {
+		return replyAuthRequired
+	}
+	// RFC 1870 §6.1: a declared size over the limit is refused at once.
+	if s.databytes > 0 && !s.check && opts != nil && opts.Size > s.databytes {
+		return replyDatabytes
+	}
+	tx := &transaction{from: from, start: s.srv.now()}
+	tx.badMailFrom = from != "" && s.st.badMailFrom(from)
+	if s.trusted() {
+		tx.ids = s.identities(from)
+		if s.srv.deps.Policy != nil && !s.exempt {
+			tx.ptx = s.srv.deps.Policy.Begin(tx.ids)
+			d := tx.ptx.Check()
+			s.observed("mail", d)
+			if r := decisionReply(d); r != nil {
+				tx.ptx.Abort()
+				tx.ptx = nil
+				tx.code = r.Code
+				tx.result = txDeferred
+				if r.Code >= 500 {
+					tx.result = txRejected
+				}
+				s.tx = tx
+				s.endTx()
+				return r
+			}
+		}
+	}
+	s.tx = tx
+	return nil
+}
+
+// Rcpt checks one recipient: badmailfrom, then relay control (qmail-smtpd's
+// order), then max_recipients, then policy.
+func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	tx := s.tx
+	if tx == nil { // go-smtp does not call Rcpt before a successful Mail
+		return replyInternal
+	}
+	r, result := s.rcpt(tx, to)
+	s.srv.metrics.recipients.WithLabelValues(result).Inc()
+	if r != nil {
+		tx.rejected++
+		tx.code = r.Code
+		return r
+	}
+	return nil
+}
+
+func (s *session) rcpt(tx *transaction, to string) (*smtp.SMTPError, string) {
+	if tx.badMailFrom {
+		return replyBadMailFrom, rcptRejected
+	}
+	if !s.relayClient && s.user == "" && !rcptAllowedFrom(to, s.st.rcptHostAllowed) {
+		s.log.Info("relay denied", "remote", s.remote.String(), "rcpt", to)
+		return replyRcptHosts, rcptRelayDenied
+	}
+	// qmail-queue has no recipient limit, so check sessions do not get one
+	// either; policy's max_rcpts_per_msg still applies to them.
+	if !s.check && s.st.maxRcpts > 0 && len(tx.rcpts) >= s.st.maxRcpts {
+		return replyTooManyRcpts, rcptDeferred
+	}
+	if tx.ptx != nil {
+		d := tx.ptx.AddRcpt()
+		s.observed("rcpt", d)
+		if r := decisionReply(d); r != nil {
+			return r, resultOf(r.Code)
+		}
+		if d.Action == policy.Hold {
+			tx.hold, tx.holdReason = true, d.Text()
+		}
+	}
+	tx.rcpts = append(tx.rcpts, to+s.rcptSuffix)
+	return nil, rcptAccepted
+}
+
+// resultOf names a refused recipient for metrics: 4xx deferred, 5xx
+// rejected.
+func resultOf(code int) string {
+	if code < 500 {
+		return rcptDeferred
+	}
+	return rcptRejected
+}
+
+// observed logs what an observe-mode decision would have done.
+func (s *session) observed(stage string, d policy.Decision) {
+	if d.Observed && d.WouldBe != policy.Accept {
+		s.log.Info("policy observed", "stage", stage, "would_be", d.WouldBe.String(), "reason", d.Text())
+	}
+}
+
+// Data reads the message, attributes it, asks policy, and hands it off (or
+// holds it, or, in a check session, reserves it). The reply is 250 only once
+// the hand-off or the hold spool has the message.
+func (s *session) Data(r io.Reader) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	defer s.syncBusy()
+	tx := s.tx
+	if tx == nil { // go-smtp does not call Data without MAIL and RCPT
+		return replyInternal
+	}
+	limit := s.databytes
+	if s.check {
+		limit = 0
+	}
+	msg := newStoreReader(r, !s.check, limit)
+	rep := s.data(tx, msg)
+	tx.size = msg.Size()
+	tx.code = rep.Code
+	if tx.result == "" {
+		tx.result = txRejected
+		if rep.Code < 500 {
+			tx.result = txDeferred
+		}
+	}
+	return rep
+}
+
+// data does Data's work and returns the final reply. It resolves the
+// policy transaction: committed, held or aborted, or (check session) left
+// pending for AUTH X-RELAY-COMMIT.
+func (s *session) data(tx *transaction, msg *storeReader) *smtp.SMTPError {
+	head, err := readHead(msg)
+	if err != nil {
+		tx.abort()
+		return s.storeFailure(msg)
+	}
+	if extra := s.headerIdentities(head); len(extra) > 0 {
+		tx.ids = append(tx.ids, extra...)
+		if tx.ptx != nil {
+			if r := s.decide(tx, "data", tx.ptx.AddIdentities(extra...)); r != nil {
+				return r
+			}
+		}
+	}
+	if tx.ptx != nil {
+		tx.ptx.SetSample(safeHeaderValue(firstHeader(head, "Message-ID")), safeHeaderValue(firstHeader(head, "Subject")))
+		if r := s.decide(tx, "data", tx.ptx.Message()); r != nil {
+			return r
+		}
+		tx.ids = tx.ptx.Identities()
+	}
+	if s.check && (s.exempt || tx.ptx == nil) {
+		// Nothing is counted: `relay qq` runs the real qmail-queue.
+		if _, err := io.Copy(io.Discard, msg); err != nil {
+			return s.storeFailure(msg)
+		}
+		s.exemptDone, s.keepPending = true, true
+		tx.result = txAccepted
+		return okReply("ok exempt")
+	}
+	body := io.MultiReader(strings.NewReader(s.traceHeaders(tx)), bytes.NewReader(head), msg)
+	if tx.hold {
+		return s.holdMessage(tx, head, msg, body)
+	}
+	if s.check {
+		if _, err := io.Copy(io.Discard, msg); err != nil {
+			tx.abort()
+			return s.storeFailure(msg)
+		}
+		s.pending, tx.ptx = tx.ptx, nil
+		s.keepPending = true
+		tx.result = txAccepted
+		return okReply("ok reserved")
+	}
+	receipt, err := s.srv.deps.Handoff.Deliver(s.srv.ctx, queue.Envelope{From: tx.from, To: tx.rcpts}, body)
+	if msg.Err() != nil {
+		tx.abort()
+		if err == nil {
+			s.log.Error("hand-off reported success on a failed read; not confirming", "qp", receipt.QP)
+		}
+		return s.storeFailure(msg)
+	}
+	if err != nil {
+		tx.abort()
+		tx.result = txFailed
+		s.log.Warn("hand-off failed", "err", err)
+		return replyFor(err)
+	}
+	if tx.ptx != nil {
+		tx.ptx.Commit()
+		tx.ptx = nil
+	}
+	tx.qp = receipt.QP
+	tx.result = txAccepted
+	return okReply(receipt.Reply)
+}
+
+// decide applies a decision taken at DATA: a refusal aborts the policy
+// transaction and is returned; Hold marks the message for the hold spool.
+func (s *session) decide(tx *transaction, stage string, d policy.Decision) *smtp.SMTPError {
+	s.observed(stage, d)
+	if r := decisionReply(d); r != nil {
+		tx.abort()
+		return r
+	}
+	if d.Action == policy.Hold && !tx.hold {
+		tx.hold, tx.holdReason = true, d.Text()
+	}
+	return nil
+}
+
+// holdMessage puts the message into the hold spool instead of handing it
+// off: "250 ok held <id>" once the spool has it on disk.
+func (s *session) holdMessage(tx *transaction, head []byte, msg *storeReader, body io.Reader) *smtp.SMTPError {
+	if s.srv.deps.Hold == nil {
+		tx.abort()
+		s.log.Warn("policy says hold but no hold spool is configured; deferring")
+		return reply(451, smtp.EnhancedCode{4, 7, 1}, safeHeaderValue(tx.holdReason))
+	}
+	meta := queue.HeldMeta{
+		Time:    s.srv.now(),
+		From:    tx.from,
+		To:      tx.rcpts,
+		Reason:  tx.holdReason,
+		Subject: firstHeader(head, "Subject"),
+	}
+	for _, id := range tx.ids {
+		meta.Identities = append(meta.Identities, id.ID)
+	}
+	meta, err := s.srv.deps.Hold.Put(meta, body)
+	if msg.Err() != nil {
+		tx.abort()
+		return s.storeFailure(msg)
+	}
+	if err != nil {
+		tx.abort()
+		tx.result = txFailed
+		s.log.Error("hold spool", "err", err)
+		return replyInternal
+	}
+	if tx.ptx != nil {
+		tx.ptx.Held(meta.ID)
+		tx.ptx = nil
+	}
+	tx.result = txHeld
+	s.log.Info("held", "id", meta.ID, "reason", tx.holdReason)
+	return okReply("ok held " + safeHeaderValue(meta.ID))
+}
+
+// storeFailure is the reply for a message that could not be stored.
+func (s *session) storeFailure(msg *storeReader) *smtp.SMTPError {
+	switch err := msg.Err(); {
+	case errors.Is(err, errBareNewline):
+		return replyBareNewline
+	case errors.Is(err, errTooBig):
+		return replyDatabytes
+	case errors.Is(err, errTooManyHops):
+		return replyHops
+	case err != nil:
+		s.log.Warn("reading message", "err", err)
+	}
+	return replyInternal
+}
+
+// readHead reads the start of the message, through the end of its header
+// or maxHeadBytes, whichever comes first. It returns an error only when
+// the message cannot be read or stored (msg.Err tells why).
+func readHead(msg *storeReader) ([]byte, error) {
+	head := make([]byte, 0, 8<<10)
+	for msg.inHeader && len(head) < maxHeadBytes {
+		if len(head) == cap(head) {
+			head = append(head, 0)[:len(head)]
+		}
+		n, err := msg.Read(head[len(head):min(cap(head), maxHeadBytes)])
+		head = head[:len(head)+n]
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	return head, nil
+}
+
+// headerIdentities are the identities the header adds. On a connection
+// from a [[webserver]]: uid:<name>:<uid> from the first Received field if
+// qmail-queue wrote it there ("invoked by uid U"), else from the first
+// X-PHP-Originating-Script, with that header's script when its uid agrees.
+// On the local socket the script of an X-PHP-Originating-Script whose uid
+// is the peer's own is recorded on uid:local:<uid>. Headers anywhere else
+// change nothing.
+func (s *session) headerIdentities(head []byte) []policy.Identity {
+	switch {
+	case s.webserver != nil:
+		uid, ok := firstReceivedUID(head)
+		phpUID, script, phpOK := phpOriginatingScript(head)
+		if !ok && phpOK {
+			uid, ok = phpUID, true
+		}
+		if !ok {
+			return nil
+		}
+		if !phpOK || phpUID != uid {
+			script = ""
+		}
+		return []policy.Identity{policy.WebUID(s.webserver.name, uid, s.webserver.accounts[uid], script)}
+	case s.local:
+		phpUID, script, ok := phpOriginatingScript(head)
+		if !ok || phpUID != s.uid || script == "" {
+			return nil
+		}
+		id := policy.LocalUID(s.uid, s.account)
+		id.Script = script
+		return []policy.Identity{id}
+	}
+	return nil
+}
+
+// traceHeaders are the header lines relay prepends: Received, and
+// X-Sender-Id with the strongest identity when relay.sender_id_header is on.
+func (s *session) traceHeaders(tx *transaction) string {
+	h := formatReceived(receivedInfo{
+		Helo:     s.helo,
+		HasHelo:  s.helo != "",
+		Remote:   s.remote.String(),
+		UID:      s.uid,
+		Local:    s.local,
+		User:     s.user,
+		TLS:      s.tls,
+		By:       s.st.me,
+		Received: s.srv.now(),
+	})
+	if s.st.cfg.Relay.SenderIDHeader && len(tx.ids) > 0 {
+		h += "X-Sender-Id: " + safeHeaderValue(tx.ids[0].ID) + "\n"
+	}
+	return h
+}
+
+// Reset ends the transaction (RSET, a new EHLO, or go-smtp after DATA).
+func (s *session) Reset() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.keepPending {
+		s.keepPending = false
+	} else {
+		s.abortPending()
+	}
+	s.endTx()
+	s.syncBusy()
+}
+
+// Logout ends the session: anything not committed is released.
+func (s *session) Logout() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.keepPending = false
+	s.abortPending()
+	s.endTx()
+	s.syncBusy()
+	return nil
+}
+
+// abortPending releases a check session's reservation.
+func (s *session) abortPending() {
+	s.exemptDone = false
+	if s.pending != nil {
+		s.pending.Abort()
+		s.pending = nil
+		s.log.Info("check aborted", "uid", s.uid)
+	}
+}
+
+// abort releases the transaction's policy reservations, if any are open.
+func (tx *transaction) abort() {
+	if tx.ptx != nil {
+		tx.ptx.Abort()
+		tx.ptx = nil
+	}
+}
+
+// endTx closes the current transaction: releases what policy reserved,
+// counts it and writes its log line.
+func (s *session) endTx() {
+	tx := s.tx
+	if tx == nil {
+		return
+	}
+	s.tx = nil
+	tx.abort()
+	if tx.result == "" && tx.rejected > 0 {
+		tx.result = txRejected
+		if tx.code < 500 {
+			tx.result = txDeferred
+		}
+	}
+	if tx.result != "" {
+		s.srv.metrics.transactions.WithLabelValues(tx.result).Inc()
+	}
+	attrs := []any{
+		"remote", s.remoteName(), "helo", s.helo, "user", s.user,
+		"from", tx.from, "rcpts", len(tx.rcpts), "size", tx.size,
+		"code", tx.code, "qp", tx.qp, "ms", s.srv.now().Sub(tx.start).Milliseconds(),
+		"result", tx.result,
+	}
+	if len(tx.ids) > 0 {
+		attrs = append(attrs, "id", tx.ids[0].ID)
+	}
+	if s.check {
+		attrs = append(attrs, "check", true)
+	}
+	s.log.Info("transaction", attrs...)
+}
+
+// remoteName is the client for logs: its IP, or "uid:N" on the local socket.
+func (s *session) remoteName() string {
+	if s.local {
+		return "uid:" + strconv.FormatUint(uint64(s.uid), 10)
+	}
+	return s.remote.String()
+}
+
+// syncBusy keeps Server.busy counting this session while it has a
+// transaction or a reservation open, so Shutdown waits for it.
+func (s *session) syncBusy() {
+	busy := s.tx != nil || s.pending != nil
+	if busy != s.counted {
+		s.counted = busy
+		if busy {
+			s.srv.busy.add(1)
+		} else {
+			s.srv.busy.add(-1)
+		}
+	}
+}

@@ -1,0 +1,152 @@
+package relay
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"strings"
+	"testing"
+	"testing/iotest"
+)
+
+func storeAll(t testing.TB, in string, strict bool, limit int64) (string, error) {
+	t.Helper()
+	r := newStoreReader(strings.NewReader(in), strict, limit)
+	out, err := io.ReadAll(r)
+	if err == nil && r.Err() != nil {
+		t.Fatalf("ReadAll clean but Err() = %v", r.Err())
+	}
+	return string(out), err
+}
+
+func TestStoreReaderConverts(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"", ""},
+		{"a\r\n", "a\n"},
+		{"Subject: x\r\n\r\nbody\r\n.dot\r\n", "Subject: x\n\nbody\n.dot\n"},
+		{"\r\n\r\n", "\n\n"},
+		{"no newline at end", "no newline at end"},
+		{"8bit \xff\xfe\x00 bytes\r\n", "8bit \xff\xfe\x00 bytes\n"},
+	} {
+		got, err := storeAll(t, tc.in, true, 0)
+		if err != nil || got != tc.want {
+			t.Errorf("store(%q) = %q, %v; want %q", tc.in, got, err, tc.want)
+		}
+	}
+}
+
+func TestStoreReaderBareNewlines(t *testing.T) {
+	for _, in := range []string{
+		"a\nb\r\n",           // bare LF
+		"a\r\n.\nMAIL FROM:", // smuggling: LF.LF
+		"a\r.\rb\r\n",        // smuggling: CR.CR
+		"a\rb\r\n",           // bare CR
+		"a\r",                // CR at the very end
+		"\n",
+	} {
+		got, err := storeAll(t, in, true, 0)
+		if !errors.Is(err, errBareNewline) {
+			t.Errorf("strict store(%q) = %q, %v; want errBareNewline", in, got, err)
+		}
+	}
+	// Lenient mode keeps them as they are and only turns CRLF into LF.
+	got, err := storeAll(t, "a\nb\r\rc\r\nd\r", false, 0)
+	if err != nil || got != "a\nb\r\rc\nd\r" {
+		t.Errorf("lenient = %q, %v", got, err)
+	}
+}
+
+func TestStoreReaderDatabytes(t *testing.T) {
+	// 10 stored bytes: "123456789\n" (11 on the wire).
+	if got, err := storeAll(t, "123456789\r\n", true, 10); err != nil || got != "123456789\n" {
+		t.Errorf("exactly databytes: %q, %v", got, err)
+	}
+	if _, err := storeAll(t, "1234567890\r\n", true, 10); !errors.Is(err, errTooBig) {
+		t.Errorf("databytes+1: err = %v, want errTooBig", err)
+	}
+	if _, err := storeAll(t, strings.Repeat("x", 100), false, 10); err != nil {
+		t.Errorf("lenient ignores databytes: %v", err)
+	}
+}
+
+func TestStoreReaderHops(t *testing.T) {
+	hops := func(n int, line string) string {
+		return strings.Repeat(line, n) + "\r\nbody\r\n"
+	}
+	if _, err := storeAll(t, hops(99, "Received: x\r\n"), true, 0); err != nil {
+		t.Errorf("99 hops: %v", err)
+	}
+	if _, err := storeAll(t, hops(100, "Received: x\r\n"), true, 0); !errors.Is(err, errTooManyHops) {
+		t.Errorf("100 Received: %v, want errTooManyHops", err)
+	}
+	// qmail counts "delivered" and "received" prefixes in either case,
+	// Received-SPF and Delivered-To included.
+	mixed := strings.Repeat("rEcEiVeD-SPF: x\r\n", 50) + strings.Repeat("DELIVERED-To: y\r\n", 50) + "\r\n"
+	if _, err := storeAll(t, mixed, true, 0); !errors.Is(err, errTooManyHops) {
+		t.Errorf("mixed hops: %v, want errTooManyHops", err)
+	}
+	// Continuation lines and the body do not count.
+	body := "Subject: x\r\n" + strings.Repeat(" Received: folded\r\n", 150) + "\r\n" + strings.Repeat("Received: in body\r\n", 150)
+	if _, err := storeAll(t, body, true, 0); err != nil {
+		t.Errorf("body hops counted: %v", err)
+	}
+	// "Receive:" is not "received".
+	if _, err := storeAll(t, hops(150, "Receive: x\r\n"), true, 0); err != nil {
+		t.Errorf("short prefix counted: %v", err)
+	}
+}
+
+// The converter must give the same bytes whatever the read sizes.
+func TestStoreReaderChunking(t *testing.T) {
+	in := "Received: a\r\nX: b\r\n\r\nline\r\n\r\n..x\r\nend"
+	want, _ := storeAll(t, in, true, 0)
+	r := newStoreReader(iotest.OneByteReader(strings.NewReader(in)), true, 0)
+	got, err := io.ReadAll(iotest.OneByteReader(r))
+	if err != nil || string(got) != want {
+		t.Fatalf("one byte at a time: %q, %v; want %q", got, err, want)
+	}
+}
+
+func FuzzStoreReader(f *testing.F) {
+	for _, s := range []string{"a\r\nb\r\n", "a\nb", "\r.\r", "\r\n.\r\n", "Received: x\r\n\r\n", "x\r", strings.Repeat("delivered\r\n", 101)} {
+		f.Add([]byte(s), true, int64(0))
+		f.Add([]byte(s), false, int64(5))
+	}
+	f.Fuzz(func(t *testing.T, in []byte, strict bool, limit int64) {
+		if limit < 0 {
+			limit = -limit
+		}
+		r := newStoreReader(bytes.NewReader(in), strict, limit)
+		out, err := io.ReadAll(r)
+		if len(out) > len(in) {
+			t.Fatalf("output longer than input")
+		}
+		if err != nil {
+			return
+		}
+		// A clean stored message is exactly the input with CRLF -> LF.
+		want := bytes.ReplaceAll(in, []byte("\r\n"), []byte("\n"))
+		if !bytes.Equal(out, want) {
+			t.Fatalf("got %q, want %q", out, want)
+		}
+		if strict {
+			if bytes.ContainsAny(out, "\r") || bytes.Count(in, []byte("\n")) != bytes.Count(in, []byte("\r\n")) {
+				t.Fatalf("strict accepted a bare CR or LF: %q", in)
+			}
+			if limit > 0 && int64(len(out)) > limit {
+				t.Fatalf("strict accepted %d bytes over limit %d", len(out), limit)
+			}
+		}
+	})
+}
+
+func BenchmarkStoreReader(b *testing.B) {
+	msg := []byte(strings.Repeat("Received: from x\r\n", 5) + "\r\n" + strings.Repeat("a fairly ordinary line of body text, seventy-odd bytes long....\r\n", 16000))
+	b.SetBytes(int64(len(msg)))
+	for b.Loop() {
+		r := newStoreReader(bytes.NewReader(msg), true, 0)
+		if _, err := io.Copy(io.Discard, r); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

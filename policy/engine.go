@@ -274,6 +274,16 @@ func (e *Engine) acquire(id Identity, lim *limitSet) (*idState, int) {
 	return st, si
 }
 
+// noteScript records a script on an identity already held by a transaction.
+func (e *Engine) noteScript(st *idState, si int, script string) {
+	sh := &e.shards[si]
+	sh.mu.Lock()
+	if addScript(st, script) {
+		sh.markDirty(st)
+	}
+	sh.mu.Unlock()
+}
+
 // addScript records a script name with the identity, newest last.
 func addScript(st *idState, script string) bool {
 	for i, s := range st.scripts {

@@ -561,3 +561,32 @@ func TestEventsBounded(t *testing.T) {
 		t.Fatalf("%d events after reopen, newest %d oldest %d", len(evs), evs[0].Seq, evs[len(evs)-1].Seq)
 	}
 }
+
+// TestAddIdentitiesKnownIDLearnsScript: the local socket gives uid:local at
+// MAIL, the header gives its script at DATA; one identity, counted once.
+func TestAddIdentitiesKnownIDLearnsScript(t *testing.T) {
+	cfg := baseConfig()
+	cfg.Policy.Limits.UID = &config.Limits{Rcpts: rates(t, "10/1h")}
+	e := openTest(t, t.TempDir(), cfg, newClock(), Options{})
+	tx := e.Begin([]Identity{LocalUID(1001, "bob"), SenderID("bob@example.com")})
+	tx.AddRcpt()
+	tx.AddRcpt()
+	if d := tx.AddIdentities(LocalUID(1001, "bob")); d.Action != Accept {
+		t.Fatalf("same identity again: %+v", d)
+	}
+	withScript := LocalUID(1001, "bob")
+	withScript.Script = "form.php"
+	if d := tx.AddIdentities(withScript); d.Action != Accept {
+		t.Fatalf("script added: %+v", d)
+	}
+	if got := tx.Identities(); len(got) != 2 || got[0].Script != "form.php" {
+		t.Fatalf("identities: %+v", got)
+	}
+	tx.Commit()
+	if got := usage(t, e.Engine, "uid:local:1001", "rcpts", "1h"); got != 2 {
+		t.Fatalf("uid charged %d rcpts, want 2", got)
+	}
+	if s, _ := e.Sender("uid:local:1001"); len(s.Scripts) != 1 || s.Scripts[0] != "form.php" {
+		t.Fatalf("scripts %v", s.Scripts)
+	}
+}

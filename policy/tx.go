@@ -70,20 +70,30 @@ func (t *tx) add(ids []Identity) {
 		if id.Kind == "" {
 			id.Kind = kindOf(id.ID)
 		}
-		dup := false
-		for i := range t.ents {
-			if t.ents[i].id.ID == id.ID {
-				dup = true
-				break
+		if i := t.index(id.ID); i >= 0 {
+			// Known already (e.g. uid:local from the socket, now with the
+			// script from X-PHP-Originating-Script): keep one entry, learn
+			// the script.
+			if id.Script != "" && t.ents[i].id.Script != id.Script {
+				t.ents[i].id.Script = id.Script
+				t.e.noteScript(t.ents[i].st, t.ents[i].shard, id.Script)
 			}
-		}
-		if dup {
 			continue
 		}
 		lim := t.conf.limitsFor(id.ID, id.Kind)
 		st, si := t.e.acquire(id, lim)
 		t.ents = append(t.ents, txEnt{id: id, st: st, shard: si, lim: lim})
 	}
+}
+
+// index returns the position of identity id in the transaction, or -1.
+func (t *tx) index(id string) int {
+	for i := range t.ents {
+		if t.ents[i].id.ID == id {
+			return i
+		}
+	}
+	return -1
 }
 
 // sortEnts puts the identities strongest first.

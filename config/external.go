@@ -46,6 +46,16 @@ func ReadPasswd(r io.Reader) (map[uint32]string, error) {
 	return accounts, nil
 }
 
+// ReadPasswdFile is ReadPasswd on the file at path (e.g. /etc/passwd).
+func ReadPasswdFile(path string) (map[uint32]string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return ReadPasswd(f)
+}
+
 // ReadUsers reads an auth.users_file: "login:bcrypt-hash" lines, blank
 // lines and '#' comments skipped. Each hash must be a bcrypt hash with a
 // valid cost; a login may appear once. Bad lines are reported as Errors

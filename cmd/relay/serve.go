@@ -1,11 +1,258 @@
 package main
 
 import (
+	"bytes"
+	"context"
+	"errors"
+	"flag"
 	"fmt"
 	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"relay/admin"
+	"relay/config"
+	"relay/policy"
+	"relay/queue"
+	"relay/relay"
 )
 
+// runServe wires config, policy, queue, the SMTP front end and the admin
+// API together and runs until SIGTERM or SIGINT; SIGHUP reloads.
 func runServe(args []string, stdout, stderr io.Writer) int {
-	fmt.Fprintln(stderr, "relay: not implemented yet")
-	return 70
+	path, rest, explicit := configPath(args)
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	grace := fs.Duration("grace", 30*time.Second, "how long transactions in flight may take to finish at shutdown")
+	debug := fs.Bool("debug", false, "log at debug level")
+	if err := fs.Parse(rest); err != nil {
+		return 64
+	}
+	level := slog.LevelInfo
+	if *debug {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+
+	cfg, err := loadForServe(path, explicit)
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return 1
+	}
+	if cfg.Path == "" {
+		log.Info("no config file: running on the embedded defaults", "looked_for", path)
+	}
+	d, err := startDaemon(cfg, log)
+	if err != nil {
+		log.Error("cannot start", "err", err)
+		return 1
+	}
+	log.Info("relay started", "config", cfg.Path, "smtp", d.smtp.Addrs(), "admin", d.admin.Addr())
+
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+	for sig := range sigs {
+		if sig == syscall.SIGHUP {
+			if err := d.reload(); err != nil {
+				log.Error("reload failed: keeping the running config", "err", err)
+				d.recordReload("SIGHUP: failed: " + err.Error())
+			} else {
+				d.recordReload("SIGHUP: config reloaded")
+			}
+			continue
+		}
+		log.Info("shutting down", "signal", sig.String(), "grace", grace.String())
+		ctx, cancel := context.WithTimeout(context.Background(), *grace)
+		err := d.shutdown(ctx)
+		cancel()
+		if err != nil {
+			log.Error("shutdown", "err", err)
+			return 1
+		}
+		return 0
+	}
+	return 0
+}
+
+// loadForServe reads the config file; without an explicit path and with no
+// file at the default place it runs on the embedded defaults.
+func loadForServe(path string, explicit bool) (*config.Config, error) {
+	if !explicit {
+		if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+			return config.Default(), nil
+		}
+	}
+	return config.Load(path)
+}
+
+// daemon is everything serve runs, for reload and shutdown.
+type daemon struct {
+	cfg     *config.Config
+	log     *slog.Logger
+	policy  *policy.Engine
+	handoff queue.Handoff
+	hold    *queue.HoldSpool
+	smtp    *relay.Server
+	admin   *admin.Server
+	closeDB func() error
+}
+
+func startDaemon(cfg *config.Config, log *slog.Logger) (*daemon, error) {
+	if err := admin.CheckListen(cfg.Admin.Listen, cfg.Admin.TokenFile); err != nil {
+		return nil, err
+	}
+	db, err := policy.OpenDB(cfg.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	d := &daemon{cfg: cfg, log: log, closeDB: db.Close}
+	fail := func(err error) (*daemon, error) {
+		db.Close()
+		return nil, err
+	}
+	d.handoff, err = queue.New(cfg.Delivery, cfg.Control.Me, queue.Options{Logger: log, Registerer: reg})
+	if err != nil {
+		return fail(err)
+	}
+	d.hold, err = queue.OpenHold(filepath.Join(cfg.DataDir, "hold"), db)
+	if err != nil {
+		return fail(err)
+	}
+
+	// Notifications go straight to the delivery path: never counted.
+	sendMail := func(ctx context.Context, from string, to []string, msg []byte) error {
+		_, err := d.handoff.Deliver(ctx, queue.Envelope{From: from, To: to}, bytes.NewReader(msg))
+		return err
+	}
+	d.policy, err = policy.New(db, cfg, policy.Options{Logger: log, SendMail: sendMail, Registerer: reg})
+	if err != nil {
+		return fail(err)
+	}
+	d.smtp, err = relay.New(cfg, relay.Deps{
+		Policy:     d.policy,
+		Handoff:    d.handoff,
+		Hold:       d.hold,
+		Auth:       relay.NewAuthenticator(cfg.Auth, relay.AuthOptions{}),
+		Logger:     log,
+		Registerer: reg,
+	})
+	if err != nil {
+		d.policy.Close()
+		return fail(err)
+	}
+	if err := d.smtp.Start(); err != nil {
+		d.policy.Close()
+		return fail(err)
+	}
+	token, tokenPath, created, err := admin.LoadOrCreateToken(cfg.Admin.TokenFile, cfg.DataDir)
+	if err != nil {
+		d.smtp.Shutdown(context.Background())
+		d.policy.Close()
+		return fail(err)
+	}
+	if created {
+		log.Info("admin token created", "path", tokenPath)
+	}
+	held := heldActions{HoldSpool: d.hold, handoff: d.handoff}
+	if err := admin.RegisterHeldGauge(reg, held); err != nil {
+		d.smtp.Shutdown(context.Background())
+		d.policy.Close()
+		return fail(err)
+	}
+	d.admin, err = admin.New(admin.Options{
+		Listen:   cfg.Admin.Listen,
+		Token:    token,
+		Policy:   d.policy,
+		Held:     held,
+		Reload:   d.reload,
+		Gatherer: reg,
+		Logger:   log,
+		Pprof:    cfg.Admin.Pprof,
+	})
+	if err == nil {
+		err = d.admin.Start()
+	}
+	if err != nil {
+		d.smtp.Shutdown(context.Background())
+		d.policy.Close()
+		return fail(err)
+	}
+	return d, nil
+}
+
+// reload re-reads the config file (and the qmail files it names). A bad file
+// keeps the running config; the error says where the file is wrong.
+func (d *daemon) reload() error {
+	if d.cfg.Path == "" {
+		return errors.New("running on the embedded defaults: there is no file to reload")
+	}
+	cfg, err := config.Load(d.cfg.Path)
+	if err != nil {
+		return err
+	}
+	for _, w := range restartOnly(d.cfg, cfg) {
+		d.log.Warn("reload: this setting changes only at restart", "key", w)
+	}
+	if err := d.smtp.Reload(cfg); err != nil {
+		return err
+	}
+	if err := d.policy.Reload(cfg); err != nil {
+		return fmt.Errorf("the SMTP front end runs the new file but policy kept the old caps: %w", err)
+	}
+	d.log.Info("config reloaded", "config", cfg.Path)
+	d.cfg = cfg
+	return nil
+}
+
+func (d *daemon) recordReload(detail string) {
+	if err := d.policy.RecordEvent(policy.Event{Kind: policy.EventReload, Detail: detail}); err != nil {
+		d.log.Error("recording the reload event", "err", err)
+	}
+}
+
+// restartOnly names the settings a reload cannot change.
+func restartOnly(old, cur *config.Config) []string {
+	var keys []string
+	if fmt.Sprint(old.Listen) != fmt.Sprint(cur.Listen) {
+		keys = append(keys, "listen")
+	}
+	if old.DataDir != cur.DataDir {
+		keys = append(keys, "data_dir")
+	}
+	if old.Delivery != cur.Delivery {
+		keys = append(keys, "delivery")
+	}
+	if old.Admin != cur.Admin {
+		keys = append(keys, "admin")
+	}
+	return keys
+}
+
+func (d *daemon) shutdown(ctx context.Context) error {
+	errSMTP := d.smtp.Shutdown(ctx)
+	errAdmin := d.admin.Shutdown(ctx)
+	errPolicy := d.policy.Close()
+	errDB := d.closeDB()
+	return errors.Join(errSMTP, errAdmin, errPolicy, errDB)
+}
+
+// heldActions gives the admin API the hold spool with the daemon's own
+// hand-off: released mail keeps its envelope and is not counted again.
+type heldActions struct {
+	*queue.HoldSpool
+	handoff queue.Handoff
+}
+
+func (h heldActions) Release(ctx context.Context, id string) (queue.Receipt, error) {
+	return h.HoldSpool.Release(ctx, id, h.handoff)
 }

@@ -1,0 +1,108 @@
+// Package local owns the client side of local injection: relay qq, the
+// qmail-queue filter, and relay sendmail.
+//
+// Both talk to the relay daemon over its mode = "local" unix socket, where
+// the daemon learns the caller's uid from SO_PEERCRED. relay qq speaks the
+// check protocol (EHLO relay-qq, then MAIL/RCPT/DATA to reserve the charge,
+// the real qmail-queue run by the client itself, and AUTH X-RELAY-COMMIT to
+// charge it); relay sendmail submits an ordinary message that the daemon
+// counts and hands off itself.
+package local
+
+import (
+	"errors"
+	"net"
+	"os"
+	"os/user"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"relay/config"
+)
+
+// DefaultTimeout bounds connecting to the daemon and each command's reply.
+const DefaultTimeout = 10 * time.Second
+
+// SocketPath returns the address of the first mode = "local" listener, the
+// socket relay qq and relay sendmail talk to.
+func SocketPath(cfg *config.Config) (string, error) {
+	for _, l := range cfg.Listen {
+		if l.Mode == config.ModeLocal {
+			return l.Addr, nil
+		}
+	}
+	return "", errors.New("no [[listen]] with mode = \"local\" in the config")
+}
+
+// dial connects to the daemon's local socket and reads its greeting and
+// EHLO reply; any failure means the daemon cannot be used. Each command's
+// reply waits at most timeout, and so does each write of the message.
+func dial(socket, helo string, timeout time.Duration) (*smtp.Client, error) {
+	conn, err := net.DialTimeout("unix", socket, timeout)
+	if err != nil {
+		return nil, err
+	}
+	c := smtp.NewClient(deadlineConn{conn, timeout})
+	c.CommandTimeout = timeout
+	c.SubmissionTimeout = timeout
+	if err := c.Hello(helo); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// deadlineConn gives every write its own deadline, so a daemon that stops
+// reading during DATA cannot hang the client (go-smtp sets none there).
+type deadlineConn struct {
+	net.Conn
+	timeout time.Duration
+}
+
+func (c deadlineConn) Write(p []byte) (int, error) {
+	c.Conn.SetWriteDeadline(time.Now().Add(c.timeout))
+	return c.Conn.Write(p)
+}
+
+// accountName returns the login name of uid from the passwd database, or ""
+// when it has none.
+func accountName(uid int) string {
+	u, err := user.LookupId(strconv.Itoa(uid))
+	if err != nil {
+		return ""
+	}
+	return u.Username
+}
+
+// statusText strips an RFC 3463 enhanced status code ("2.0.0 ") from the
+// front of a reply text.
+func statusText(s string) string {
+	code, rest, ok := strings.Cut(s, " ")
+	if !ok {
+		return s
+	}
+	parts := strings.Split(code, ".")
+	if len(parts) != 3 {
+		return s
+	}
+	for _, p := range parts {
+		if _, err := strconv.Atoi(p); err != nil {
+			return s
+		}
+	}
+	return rest
+}
+
+// hostname returns cfg.Hostname, else the kernel's host name.
+func hostname(cfg *config.Config) string {
+	if cfg != nil && cfg.Hostname != "" {
+		return cfg.Hostname
+	}
+	if h, err := os.Hostname(); err == nil && h != "" {
+		return h
+	}
+	return "localhost"
+}

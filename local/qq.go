@@ -1,0 +1,350 @@
+package local
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"relay/config"
+)
+
+// Values of local.on_daemon_down.
+const (
+	DaemonDownAccept = "accept"
+	DaemonDownDefer  = "defer"
+)
+
+// CheckHelo is the EHLO name that makes a local-socket session a check
+// session (reserve, do not hand off) on the daemon.
+const CheckHelo = "relay-qq"
+
+// CommitMechanism is the SASL mechanism relay qq uses to tell the daemon
+// that the real qmail-queue queued the message, so the reservation is
+// charged.
+const CommitMechanism = "X-RELAY-COMMIT"
+
+// QQ is relay qq, the filter that stands in for /var/qmail/bin/qmail-queue.
+// It reads the message and envelope as qmail-queue does, asks the daemon
+// over the local socket, and runs the real qmail-queue as the same caller
+// so qmail's "invoked by uid U" line stays true.
+type QQ struct {
+	Socket       string        // the daemon's local socket
+	QmailQueue   string        // the real qmail-queue
+	OnDaemonDown string        // DaemonDownAccept or DaemonDownDefer
+	ExemptUsers  []string      // accounts that skip the daemon entirely
+	Timeout      time.Duration // connect and per-reply timeout; 0 = DefaultTimeout
+	SpoolMemory  int64         // message bytes kept in memory; 0 = DefaultSpoolMemory
+	TempDir      string        // where larger messages spool; "" = os.TempDir()
+	UID          int           // the caller's uid (os.Getuid())
+
+	// Stderr gets relay qq's one-line reports and the real qmail-queue's
+	// stderr.
+	Stderr io.Writer
+	// ErrFD, when set, is passed to the real qmail-queue as fd 6, where
+	// notqmail's qmail-queue writes its error text for exit 82.
+	ErrFD *os.File
+}
+
+// NewQQ builds relay qq from the config: the first local listener's socket
+// and the [local] section. An empty on_daemon_down means accept.
+func NewQQ(cfg *config.Config, stderr io.Writer) (*QQ, error) {
+	socket, err := SocketPath(cfg)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.Local.QmailQueue == "" {
+		return nil, errors.New("local.qmail_queue is empty: relay qq needs the real qmail-queue")
+	}
+	down := cfg.Local.OnDaemonDown
+	switch down {
+	case "":
+		down = DaemonDownAccept
+	case DaemonDownAccept, DaemonDownDefer:
+	default:
+		return nil, fmt.Errorf("local.on_daemon_down = %q: want %q or %q", down, DaemonDownAccept, DaemonDownDefer)
+	}
+	return &QQ{
+		Socket:       socket,
+		QmailQueue:   cfg.Local.QmailQueue,
+		OnDaemonDown: down,
+		ExemptUsers:  cfg.Local.ExemptUsers,
+		UID:          os.Getuid(),
+		Stderr:       stderr,
+	}, nil
+}
+
+// Exempt reports whether the caller's account (by uid, from the passwd
+// database) is in local.exempt_users: qmail's own users, so bounces
+// (qmails) and forwards (alias, qmaill's deliveries) keep flowing.
+func (q *QQ) Exempt() bool {
+	if len(q.ExemptUsers) == 0 {
+		return false
+	}
+	name := accountName(q.UID)
+	return name != "" && slices.Contains(q.ExemptUsers, name)
+}
+
+// Main is relay qq as a program: the message on fd 0, the envelope on fd 1,
+// and the exit code as the return value. An exempt caller gets the real
+// qmail-queue exec'd in place with fds 0 and 1 untouched, at no cost; Main
+// returns only if that exec fails.
+func (q *QQ) Main() int {
+	if q.Exempt() {
+		err := syscall.Exec(q.QmailQueue, []string{q.QmailQueue}, os.Environ())
+		q.logf("cannot run the real qmail-queue %s: %v", q.QmailQueue, err)
+		return ExitDeferred
+	}
+	return q.filter(os.Stdin, os.NewFile(1, "envelope"), false)
+}
+
+// Filter reads the message from msg to EOF and the envelope from env, asks
+// the daemon, and returns qmail-queue's exit code: the real qmail-queue's
+// own code when it ran, 71 when deferred, 31 when rejected, 0 when the
+// daemon held the message, and 11/54/91 for what qmail-queue itself would
+// refuse (the daemon is then not asked).
+func (q *QQ) Filter(msg, env io.Reader) int {
+	return q.filter(msg, env, q.Exempt())
+}
+
+func (q *QQ) filter(msg, env io.Reader, exempt bool) int {
+	sp, err := readSpool(msg, q.spoolMemory(), q.TempDir)
+	if err != nil {
+		q.logf("reading the message: %v", err)
+		var we spoolWriteError
+		if errors.As(err, &we) {
+			return ExitWriteError
+		}
+		return ExitReadError
+	}
+	defer sp.close()
+	envelope, err := ReadEnvelope(env)
+	if err != nil {
+		q.logf("%v", err)
+		return err.(*EnvelopeError).Code
+	}
+	if exempt || len(envelope.Recipients) == 0 {
+		// Nothing to count: exempt account, or a message nobody receives.
+		return q.runReal(sp, envelope)
+	}
+	if bad := badAddress(envelope); bad != "" {
+		q.logf("rejected: envelope address %q contains CR or LF", bad)
+		return ExitRejected
+	}
+
+	check := q.check(sp, envelope)
+	if check.client != nil {
+		defer check.client.Close()
+	}
+	switch check.verdict {
+	case verdictReserved:
+		code := q.runReal(sp, envelope)
+		if code == ExitQueued {
+			if err := check.client.Auth(commitAuth{}); err != nil {
+				q.logf("queued, but the daemon did not take the commit: %v", err)
+			}
+		}
+		check.client.Quit() // without the commit the daemon releases the reservation
+		return code
+	case verdictExempt:
+		check.client.Quit()
+		return q.runReal(sp, envelope)
+	case verdictHeld:
+		check.client.Quit()
+		return ExitQueued
+	case verdictDeferred:
+		q.logf("deferred: %s", check.reply)
+		return ExitDeferred
+	case verdictRejected:
+		q.logf("rejected: %s", check.reply)
+		return ExitRejected
+	case verdictDown:
+		if q.OnDaemonDown == DaemonDownDefer {
+			q.logf("%s; deferring (on_daemon_down = defer)", check.reply)
+			return ExitDeferred
+		}
+		q.logf("%s; passing the message uncounted (on_daemon_down = accept)", check.reply)
+		return q.runReal(sp, envelope)
+	}
+	q.logf("deferred: daemon reply not understood: %s", check.reply)
+	return ExitDeferred
+}
+
+type verdict int
+
+const (
+	verdictUnknown  verdict = iota // a 2xx reply to DATA that is not in the protocol
+	verdictReserved                // "250 ok reserved": run the real qmail-queue, commit on 0
+	verdictExempt                  // "250 ok exempt": run the real qmail-queue, nothing to commit
+	verdictHeld                    // "250 ok held <id>": the daemon has it; do not queue
+	verdictDeferred                // a 4xx reply
+	verdictRejected                // a 5xx reply
+	verdictDown                    // the daemon could not be reached or stopped answering
+)
+
+type checkResult struct {
+	verdict verdict
+	reply   string       // the daemon's reply, or why it is considered down
+	client  *smtp.Client // open session (reserved, exempt, held, unknown)
+}
+
+// check runs the check conversation: EHLO relay-qq, MAIL, RCPT each, DATA
+// with the whole message (dot-stuffed, CRLF). Any non-2xx reply ends it:
+// qmail-queue takes a message whole or not at all.
+func (q *QQ) check(sp *spool, env *Envelope) checkResult {
+	c, err := dial(q.Socket, CheckHelo, q.timeout())
+	if err != nil {
+		return checkResult{verdict: verdictDown, reply: fmt.Sprintf("relay daemon at %s unreachable: %v", q.Socket, err)}
+	}
+	if !c.SupportsAuth(CommitMechanism) {
+		c.Close()
+		return checkResult{verdict: verdictDown, reply: fmt.Sprintf("relay daemon at %s does not speak the check protocol (no AUTH %s after EHLO %s)", q.Socket, CommitMechanism, CheckHelo)}
+	}
+	fail := func(err error) checkResult {
+		c.Close()
+		var se *smtp.SMTPError
+		switch {
+		case !errors.As(err, &se):
+			return checkResult{verdict: verdictDown, reply: fmt.Sprintf("relay daemon at %s stopped answering: %v", q.Socket, err)}
+		case se.Code >= 400 && se.Code < 500:
+			return checkResult{verdict: verdictDeferred, reply: replyLine(se)}
+		default:
+			return checkResult{verdict: verdictRejected, reply: replyLine(se)}
+		}
+	}
+	if err := c.Mail(env.Sender, nil); err != nil {
+		return fail(err)
+	}
+	for _, rcpt := range env.Recipients {
+		if err := c.Rcpt(rcpt, nil); err != nil {
+			return fail(err)
+		}
+	}
+	w, err := c.Data()
+	if err != nil {
+		return fail(err)
+	}
+	if _, err := io.Copy(w, sp.reader()); err != nil {
+		return fail(err)
+	}
+	resp, err := w.CloseWithResponse()
+	if err != nil {
+		return fail(err)
+	}
+	text := statusText(resp.StatusText)
+	res := checkResult{verdict: verdictUnknown, reply: "250 " + resp.StatusText, client: c}
+	switch f := strings.Fields(strings.ToLower(text)); {
+	case len(f) == 2 && f[0] == "ok" && f[1] == "reserved":
+		res.verdict = verdictReserved
+	case len(f) == 2 && f[0] == "ok" && f[1] == "exempt":
+		res.verdict = verdictExempt
+	case len(f) == 3 && f[0] == "ok" && f[1] == "held":
+		res.verdict = verdictHeld
+	}
+	return res
+}
+
+// runReal runs the real qmail-queue as a child of the same uid: fd 0 a pipe
+// with the message exactly as received, closed before fd 1, a pipe with the
+// envelope exactly as received (qmail.c's order). It returns the child's
+// exit code.
+func (q *QQ) runReal(sp *spool, env *Envelope) int {
+	msgR, msgW, err := os.Pipe()
+	if err != nil {
+		q.logf("cannot make a pipe: %v", err)
+		return ExitDeferred
+	}
+	envR, envW, err := os.Pipe()
+	if err != nil {
+		msgR.Close()
+		msgW.Close()
+		q.logf("cannot make a pipe: %v", err)
+		return ExitDeferred
+	}
+	cmd := exec.Command(q.QmailQueue)
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = msgR, envR, q.Stderr
+	if q.ErrFD != nil {
+		cmd.ExtraFiles = []*os.File{nil, nil, nil, q.ErrFD} // fd 3+3 = 6
+	}
+	err = cmd.Start()
+	msgR.Close()
+	envR.Close()
+	if err != nil {
+		msgW.Close()
+		envW.Close()
+		q.logf("cannot run the real qmail-queue %s: %v", q.QmailQueue, err)
+		return ExitDeferred
+	}
+	// Write errors (the child exited early) are judged by its exit code.
+	_, werr := io.Copy(msgW, sp.reader())
+	msgW.Close()
+	if werr == nil {
+		_, werr = envW.Write(env.Raw)
+	}
+	envW.Close()
+	err = cmd.Wait()
+	code := cmd.ProcessState.ExitCode()
+	if code < 0 {
+		q.logf("the real qmail-queue %s: %v", q.QmailQueue, err)
+		return ExitInternalBug
+	}
+	if code == ExitQueued && werr != nil {
+		// qmail.c: queued although our write failed counts as a read error.
+		q.logf("writing to the real qmail-queue: %v", werr)
+		return ExitReadError
+	}
+	return code
+}
+
+// badAddress returns the first envelope address that cannot be sent in an
+// SMTP command line (it holds CR or LF), or "".
+func badAddress(env *Envelope) string {
+	for _, a := range append([]string{env.Sender}, env.Recipients...) {
+		if strings.ContainsAny(a, "\r\n") {
+			return a
+		}
+	}
+	return ""
+}
+
+func replyLine(se *smtp.SMTPError) string {
+	if se.EnhancedCode != (smtp.EnhancedCode{}) && se.EnhancedCode != smtp.NoEnhancedCode {
+		e := se.EnhancedCode
+		return fmt.Sprintf("%d %d.%d.%d %s", se.Code, e[0], e[1], e[2], se.Message)
+	}
+	return fmt.Sprintf("%d %s", se.Code, se.Message)
+}
+
+func (q *QQ) logf(format string, args ...any) {
+	if q.Stderr != nil {
+		fmt.Fprintf(q.Stderr, "relay qq: "+format+"\n", args...)
+	}
+}
+
+func (q *QQ) timeout() time.Duration {
+	if q.Timeout > 0 {
+		return q.Timeout
+	}
+	return DefaultTimeout
+}
+
+func (q *QQ) spoolMemory() int64 {
+	if q.SpoolMemory > 0 {
+		return q.SpoolMemory
+	}
+	return DefaultSpoolMemory
+}
+
+// commitAuth is the SASL client for AUTH X-RELAY-COMMIT: no initial
+// response, and an empty answer to any challenge.
+type commitAuth struct{}
+
+func (commitAuth) Start() (string, []byte, error) { return CommitMechanism, nil, nil }
+func (commitAuth) Next([]byte) ([]byte, error)    { return []byte{}, nil }

@@ -1,0 +1,86 @@
+package local
+
+import (
+	"bytes"
+	"io"
+	"os"
+)
+
+// DefaultSpoolMemory is how much of a message is kept in memory before the
+// rest goes to an unlinked temporary file.
+const DefaultSpoolMemory = 1 << 20
+
+// spool holds a message read once and replayed twice (to the daemon and to
+// the real qmail-queue): the first part in memory, the rest in an unlinked
+// temporary file.
+type spool struct {
+	head []byte
+	tail *os.File // nil when the message fit in memory
+	size int64
+}
+
+// readSpool reads r to EOF. Past memLimit bytes it continues into an
+// unlinked file in tmpDir ("" = os.TempDir()). A read error is returned as
+// is; a temporary-file error is wrapped in spoolWriteError.
+func readSpool(r io.Reader, memLimit int64, tmpDir string) (*spool, error) {
+	var head bytes.Buffer
+	n, err := io.Copy(&head, io.LimitReader(r, memLimit))
+	if err != nil {
+		return nil, err
+	}
+	s := &spool{head: head.Bytes(), size: n}
+	if n < memLimit {
+		return s, nil
+	}
+	// Exactly memLimit bytes so far: there may be more.
+	f, err := os.CreateTemp(tmpDir, "relay-qq-*")
+	if err != nil {
+		return nil, spoolWriteError{err}
+	}
+	os.Remove(f.Name()) // unlinked at once: nothing is left behind if we die
+	m, err := io.Copy(onlyWriter{f}, r)
+	if err != nil {
+		f.Close()
+		return nil, err // a spoolWriteError or the reader's error
+	}
+	if m == 0 {
+		f.Close()
+		return s, nil
+	}
+	s.tail, s.size = f, n+m
+	return s, nil
+}
+
+// onlyWriter hides os.File's ReadFrom so io.Copy's write errors can be told
+// apart from read errors.
+type onlyWriter struct{ f *os.File }
+
+func (w onlyWriter) Write(p []byte) (int, error) {
+	n, err := w.f.Write(p)
+	if err != nil {
+		return n, spoolWriteError{err}
+	}
+	return n, nil
+}
+
+// spoolWriteError is a failure to write the temporary file (disk full):
+// qmail-queue's exit 53, not a read error (54).
+type spoolWriteError struct{ err error }
+
+func (e spoolWriteError) Error() string { return "spooling message: " + e.err.Error() }
+func (e spoolWriteError) Unwrap() error { return e.err }
+
+// reader returns a fresh reader over the whole message.
+func (s *spool) reader() io.Reader {
+	if s.tail == nil {
+		return bytes.NewReader(s.head)
+	}
+	return io.MultiReader(bytes.NewReader(s.head), io.NewSectionReader(s.tail, 0, s.size-int64(len(s.head))))
+}
+
+// close releases the temporary file.
+func (s *spool) close() {
+	if s.tail != nil {
+		s.tail.Close()
+	}
+}

@@ -1,0 +1,195 @@
+package e2e
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestHandOffToQmailQueue: a relay client's message reaches qmail-queue
+// exactly as qmail-smtpd would store it, and 250 carries qmail's qp.
+func TestHandOffToQmailQueue(t *testing.T) {
+	d := newDaemon(t, daemonOpts{})
+	s := dialSMTP(t, d.smtp)
+	s.expect("EHLO client.example.test", "250")
+	got := s.send("alice@example.com", []string{"bob@remote.example", "carol@remote.example"},
+		"Subject: hi\r\n\r\nline one\r\n..dot line\r\n")
+	m := regexp.MustCompile(`^250 ok (\d+) qp (\d+)$`).FindStringSubmatch(got)
+	if m == nil {
+		t.Fatalf("DATA reply %q, want 250 ok <time> qp <pid>", got)
+	}
+	calls := d.queued()
+	if len(calls) != 1 {
+		t.Fatalf("qmail-queue called %d times, want 1", len(calls))
+	}
+	c := calls[0]
+	if want := "Falice@example.com\x00Tbob@remote.example\x00Tcarol@remote.example\x00\x00"; string(c.Envelope) != want {
+		t.Errorf("envelope %q, want %q", c.Envelope, want)
+	}
+	if !strings.Contains(c.Info, "pid="+m[2]) {
+		t.Errorf("qp %s is not the pid of qmail-queue (%s)", m[2], c.Info)
+	}
+	msg := string(c.Message)
+	lines := strings.SplitN(msg, "\n", 3)
+	if !regexp.MustCompile(`^Received: from unknown \(HELO client\.example\.test\) \(127\.0\.0\.1\)$`).MatchString(lines[0]) {
+		t.Errorf("Received line 1 %q", lines[0])
+	}
+	if !regexp.MustCompile(`^  by mail\.example\.test with E?SMTP; \d{1,2} [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d -0000$`).MatchString(lines[1]) {
+		t.Errorf("Received line 2 %q", lines[1])
+	}
+	if !strings.HasSuffix(msg, "Subject: hi\n\nline one\n.dot line\n") {
+		t.Errorf("stored message not LF / dot-unstuffed:\n%q", msg)
+	}
+	if strings.Contains(msg, "\r") {
+		t.Errorf("CR left in the stored message: %q", msg)
+	}
+}
+
+// TestQmailQueueExitCodes: every qmail-queue failure reaches the client with
+// qmail's text, and never as 250.
+func TestQmailQueueExitCodes(t *testing.T) {
+	cases := []struct {
+		exit  string
+		reply string
+	}{
+		{"11", "554 5.1.3 envelope address too long for qq (#5.1.3)"},
+		{"31", "554 5.3.0 mail server permanently rejected message (#5.3.0)"},
+		{"53", "451 4.3.0 qq write error or disk full (#4.3.0)"},
+		{"71", "451 4.3.0 mail server temporarily rejected message (#4.3.0)"},
+		{"91", "451 4.3.0 qq internal bug (#4.3.0)"},
+	}
+	d := newDaemon(t, daemonOpts{})
+	for _, c := range cases {
+		d.stop()
+		d.env = append(d.env, "FAKEQQ_EXIT="+c.exit)
+		d.start()
+		s := dialSMTP(t, d.smtp)
+		s.expect("HELO x", "250")
+		if got := s.send("a@example.com", []string{"b@remote.example"}, "Subject: x\r\n\r\nx\r\n"); got != c.reply {
+			t.Errorf("exit %s: reply %q, want %q", c.exit, got, c.reply)
+		}
+	}
+}
+
+// TestRelayControl: the internet may send to local domains only; relay
+// clients anywhere.
+func TestRelayControl(t *testing.T) {
+	d := newDaemon(t, daemonOpts{relay: `[relay]
+local_domains = ["example.com"]
+relay_networks = ["10.9.9.0/24"]
+`})
+	s := dialSMTP(t, d.smtp)
+	s.expect("HELO x", "250")
+	s.expect("MAIL FROM:<x@internet.example>", "250")
+	s.expect("RCPT TO:<user@example.com>", "250")
+	for _, rc := range []string{"user@evil.example", "user%evil.example@example.com", "evil.example!user@example.com",
+		"@example.com:user@evil.example", `"user@evil.example"@example.com`, "user@evil.example@example.com", "user@example.com."} {
+		got := s.cmd("RCPT TO:<" + rc + ">")
+		if strings.HasPrefix(got, "2") {
+			t.Errorf("RCPT %s from a non-relay client: %q", rc, got)
+		}
+	}
+}
+
+// TestSwaks drives relay with a real SMTP client outside Go.
+func TestSwaks(t *testing.T) {
+	if _, err := exec.LookPath("swaks"); err != nil {
+		t.Skip("swaks not installed (.ci/run installs it)")
+	}
+	d := newDaemon(t, daemonOpts{})
+	host, port, _ := net.SplitHostPort(d.smtp)
+	out, err := exec.Command("swaks", "--server", host, "--port", port, "--from", "alice@example.com",
+		"--to", "bob@remote.example", "--helo", "swaks.example", "--header", "Subject: from swaks",
+		"--body", "hello from swaks").CombinedOutput()
+	if err != nil {
+		t.Fatalf("swaks: %v\n%s", err, out)
+	}
+	if !regexp.MustCompile(`<-\s+250 ok \d+ qp \d+`).Match(out) {
+		t.Errorf("swaks did not see 250 ok <time> qp <pid>:\n%s", out)
+	}
+	calls := d.queued()
+	if len(calls) != 1 || !bytes.Contains(calls[0].Message, []byte("hello from swaks")) {
+		t.Fatalf("swaks message not queued: %d calls", len(calls))
+	}
+}
+
+// TestReloadOnSIGHUP: a changed file takes effect; a bad one keeps the old.
+func TestReloadOnSIGHUP(t *testing.T) {
+	d := newDaemon(t, daemonOpts{relay: `[relay]
+local_domains = ["example.com"]
+relay_networks = ["10.9.9.0/24"]
+`})
+	s := dialSMTP(t, d.smtp)
+	s.expect("HELO x", "250")
+	s.expect("MAIL FROM:<x@internet.example>", "250")
+	s.expect("RCPT TO:<user@other.example>", "553")
+
+	cfg, _ := os.ReadFile(d.config)
+	good := strings.Replace(string(cfg), `local_domains = ["example.com"]`, `local_domains = ["example.com", "other.example"]`, 1)
+	os.WriteFile(d.config, []byte(good), 0o644)
+	d.signal(syscall.SIGHUP)
+	d.waitLog("config reloaded")
+	s = dialSMTP(t, d.smtp)
+	s.expect("HELO x", "250")
+	s.expect("MAIL FROM:<x@internet.example>", "250")
+	s.expect("RCPT TO:<user@other.example>", "250")
+
+	os.WriteFile(d.config, []byte(good+"\n[relay]\nbogus = 1\n"), 0o644)
+	d.signal(syscall.SIGHUP)
+	d.waitLog("reload failed")
+	s = dialSMTP(t, d.smtp)
+	s.expect("HELO x", "250")
+	s.expect("MAIL FROM:<x@internet.example>", "250")
+	s.expect("RCPT TO:<user@other.example>", "250")
+}
+
+// TestSIGTERMDrainsTransactionInFlight: a message whose hand-off is under way
+// at SIGTERM still gets its 250, and relay exits 0.
+func TestSIGTERMDrainsTransactionInFlight(t *testing.T) {
+	d := newDaemon(t, daemonOpts{env: []string{"FAKEQQ_SLEEP=2s"}})
+	s := dialSMTP(t, d.smtp)
+	s.expect("HELO x", "250")
+	s.expect("MAIL FROM:<a@example.com>", "250")
+	s.expect("RCPT TO:<b@remote.example>", "250")
+	s.expect("DATA", "354")
+	fmt.Fprint(s.c, "Subject: slow\r\n\r\nbody\r\n.\r\n")
+	time.Sleep(500 * time.Millisecond) // the fake qmail-queue is now sleeping
+	d.signal(syscall.SIGTERM)
+	if got := s.reply(); !strings.HasPrefix(got, "250 ok ") {
+		t.Fatalf("in-flight transaction got %q", got)
+	}
+	select {
+	case <-d.exited:
+	case <-time.After(15 * time.Second):
+		t.Fatal("relay did not exit after SIGTERM")
+	}
+	if code := d.cmd.ProcessState.ExitCode(); code != 0 {
+		t.Errorf("exit code %d, want 0", code)
+	}
+	if _, err := net.DialTimeout("tcp", d.smtp, time.Second); err == nil {
+		t.Error("still accepting after shutdown")
+	}
+}
+
+// TestExampleConfigQuickstart runs the shipped relay.example.toml as the
+// README says and delivers into its Maildir.
+func TestExampleConfigQuickstart(t *testing.T) {
+	dir := t.TempDir()
+	example, err := os.ReadFile("../relay.example.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(dir, "relay.toml"), example, 0o644)
+	cmd := exec.Command(bins.relay, "check-config", "--config", filepath.Join(dir, "relay.toml"))
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("check-config on the example: %v\n%s", err, out)
+	}
+}

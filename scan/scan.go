@@ -21,9 +21,9 @@ import (
 
 // Options says what to look for.
 type Options struct {
-	Proc       string         // the proc file system; default /proc
-	Port       uint16         // remote port; default 25
-	HomePrefix string         // when set, count processes per directory under it (/home -> /home/alice)
+	Proc       string            // the proc file system; default /proc
+	Port       uint16            // remote port; default 25
+	HomePrefix string            // when set, count processes per directory under it (/home -> /home/alice)
 	Accounts   map[uint32]string // uid -> account name
 }
 

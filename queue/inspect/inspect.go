@@ -93,10 +93,10 @@ type Stats struct {
 
 // Reader reads one qmail queue directory. The zero value reads DefaultDir.
 type Reader struct {
-	Dir        string         // default DefaultDir
+	Dir        string            // default DefaultDir
 	Accounts   map[uint32]string // uid -> account name, for Origin.Account
-	Recipients bool           // keep each recipient's address, not only the counts
-	Workers    int            // parallel readers; default GOMAXPROCS
+	Recipients bool              // keep each recipient's address, not only the counts
+	Workers    int               // parallel readers; default GOMAXPROCS
 }
 
 func (r *Reader) dir() string {

@@ -23,16 +23,22 @@ func buildRelay(t testing.TB, tags ...string) string {
 }
 
 func tryBuildRelay(t testing.TB, tags ...string) (string, error) {
+	return tryBuild(t, "./cmd/relay", tags...)
+}
+
+// tryBuild builds the command in pkg (relative to the module root) into a
+// world-readable directory.
+func tryBuild(t testing.TB, pkg string, tags ...string) (string, error) {
 	root, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}").Output()
 	if err != nil {
 		return "", fmt.Errorf("go list -m: %v", err)
 	}
-	bin := filepath.Join(worldDir(t), "relay")
+	bin := filepath.Join(worldDir(t), filepath.Base(pkg))
 	args := []string{"build", "-o", bin}
 	if len(tags) > 0 {
 		args = append(args, "-tags", strings.Join(tags, ","))
 	}
-	cmd := exec.Command("go", append(args, "./cmd/relay")...)
+	cmd := exec.Command("go", append(args, pkg)...)
 	cmd.Dir = strings.TrimSpace(string(root))
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("building relay: %v\n%s", err, out)
@@ -40,10 +46,22 @@ func tryBuildRelay(t testing.TB, tags ...string) (string, error) {
 	return bin, nil
 }
 
-// The relay binary installed as /var/qmail/bin/qmail-queue and as
-// /usr/sbin/sendmail: symlinks, no wrapper, config from $RELAY_CONFIG.
+// The relay binary, and its small build relay-local, installed as
+// /var/qmail/bin/qmail-queue and as /usr/sbin/sendmail: symlinks, no
+// wrapper, config from $RELAY_CONFIG.
 func TestRelayBinaryUnderQmailNames(t *testing.T) {
-	bin := buildRelay(t)
+	for _, pkg := range []string{"./cmd/relay", "./cmd/relay-local"} {
+		t.Run(pkg, func(t *testing.T) {
+			bin, err := tryBuild(t, pkg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			testBinaryUnderQmailNames(t, bin)
+		})
+	}
+}
+
+func testBinaryUnderQmailNames(t *testing.T, bin string) {
 	dir := filepath.Dir(bin)
 	for _, name := range []string{"qmail-queue", "sendmail"} {
 		if err := os.Symlink(bin, filepath.Join(dir, name)); err != nil {

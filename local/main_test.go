@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"testing"
 
-	"relay/config"
 )
 
 // fakeQQ is the fake qmail-queue (internal/fakeqq), built once for the
@@ -47,15 +46,5 @@ func TestMain(m *testing.M) {
 }
 
 func helperQQ() int {
-	cfg, err := config.LoadFile(os.Getenv("RELAY_CONFIG"))
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "relay qq:", err)
-		return ExitConfigError
-	}
-	qq, err := NewQQ(cfg, os.Stderr)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "relay qq:", err)
-		return ExitConfigError
-	}
-	return qq.Main()
+	return QQCommand(nil, os.Stderr) // the config comes from $RELAY_CONFIG
 }

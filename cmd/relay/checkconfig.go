@@ -10,7 +10,7 @@ import (
 // runCheckConfig loads the config with every external file it names and
 // prints each problem as file:line:col: key: message.
 func runCheckConfig(args []string, stdout, stderr io.Writer) int {
-	path, rest, _ := configPath(args)
+	path, rest, _ := config.PathFromArgs(args)
 	if len(rest) > 0 {
 		fmt.Fprintln(stderr, "usage: relay check-config [--config FILE]")
 		return 64

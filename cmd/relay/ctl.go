@@ -43,7 +43,7 @@ const (
 )
 
 func runCtl(args []string, stdout, stderr io.Writer) int {
-	path, rest, _ := configPath(args)
+	path, rest, _ := config.PathFromArgs(args)
 	return ctl(rest, stdout, stderr, func() (*admin.Client, error) {
 		cfg, err := config.Load(path)
 		if err != nil {

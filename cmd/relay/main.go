@@ -7,7 +7,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"strings"
 )
 
 const usage = `usage: relay <command> [--config FILE] [args]
@@ -63,23 +62,4 @@ func dispatch(argv []string, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stderr, "relay: unknown command %q\n\n%s", cmd, usage)
 	return 64
-}
-
-// configPath takes "--config FILE" (or --config=FILE) from the front of args
-// and returns the config path and the remaining arguments. Without the flag
-// it is $RELAY_CONFIG, then /etc/relay/relay.toml; explicit is true when the
-// path was given by flag or environment.
-func configPath(args []string) (path string, rest []string, explicit bool) {
-	if len(args) >= 2 && (args[0] == "--config" || args[0] == "-config") {
-		return args[1], args[2:], true
-	}
-	if len(args) >= 1 {
-		if v, ok := strings.CutPrefix(args[0], "--config="); ok {
-			return v, args[1:], true
-		}
-	}
-	if v := os.Getenv("RELAY_CONFIG"); v != "" {
-		return v, args, true
-	}
-	return "/etc/relay/relay.toml", args, false
 }

@@ -25,7 +25,7 @@ Filters: --from ADDR (or @domain, or <>), --uid N, --ip ADDR or CIDR.
 `
 
 func runQmailQueue(args []string, stdout, stderr io.Writer) int {
-	_, args, _ = configPath(args) // accepted for uniformity; not used
+	_, args, _ = config.PathFromArgs(args) // accepted for uniformity; not used
 	fs := flag.NewFlagSet("relay qmail-queue", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() { fmt.Fprint(stderr, qmailQueueUsage); fs.PrintDefaults() }

@@ -22,7 +22,7 @@ only to the mail servers; it changes nothing.
 `
 
 func runScan(args []string, stdout, stderr io.Writer) int {
-	_, args, _ = configPath(args) // accepted for uniformity; not used
+	_, args, _ = config.PathFromArgs(args) // accepted for uniformity; not used
 	fs := flag.NewFlagSet("relay scan", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() { fmt.Fprint(stderr, scanUsage); fs.PrintDefaults() }

@@ -27,7 +27,7 @@ import (
 // runServe wires config, policy, queue, the SMTP front end and the admin
 // API together and runs until SIGTERM or SIGINT; SIGHUP reloads.
 func runServe(args []string, stdout, stderr io.Writer) int {
-	path, rest, explicit := configPath(args)
+	path, rest, explicit := config.PathFromArgs(args)
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	grace := fs.Duration("grace", 30*time.Second, "how long transactions in flight may take to finish at shutdown")

@@ -581,15 +581,15 @@ func TestReload(t *testing.T) {
 	if code != 422 || decode[apiError](t, body).Error != "/etc/relay/relay.toml:12:3: unknown key policy.limits.user.rcpt" {
 		t.Errorf("bad file: %d %s", code, body)
 	}
-	if evs := f.policy.Events(EventFilter{Kind: "reload"}); len(evs) != 0 {
-		t.Errorf("a refused reload was recorded as done: %+v", evs)
+	if evs := f.policy.Events(EventFilter{Kind: "reload"}); len(evs) != 1 || !strings.Contains(evs[0].Detail, "failed: /etc/relay/relay.toml:12:3") {
+		t.Errorf("a refused reload must be recorded as failed, with where: %+v", evs)
 	}
 	f.reload = func() error { return nil }
 	if code, _ := f.api(t, "POST", "/api/reload", nil); code != 200 {
 		t.Errorf("good file: %d", code)
 	}
-	if evs := f.policy.Events(EventFilter{Kind: "reload"}); len(evs) != 1 {
-		t.Errorf("reload event: %+v", evs)
+	if evs := f.policy.Events(EventFilter{Kind: "reload"}); len(evs) != 2 || evs[0].Detail != "admin: config reloaded" {
+		t.Errorf("reload events: %+v", evs)
 	}
 	// From the page, the error is shown back.
 	c := login(t, f)

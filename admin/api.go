@@ -429,9 +429,10 @@ func (s *Server) doReload(r *http.Request) (int, error) {
 	}
 	if err := s.opts.Reload(); err != nil {
 		s.log.Error("admin: reload refused, the running policy stays", "err", err)
+		s.recordEvent(Event{Time: s.now(), Kind: "reload", Detail: "admin: failed: " + err.Error()})
 		return http.StatusUnprocessableEntity, err
 	}
-	s.recordEvent(Event{Time: s.now(), Kind: "reload", Detail: "config reloaded by the admin"})
+	s.recordEvent(Event{Time: s.now(), Kind: "reload", Detail: "admin: config reloaded"})
 	s.log.Info("admin: config reloaded", "via", via(r), "remote", r.RemoteAddr)
 	return 0, nil
 }

@@ -12,16 +12,6 @@ import (
 	"relay/internal/fakeqq"
 )
 
-// buildRelay builds cmd/relay into a world-readable directory.
-func buildRelay(t testing.TB, tags ...string) string {
-	t.Helper()
-	bin, err := tryBuildRelay(t, tags...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return bin
-}
-
 func tryBuildRelay(t testing.TB, tags ...string) (string, error) {
 	return tryBuild(t, "./cmd/relay", tags...)
 }

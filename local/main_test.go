@@ -6,7 +6,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"testing"
-
 )
 
 // fakeQQ is the fake qmail-queue (internal/fakeqq), built once for the

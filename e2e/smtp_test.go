@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -191,5 +192,38 @@ func TestExampleConfigQuickstart(t *testing.T) {
 	cmd := exec.Command(bins.relay, "check-config", "--config", filepath.Join(dir, "relay.toml"))
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("check-config on the example: %v\n%s", err, out)
+	}
+}
+
+// TestTimeout: relay.timeout (qmail's timeoutsmtpd) bounds every read; a
+// client that stalls in the middle of DATA is dropped and nothing of its
+// message is queued.
+func TestTimeout(t *testing.T) {
+	d := newDaemon(t, daemonOpts{relay: `[relay]
+local_domains = ["example.com"]
+relay_networks = ["127.0.0.0/8"]
+timeout = "1s"
+`})
+	idle := dialSMTP(t, d.smtp)
+	stalled := dialSMTP(t, d.smtp)
+	stalled.expect("HELO x", "250")
+	stalled.expect("MAIL FROM:<a@example.com>", "250")
+	stalled.expect("RCPT TO:<b@remote.example>", "250")
+	stalled.expect("DATA", "354")
+	fmt.Fprint(stalled.c, "Subject: half\r\n\r\nthe first half of a body")
+
+	for name, s := range map[string]*smtpConn{"idle after the greeting": idle, "stalled in DATA": stalled} {
+		s.c.SetReadDeadline(time.Now().Add(15 * time.Second))
+		rest, err := io.ReadAll(s.r)
+		if ne, ok := err.(net.Error); ok && ne.Timeout() {
+			t.Errorf("%s: relay never dropped the connection", name)
+			continue
+		}
+		if bytes.HasPrefix(rest, []byte("2")) {
+			t.Errorf("%s: got %q before the close", name, rest)
+		}
+	}
+	if n := len(d.queued()); n != 0 {
+		t.Errorf("%d messages queued from a stalled DATA", n)
 	}
 }

@@ -129,11 +129,20 @@ func (c *policyConf) limitsFor(id, kind string) *limitSet {
 			return r.limits
 		}
 	}
+	if id == nullSender {
+		// Every bounce and autoreply shares the null sender: capping it as
+		// one sender would defer them all at once. It still counts against
+		// the login, uid and IP it comes from, and an allow rule may cap it.
+		return noLimits
+	}
 	if rank := kindRank(kind); rank < numKinds {
 		return c.defaults[rank]
 	}
 	return noLimits
 }
+
+// nullSender is the identity of MAIL FROM:<>.
+const nullSender = "sender:<>"
 
 // glob is a compiled pattern where '*' matches any run of characters.
 type glob struct {

@@ -590,3 +590,40 @@ func TestAddIdentitiesKnownIDLearnsScript(t *testing.T) {
 		t.Fatalf("scripts %v", s.Scripts)
 	}
 }
+
+// TestNullSenderNotCappedAsASender: bounces share sender:<>; it is capped
+// only by an allow rule that names it, and still counts for its IP.
+func TestNullSenderNotCappedAsASender(t *testing.T) {
+	cfg := baseConfig()
+	cfg.Policy.Limits.Sender = &config.Limits{Rcpts: rates(t, "2/1h")}
+	cfg.Policy.Limits.IP = &config.Limits{Rcpts: rates(t, "5/1h")}
+	e := openTest(t, t.TempDir(), cfg, newClock(), Options{})
+	ip := IPID(mustAddr("10.0.0.1"))
+	for i := range 5 {
+		tx := e.Begin([]Identity{SenderID(""), ip})
+		if d := tx.AddRcpt(); d.Action != Accept {
+			t.Fatalf("bounce %d: %+v", i, d)
+		}
+		tx.Commit()
+	}
+	tx := e.Begin([]Identity{SenderID(""), ip})
+	if d := tx.AddRcpt(); d.Action != Defer || d.Identity != ip.ID {
+		t.Fatalf("6th bounce from one IP: %+v, want the IP's cap", d)
+	}
+	tx.Abort()
+
+	cfg.Policy.Allow = []config.AllowRule{{Match: "sender:<>", Rcpts: rates(t, "1/1h")}}
+	if err := e.Reload(cfg); err != nil {
+		t.Fatal(err)
+	}
+	tx = e.Begin([]Identity{SenderID("")})
+	if d := tx.AddRcpt(); d.Action != Accept {
+		t.Fatalf("first bounce under the allow rule: %+v", d)
+	}
+	tx.Commit()
+	tx = e.Begin([]Identity{SenderID("")})
+	if d := tx.AddRcpt(); d.Action != Defer || d.Identity != "sender:<>" {
+		t.Fatalf("an allow rule naming sender:<> caps it: %+v", d)
+	}
+	tx.Abort()
+}

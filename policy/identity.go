@@ -38,7 +38,7 @@ func WebUID(server string, uid uint32, account, script string) Identity {
 // the null sender is "sender:<>".
 func SenderID(addr string) Identity {
 	if addr == "" {
-		return Identity{ID: "sender:<>", Kind: config.KindSender}
+		return Identity{ID: nullSender, Kind: config.KindSender}
 	}
 	return Identity{ID: "sender:" + strings.ToLower(addr), Kind: config.KindSender}
 }

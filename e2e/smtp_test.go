@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -181,17 +182,63 @@ func TestSIGTERMDrainsTransactionInFlight(t *testing.T) {
 }
 
 // TestExampleConfigQuickstart runs the shipped relay.example.toml as the
-// README says and delivers into its Maildir.
+// README says (only its loopback ports moved to free ones) and delivers into
+// its Maildir, with no root and no qmail.
 func TestExampleConfigQuickstart(t *testing.T) {
 	dir := t.TempDir()
 	example, err := os.ReadFile("../relay.example.toml")
 	if err != nil {
 		t.Fatal(err)
 	}
-	os.WriteFile(filepath.Join(dir, "relay.toml"), example, 0o644)
-	cmd := exec.Command(bins.relay, "check-config", "--config", filepath.Join(dir, "relay.toml"))
-	if out, err := cmd.CombinedOutput(); err != nil {
+	smtpAddr, adminAddr := freePort(t), freePort(t)
+	cfg := strings.NewReplacer(`"127.0.0.1:2525"`, strconv.Quote(smtpAddr), `"127.0.0.1:2587"`, strconv.Quote(freePort(t)),
+		`"127.0.0.1:8025"`, strconv.Quote(adminAddr)).Replace(string(example))
+	path := filepath.Join(dir, "relay.toml")
+	os.WriteFile(path, []byte(cfg), 0o644)
+	if out, err := exec.Command(bins.relay, "check-config", "--config", path).CombinedOutput(); err != nil {
 		t.Fatalf("check-config on the example: %v\n%s", err, out)
+	}
+	cmd := exec.Command(bins.relay, "serve", "--config", path)
+	var log bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &log, &log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+		if t.Failed() {
+			t.Logf("relay log:\n%s", log.String())
+		}
+	}()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		if c, err := net.DialTimeout("tcp", smtpAddr, 200*time.Millisecond); err == nil {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("relay on the example config did not come up")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	s := dialSMTP(t, smtpAddr)
+	s.expect("EHLO client.example", "250")
+	if got := s.send("alice@example.com", []string{"bob@example.net"}, "Subject: quickstart\r\n\r\nhello\r\n"); !strings.HasPrefix(got, "250 ok ") {
+		t.Fatalf("DATA: %q", got)
+	}
+	files, _ := filepath.Glob(filepath.Join(dir, "relay-data", "maildir", "new", "*"))
+	if len(files) != 1 {
+		t.Fatalf("%d files in relay-data/maildir/new, want 1", len(files))
+	}
+	msg, _ := os.ReadFile(files[0])
+	for _, want := range []string{"Return-Path: <alice@example.com>\n", "Delivered-To: bob@example.net\n", "\nSubject: quickstart\n\nhello\n"} {
+		if !strings.Contains(string(msg), want) {
+			t.Errorf("delivered message lacks %q:\n%s", want, msg)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, "relay-data", "admin.token")); err != nil {
+		t.Errorf("no admin token made in data_dir: %v", err)
 	}
 }
 

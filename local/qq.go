@@ -212,7 +212,11 @@ func (q *QQ) check(sp *spool, env *Envelope) checkResult {
 		var se *smtp.SMTPError
 		switch {
 		case !errors.As(err, &se):
-			return checkResult{verdict: verdictDown, reply: fmt.Sprintf("relay daemon at %s stopped answering: %v", q.Socket, err)}
+			// The daemon is up (it spoke the check protocol) but the
+			// conversation broke: deferring is the only safe answer.
+			// Treating it as "down" would let anything that makes the
+			// daemon drop a connection pass mail uncounted.
+			return checkResult{verdict: verdictDeferred, reply: fmt.Sprintf("relay daemon at %s stopped answering: %v", q.Socket, err)}
 		case se.Code >= 400 && se.Code < 500:
 			return checkResult{verdict: verdictDeferred, reply: replyLine(se)}
 		default:

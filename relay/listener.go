@@ -128,9 +128,11 @@ func (s *Server) admit(c net.Conn, local, isTLS bool) *trackedConn {
 		return nil
 	}
 	s.metrics.connectionsOpen.Inc()
-	return &trackedConn{Conn: c, info: info, release: func() {
+	tc := &trackedConn{Conn: c, info: info}
+	tc.release = func() {
 		s.metrics.connectionsOpen.Dec()
 		s.connMu.Lock()
+		delete(s.conns, tc)
 		s.connTotal--
 		if !local {
 			if s.connPerIP[key]--; s.connPerIP[key] <= 0 {
@@ -138,7 +140,11 @@ func (s *Server) admit(c net.Conn, local, isTLS bool) *trackedConn {
 			}
 		}
 		s.connMu.Unlock()
-	}}
+	}
+	s.connMu.Lock()
+	s.conns[tc] = struct{}{}
+	s.connMu.Unlock()
+	return tc
 }
 
 // ipKey groups client addresses for max_connections_per_ip the way ip:

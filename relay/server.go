@@ -57,6 +57,8 @@ const (
 	// allows 1000 octets; qmail has no limit, and scripts do send longer
 	// unwrapped lines, so relay is generous but bounded.
 	maxLineLength = 64 << 10
+	// maxLocalLineLength is the line limit on mode = "local" sockets.
+	maxLocalLineLength = 1 << 20
 	// checkHelo is the EHLO name with which `relay qq` opens a check session
 	// on the local socket.
 	checkHelo = "relay-qq"
@@ -80,6 +82,7 @@ type Server struct {
 	connMu     sync.Mutex
 	connTotal  int
 	connPerIP  map[netip.Prefix]int
+	conns      map[*trackedConn]struct{} // open connections, for Shutdown
 
 	busy     inflight
 	draining atomic.Bool
@@ -124,6 +127,7 @@ func newServer(st *settings, deps Deps) (*Server, error) {
 		now:       deps.Now,
 		metrics:   m,
 		connPerIP: map[netip.Prefix]int{},
+		conns:     map[*trackedConn]struct{}{},
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
@@ -247,6 +251,14 @@ func (s *Server) listen(lc config.Listener, st *settings, tlsConf *tls.Config) (
 	srv.ReadTimeout = st.timeout
 	srv.WriteTimeout = st.timeout
 	srv.MaxLineLength = maxLineLength
+	if local {
+		// go-smtp's line limit also applies inside DATA, and scripts do put
+		// a whole HTML body on one line: the local socket takes far longer
+		// lines than the network (qmail-queue takes any), yet still a
+		// bounded number of bytes per line from any local user. A message
+		// over it is deferred by relay qq, never passed on uncounted.
+		srv.MaxLineLength = maxLocalLineLength
+	}
 	// databytes is enforced on the stored size in Data, not on the wire
 	// size go-smtp would count; max_recipients is answered in Rcpt with
 	// relay's text.
@@ -303,6 +315,11 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	err := s.busy.wait(ctx)
 	s.cancel()
+	// A session in DATA holds its lock while it reads from the client, and
+	// go-smtp's Close waits for that lock (Logout) before it closes the
+	// connection: a stalled client would hold Shutdown until relay.timeout.
+	// Closing the connections first ends those reads.
+	s.closeConns()
 	for _, b := range bound {
 		b.smtp.Close()
 		if b.socket != "" {
@@ -311,6 +328,19 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	s.serving.Wait()
 	return err
+}
+
+// closeConns closes every open client connection.
+func (s *Server) closeConns() {
+	s.connMu.Lock()
+	open := make([]*trackedConn, 0, len(s.conns))
+	for c := range s.conns {
+		open = append(open, c)
+	}
+	s.connMu.Unlock()
+	for _, c := range open {
+		c.Close()
+	}
 }
 
 // inflight counts sessions with a transaction open.

@@ -1,0 +1,150 @@
+package relay
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"relay/config"
+	"relay/internal/fakeqq"
+	"relay/local"
+)
+
+// A client that stalls in the middle of DATA must not hold Shutdown past its
+// deadline: the hand-off is killed and the connection closed, as Shutdown
+// promises, not left until relay.timeout ends the read.
+func TestShutdownDeadlineWithStalledData(t *testing.T) {
+	cfg := testConfig()
+	cfg.Relay.Timeout = config.Duration{Duration: 5 * time.Minute}
+	h := &fakeHandoff{}
+	s := testServer(t, cfg, Deps{Handoff: h}, nil)
+	c := dialRaw(t, "tcp", tcpAddr(s, 0))
+	c.hello("x")
+	c.mailNoWait("a@remote.test", "u@example.test", "Subject: s\r\n\r\nhalf a mess")
+	time.Sleep(100 * time.Millisecond) // let the server start reading the data
+
+	done := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+		defer cancel()
+		done <- s.Shutdown(ctx)
+	}()
+	select {
+	case err := <-done:
+		if err != context.DeadlineExceeded {
+			t.Fatalf("Shutdown = %v, want the deadline's error", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("Shutdown still waiting for a stalled DATA long after its deadline")
+	}
+	if got := c.reply(); strings.HasPrefix(got, "250") {
+		t.Fatalf("cut-short transaction got %q", got)
+	}
+	if len(h.deliveries()) != 0 {
+		t.Fatal("a partial message was handed off")
+	}
+}
+
+// longLineMessage has a header line and a body line longer than the SMTP
+// listeners' line limit: qmail-queue takes any line length, and scripts do
+// put a whole HTML body on one line.
+func longLineMessage() string {
+	return "Subject: s\n\n<html>" + strings.Repeat("x", 3*maxLineLength) + "</html>\n" +
+		strings.Repeat("padding line\n", 60000)
+}
+
+// A check session (relay qq) must take any message qmail-queue would take.
+func TestCheckSessionLongLine(t *testing.T) {
+	path := sockPath(t)
+	cfg := testConfig(config.Listener{Addr: path, Mode: config.ModeLocal})
+	ck := &fakeChecker{}
+	testServer(t, cfg, Deps{Policy: ck}, nil)
+	c := dialRaw(t, "unix", path)
+	c.hello(checkHelo)
+	c.expect("MAIL FROM:<www@example.test>", "250")
+	c.expect("RCPT TO:<x@far.test>", "250")
+	c.expect("DATA", "354")
+	if _, err := io.WriteString(c.conn, strings.ReplaceAll(longLineMessage(), "\n", "\r\n")+".\r\n"); err != nil {
+		t.Fatalf("the daemon stopped reading the message: %v", err)
+	}
+	if got := c.reply(); got != "250 ok reserved\r\n" {
+		t.Fatalf("check session refused a message qmail-queue takes: %q", got)
+	}
+	c.expect("AUTH X-RELAY-COMMIT", "235")
+	if !strings.HasSuffix(ck.log(), "; msg; commit") {
+		t.Fatalf("calls %q", ck.log())
+	}
+}
+
+// End to end through relay qq: a message with a long line is queued by the
+// real qmail-queue byte for byte and charged; it is neither deferred nor
+// passed uncounted (on_daemon_down = accept) because the daemon dropped
+// the connection in the middle of DATA.
+func TestQQLongLineIsCountedAndQueued(t *testing.T) {
+	path := sockPath(t)
+	cfg := testConfig(config.Listener{Addr: path, Mode: config.ModeLocal})
+	ck := &fakeChecker{}
+	testServer(t, cfg, Deps{Policy: ck}, nil)
+
+	calls := t.TempDir()
+	t.Setenv("FAKEQQ_DIR", calls)
+	stderr := &bytes.Buffer{}
+	q := &local.QQ{
+		Socket:       path,
+		QmailQueue:   fakeqq.Build(t),
+		OnDaemonDown: local.DaemonDownAccept,
+		Timeout:      10 * time.Second,
+		UID:          os.Getuid(),
+		Stderr:       stderr,
+	}
+	msg := []byte(longLineMessage())
+	env := []byte("Fwww@example.test\x00Tx@far.test\x00\x00")
+	if code := q.Filter(bytes.NewReader(msg), bytes.NewReader(env)); code != local.ExitQueued {
+		t.Fatalf("relay qq exit %d, want 0; stderr: %s", code, stderr)
+	}
+	got := fakeqq.Calls(t, calls)
+	if len(got) != 1 || !bytes.Equal(got[0].Message, msg) || !bytes.Equal(got[0].Envelope, env) {
+		t.Fatalf("real qmail-queue ran %d times or got other bytes", len(got))
+	}
+	waitFor(t, func() bool { return strings.HasSuffix(ck.log(), "; msg; commit") })
+	if strings.Contains(stderr.String(), "uncounted") {
+		t.Fatalf("passed uncounted: %s", stderr)
+	}
+}
+
+// A line over even the local socket's limit cannot buy an uncounted pass:
+// the daemon drops the check conversation and relay qq defers (exit 71),
+// whatever on_daemon_down says, and the real qmail-queue never runs.
+func TestQQLineOverLocalLimitIsDeferred(t *testing.T) {
+	path := sockPath(t)
+	cfg := testConfig(config.Listener{Addr: path, Mode: config.ModeLocal})
+	ck := &fakeChecker{}
+	testServer(t, cfg, Deps{Policy: ck}, nil)
+
+	calls := t.TempDir()
+	t.Setenv("FAKEQQ_DIR", calls)
+	stderr := &bytes.Buffer{}
+	q := &local.QQ{
+		Socket:       path,
+		QmailQueue:   fakeqq.Build(t),
+		OnDaemonDown: local.DaemonDownAccept,
+		Timeout:      10 * time.Second,
+		UID:          os.Getuid(),
+		Stderr:       stderr,
+	}
+	msg := []byte("Subject: s\n\n" + strings.Repeat("x", 2*maxLocalLineLength) + "\n")
+	env := []byte("Fwww@example.test\x00Tx@far.test\x00\x00")
+	if code := q.Filter(bytes.NewReader(msg), bytes.NewReader(env)); code != local.ExitDeferred {
+		t.Fatalf("relay qq exit %d, want 71; stderr: %s", code, stderr)
+	}
+	if got := fakeqq.Calls(t, calls); len(got) != 0 {
+		t.Fatalf("the real qmail-queue ran %d times", len(got))
+	}
+	if strings.Contains(stderr.String(), "uncounted") {
+		t.Fatalf("passed uncounted: %s", stderr)
+	}
+}

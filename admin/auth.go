@@ -221,10 +221,17 @@ func (s *Server) logout(w http.ResponseWriter, r *http.Request) {
 }
 
 // localPath keeps a redirect target on this server: an absolute path that
-// is not protocol-relative ("//host") and has no backslash tricks.
+// is not protocol-relative ("//host") and has no backslash tricks and no
+// control characters (browsers drop tabs and newlines from a URL before
+// parsing it, so "/\t/host" would be "//host").
 func localPath(p string) string {
-	if p == "" || p[0] != '/' || strings.HasPrefix(p, "//") || strings.ContainsAny(p, "\\\r\n") {
+	if p == "" || p[0] != '/' || strings.HasPrefix(p, "//") || strings.ContainsRune(p, '\\') {
 		return "/"
+	}
+	for i := 0; i < len(p); i++ {
+		if p[i] < 0x20 || p[i] == 0x7f {
+			return "/"
+		}
 	}
 	return p
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
 	"net/netip"
@@ -30,7 +31,20 @@ func TokenPath(tokenFile, dataDir string) string {
 // ReadToken reads the admin token without creating one (relay ctl).
 func ReadToken(tokenFile, dataDir string) (string, error) {
 	path := TokenPath(tokenFile, dataDir)
-	b, err := os.ReadFile(path)
+	f, err := os.Open(path)
+	if err != nil {
+		return "", fmt.Errorf("admin token: %w", err)
+	}
+	defer f.Close()
+	// The admin API listens on loopback, which every local user reaches:
+	// a token every user may read is no protection (ssh refuses such keys
+	// for the same reason).
+	if fi, err := f.Stat(); err != nil {
+		return "", fmt.Errorf("admin token: %w", err)
+	} else if fi.Mode().Perm()&0o004 != 0 {
+		return "", fmt.Errorf("admin token %s is readable by every user (mode %04o): chmod o-r it", path, fi.Mode().Perm())
+	}
+	b, err := io.ReadAll(io.LimitReader(f, 4096))
 	if err != nil {
 		return "", fmt.Errorf("admin token: %w", err)
 	}

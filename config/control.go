@@ -197,7 +197,10 @@ func (c *Control) RcptHostAllowed(domain string) bool {
 	if domain == "" {
 		return false
 	}
-	domain = strings.ToLower(domain)
+	// ASCII folding only, as qmail's case_lowerb: Unicode lowercasing
+	// would turn a foreign domain into a listed one (U+212A KELVIN SIGN
+	// becomes 'k').
+	domain = asciiLower(domain)
 	if c.rcptHosts[domain] {
 		return true
 	}
@@ -207,6 +210,17 @@ func (c *Control) RcptHostAllowed(domain string) bool {
 		}
 	}
 	return false
+}
+
+// asciiLower lowercases A-Z only.
+func asciiLower(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if 'A' <= c && c <= 'Z' {
+			b[i] = c + 'a' - 'A'
+		}
+	}
+	return string(b)
 }
 
 // BadMailFrom reports whether the envelope sender is in badmailfrom:

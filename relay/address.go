@@ -2,6 +2,31 @@ package relay
 
 import "strings"
 
+// maxAddressLength bounds an envelope address. RFC 5321 §4.5.3.1.3 allows
+// 256 octets in a path; relay takes four times that. Without a bound a
+// client that may not relay could still have max_recipients addresses of
+// a whole command line (64 KiB) each kept for local domains.
+const maxAddressLength = 1024
+
+// addressAcceptable reports whether an envelope address as go-smtp parsed
+// it may be kept: at most maxAddressLength octets and no control
+// characters. go-smtp passes a bare CR, NUL or ESC inside an address on,
+// but RFC 5321 §4.1.2 allows none (qtextSMTP and quoted-pairSMTP are
+// %d32-126), and in the stored envelope a CR would break the Return-Path
+// and Delivered-To lines written at delivery, a NUL qmail-queue's
+// envelope.
+func addressAcceptable(addr string) bool {
+	if len(addr) > maxAddressLength {
+		return false
+	}
+	for i := 0; i < len(addr); i++ {
+		if c := addr[i]; c < 0x20 || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
 // splitAddress splits an envelope address at its last '@', the way
 // qmail-smtpd's addrallowed and bmfcheck do. ok is false when there is no '@'.
 func splitAddress(addr string) (local, domain string, ok bool) {
@@ -32,5 +57,18 @@ func rcptAllowedFrom(rcpt string, hostAllowed func(domain string) bool) bool {
 	if strings.ContainsAny(local, "@%!") {
 		return false
 	}
-	return hostAllowed(strings.ToLower(domain))
+	// ASCII folding only (qmail's case_lowerb): strings.ToLower would
+	// turn U+212A KELVIN SIGN into 'k' and a foreign domain into a local one.
+	return hostAllowed(asciiLower(domain))
+}
+
+// asciiLower lowercases A-Z only.
+func asciiLower(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if 'A' <= c && c <= 'Z' {
+			b[i] = c + 'a' - 'A'
+		}
+	}
+	return string(b)
 }

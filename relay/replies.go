@@ -26,6 +26,8 @@ var (
 	// relay has read the data to its real end, so it keeps the session.
 	replyBareNewline   = reply(451, smtp.EnhancedCode{4, 5, 2}, "See https://cr.yp.to/docs/smtplf.html.")
 	replyTooManyRcpts  = reply(452, smtp.EnhancedCode{4, 5, 3}, "too many recipients")
+	replyBadSender     = reply(501, smtp.EnhancedCode{5, 1, 7}, "bad sender address syntax (#5.1.7)")
+	replyBadRcpt       = reply(501, smtp.EnhancedCode{5, 1, 3}, "bad recipient address syntax (#5.1.3)")
 	replyAuthRequired  = reply(530, smtp.EnhancedCode{5, 7, 0}, "authentication required (#5.7.0)")
 	replyAuthInMail    = reply(503, smtp.EnhancedCode{5, 5, 1}, "no auth during mail transaction (#5.5.0)")
 	replyAuthFailed    = reply(535, smtp.EnhancedCode{5, 7, 8}, "authentication failed (#5.7.1)")

@@ -151,7 +151,10 @@ func (s *session) trusted() bool { return s.relayClient || s.user != "" }
 func (s *session) identities(from string) []policy.Identity {
 	var ids []policy.Identity
 	if s.user != "" {
-		ids = append(ids, policy.UserID(s.user))
+		// vchkpw and other checkpassword programs take a login in any
+		// letter case: one account must be one identity, or a suspended
+		// user:alice could go on as user:Alice.
+		ids = append(ids, policy.UserID(strings.ToLower(s.user)))
 	}
 	if s.local {
 		ids = append(ids, policy.LocalUID(s.uid, s.account))
@@ -267,6 +270,9 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	if s.mode == config.ModeSubmission && s.user == "" {
 		return replyAuthRequired
 	}
+	if !addressAcceptable(from) {
+		return replyBadSender
+	}
 	// RFC 1870 §6.1: a declared size over the limit is refused at once.
 	if s.databytes > 0 && !s.check && opts != nil && opts.Size > s.databytes {
 		return replyDatabytes
@@ -317,6 +323,9 @@ func (s *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 }
 
 func (s *session) rcpt(tx *transaction, to string) (*smtp.SMTPError, string) {
+	if !addressAcceptable(to) {
+		return replyBadRcpt, rcptRejected
+	}
 	if tx.badMailFrom {
 		return replyBadMailFrom, rcptRejected
 	}

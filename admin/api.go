@@ -3,6 +3,7 @@ package admin
 import (
 	"bufio"
 	"cmp"
+	"context"
 	"encoding/json"
 	"errors"
 	"io"
@@ -354,7 +355,10 @@ func (s *Server) doHeldAction(r *http.Request, id, action string) (string, int, 
 	switch action {
 	case "release":
 		var rcpt queue.Receipt
-		rcpt, err = s.opts.Held.Release(r.Context(), id)
+		// Not the request's context: a client that hangs up must not kill
+		// a hand-off that may already have queued the message (a later
+		// release would send it twice). The hand-off has its own timeout.
+		rcpt, err = s.opts.Held.Release(context.WithoutCancel(r.Context()), id)
 		reply = rcpt.Reply
 		ev.Kind, ev.Detail = "released", ev.Detail+" released by the admin: "+reply
 	case "delete":

@@ -75,13 +75,26 @@ func OpenHold(dir string, db *bolt.DB) (*HoldSpool, error) {
 	if err != nil {
 		return nil, fmt.Errorf("hold spool: %w", err)
 	}
+	// A message file without a record is left by a crash between the file
+	// and the commit (never acknowledged) or between removing the record
+	// and the file; but it is also what a lost or replaced database leaves
+	// of mail that was answered 250. It is moved aside, never deleted.
 	for _, e := range entries {
 		if name := e.Name(); validHeldID(name) && !known[name] && e.Type().IsRegular() {
-			os.Remove(filepath.Join(dir, name))
+			if err := os.MkdirAll(filepath.Join(dir, OrphanDir), 0o700); err != nil {
+				return nil, fmt.Errorf("hold spool: %w", err)
+			}
+			if err := os.Rename(filepath.Join(dir, name), filepath.Join(dir, OrphanDir, name)); err != nil {
+				return nil, fmt.Errorf("hold spool: %w", err)
+			}
 		}
 	}
 	return s, nil
 }
+
+// OrphanDir is where OpenHold moves message files that have no record, for
+// an admin to look at.
+const OrphanDir = "orphans"
 
 // Put stores a message with its envelope and identities (meta.From, To,
 // Identities, Reason; Time defaults to now). It sets ID, Size and Subject

@@ -235,7 +235,10 @@ func TestHoldSurvivesRestart(t *testing.T) {
 		t.Fatalf("list after restart %+v", list)
 	}
 	if _, err := os.Stat(filepath.Join(spoolDir, orphan)); !errors.Is(err, os.ErrNotExist) {
-		t.Error("orphan file not swept")
+		t.Error("orphan file left among the held messages")
+	}
+	if b, err := os.ReadFile(filepath.Join(spoolDir, OrphanDir, orphan)); err != nil || string(b) != "x" {
+		t.Errorf("orphan file not kept in %s/: %v", OrphanDir, err)
 	}
 	if _, err := os.Stat(filepath.Join(spoolDir, "README")); err != nil {
 		t.Error("a file that is not a spool file was removed")

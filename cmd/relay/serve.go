@@ -238,12 +238,15 @@ func restartOnly(old, cur *config.Config) []string {
 	return keys
 }
 
+// shutdown stops the admin API first (a release in flight finishes), then
+// the SMTP front end (transactions in flight finish within ctx), and only
+// then flushes policy and closes the database they both write to.
 func (d *daemon) shutdown(ctx context.Context) error {
-	errSMTP := d.smtp.Shutdown(ctx)
 	errAdmin := d.admin.Shutdown(ctx)
+	errSMTP := d.smtp.Shutdown(ctx)
 	errPolicy := d.policy.Close()
 	errDB := d.closeDB()
-	return errors.Join(errSMTP, errAdmin, errPolicy, errDB)
+	return errors.Join(errAdmin, errSMTP, errPolicy, errDB)
 }
 
 // heldActions gives the admin API the hold spool with the daemon's own

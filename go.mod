@@ -25,3 +25,7 @@ require (
 	github.com/prometheus/procfs v0.22.0 // indirect
 	google.golang.org/protobuf v1.36.12 // indirect
 )
+
+// go-smtp with four small fixes (qmail/RFC 5321 replies, a DATA reader
+// bug, <Postmaster>); see third_party/go-smtp/PATCHES.md.
+replace github.com/emersion/go-smtp => ./third_party/go-smtp

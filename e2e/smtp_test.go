@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bufio"
 	"bytes"
 	"fmt"
 	"io"
@@ -272,5 +273,39 @@ timeout = "1s"
 	}
 	if n := len(d.queued()); n != 0 {
 		t.Errorf("%d messages queued from a stalled DATA", n)
+	}
+}
+
+// TestQmailReplies: the greeting and the sequence errors read as
+// qmail-smtpd's, and <Postmaster> is accepted from anyone (RFC 5321 §4.5.1).
+func TestQmailReplies(t *testing.T) {
+	d := newDaemon(t, daemonOpts{relay: `[relay]
+local_domains = ["example.com"]
+relay_networks = ["10.9.9.0/24"]
+`})
+	c, err := net.DialTimeout("tcp", d.smtp, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	s := &smtpConn{t: t, c: c, r: bufio.NewReader(c)}
+	if got := s.reply(); got != "220 mail.example.test ESMTP" {
+		t.Errorf("greeting %q", got)
+	}
+	s.expect("HELO client.example", "250")
+	if got := s.cmd("RCPT TO:<user@example.com>"); got != "503 5.5.1 MAIL first (#5.5.1)" {
+		t.Errorf("RCPT before MAIL: %q", got)
+	}
+	if got := s.cmd("DATA"); got != "503 5.5.1 MAIL first (#5.5.1)" {
+		t.Errorf("DATA before MAIL: %q", got)
+	}
+	s.expect("MAIL FROM:<someone@internet.example>", "250")
+	if got := s.cmd("DATA"); got != "503 5.5.1 RCPT first (#5.5.1)" {
+		t.Errorf("DATA before RCPT: %q", got)
+	}
+	s.expect("RCPT TO:<Postmaster>", "250")
+	if got := s.send("someone@internet.example", []string{"postmaster"}, "Subject: hi\r\n\r\nfor the postmaster\r\n"); !strings.HasPrefix(got, "250 ok ") {
+		t.Fatalf("mail to <Postmaster>: %q", got)
 	}
 }

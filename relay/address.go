@@ -47,9 +47,12 @@ func splitAddress(addr string) (local, domain string, ok bool) {
 // an MTA that still honours the old routing hacks: a local part holding '@'
 // (a quoted "user@evil"@local, or user@evil@local), '%' (the percent hack)
 // or '!' (UUCP bang paths) could carry the mail off to another domain, so it
-// is refused here. A recipient without '@' is refused too (qmail would add
-// its default host; go-smtp never passes one on).
+// is refused here. Of the recipients without '@', only "postmaster" is
+// taken (RFC 5321 §4.5.1; qmail-send adds envnoathost), others are refused.
 func rcptAllowedFrom(rcpt string, hostAllowed func(domain string) bool) bool {
+	if rcpt == "postmaster" { // go-smtp's form of <Postmaster>, any case
+		return true
+	}
 	local, domain, ok := splitAddress(rcpt)
 	if !ok || local == "" || domain == "" {
 		return false

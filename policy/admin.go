@@ -92,21 +92,34 @@ func (e *Engine) snapshot(st *idState, c *policyConf, now time.Time) Sender {
 // Senders lists the identities in state ("throttled", "suspended", or
 // "all"; "" means all), most recently seen first. Identities are known
 // while they have counts in a window, an over-limit event in the last 24 h,
-// a suspension, or a message in the last 24 h.
+// a suspension, or a message in the last 24 h. Identities not resident in
+// memory are read from bbolt (every one of them, except for "suspended":
+// suspended identities are always resident).
 func (e *Engine) Senders(state string) []Sender {
 	c := e.conf.Load()
 	now := e.now()
 	var out []Sender
+	var listed map[string]struct{}
+	scan := state != StateSuspended
+	if scan {
+		listed = make(map[string]struct{})
+	}
 	for i := range e.shards {
 		sh := &e.shards[i]
 		sh.mu.Lock()
 		for _, st := range sh.states {
+			if scan {
+				listed[st.id] = struct{}{}
+			}
 			s := e.snapshot(st, c, now)
 			if state == "" || state == StateAll || state == s.State {
 				out = append(out, s)
 			}
 		}
 		sh.mu.Unlock()
+	}
+	if scan {
+		out = e.storedSenders(out, state, listed)
 	}
 	sort.Slice(out, func(i, j int) bool {
 		if !out[i].LastSeen.Equal(out[j].LastSeen) {
@@ -128,7 +141,10 @@ func (e *Engine) Sender(id string) (Sender, bool) {
 	}
 	sh.mu.Unlock()
 	if st == nil {
-		return Sender{}, false
+		var ok bool
+		if s, ok = e.storedSender(id); !ok {
+			return Sender{}, false
+		}
 	}
 	s.Events = e.events.query(EventFilter{Identity: id, Limit: senderEvents})
 	return s, true
@@ -142,9 +158,9 @@ func (e *Engine) Suspend(id, reason string) error {
 	}
 	now := e.now()
 	s := &Suspension{Reason: reason, At: now}
-	sh := &e.shards[e.shardOf(id)]
-	sh.mu.Lock()
-	st := e.stateLocked(id)
+	st, si := e.lockState(id, kindOf(id), true)
+	sh := &e.shards[si]
+	st.lastUsed = now.UnixNano()
 	was := st.suspension != nil
 	st.suspension = s
 	acct := st.account
@@ -162,15 +178,15 @@ func (e *Engine) Suspend(id, reason string) error {
 // is durable when it returns.
 func (e *Engine) Unsuspend(id string) error {
 	now := e.now()
-	sh := &e.shards[e.shardOf(id)]
-	sh.mu.Lock()
-	st := sh.states[id]
+	st, si := e.lockState(id, kindOf(id), false)
+	sh := &e.shards[si]
 	if st == nil || st.suspension == nil {
 		sh.mu.Unlock()
 		return errors.New("identity " + id + " is not suspended")
 	}
 	st.suspension = nil
 	st.overTimes = st.overTimes[:0]
+	st.lastUsed = now.UnixNano()
 	acct := st.account
 	sh.markDirty(st)
 	sh.mu.Unlock()
@@ -187,13 +203,13 @@ func (e *Engine) Reset(id string) error {
 	e.flushMu.Lock()
 	defer e.flushMu.Unlock()
 	now := e.now()
-	sh := &e.shards[e.shardOf(id)]
-	sh.mu.Lock()
-	st := sh.states[id]
+	st, si := e.lockState(id, kindOf(id), false)
+	sh := &e.shards[si]
 	if st == nil {
 		sh.mu.Unlock()
 		return errors.New("identity " + id + " is not known")
 	}
+	st.lastUsed = now.UnixNano()
 	for i := range st.windows {
 		w := &st.windows[i]
 		w.buckets, w.sum = nil, 0

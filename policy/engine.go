@@ -80,6 +80,7 @@ type shard struct {
 	states  map[string]*idState
 	dirty   []*idState // changed since the last flush
 	deleted []string   // dropped since the last flush
+	dropped uint64     // states that left memory (evicted or deleted), ever
 }
 
 // idState is everything policy knows about one identity.
@@ -91,6 +92,7 @@ type idState struct {
 	windows  []window
 	refs     int   // open transactions
 	lastSeen int64 // unix ns of the last charged message
+	lastUsed int64 // unix ns of the last load or release; memory only
 	// Over-limit history.
 	overTimes  []int64 // within suspendSpan, oldest first
 	lastOver   int64
@@ -128,8 +130,10 @@ func (st *idState) idle(now int64) bool {
 	return true
 }
 
-// New starts the policy engine on db (see OpenDB): it loads counters,
-// suspensions and events, and starts the background flusher and notifier.
+// New starts the policy engine on db (see OpenDB): it loads suspensions,
+// the counters of suspended identities and of those over a limit within
+// the last 10 minutes, and events, and starts the background flusher and
+// notifier. Other identities are read from db on their next message.
 func New(db *bolt.DB, cfg *config.Config, opts Options) (*Engine, error) {
 	pc, err := compileConf(cfg)
 	if err != nil {
@@ -211,24 +215,41 @@ func (e *Engine) flushLoop() {
 		if n%sweepEvery == 0 {
 			e.sweep()
 		}
+		if n%(sweepEvery*expireEvery) == 0 {
+			e.flushMu.Lock()
+			err := e.expireStored()
+			e.flushMu.Unlock()
+			if err != nil {
+				e.log.Error("policy: expiring idle counters", "err", err)
+			}
+		}
 		if err := e.flush(); err != nil {
 			e.log.Error("policy: writing counters", "err", err)
 		}
 	}
 }
 
-// sweep drops idle identities from memory; the next flush deletes them
-// from bbolt.
+// sweep drops identities from memory: idle ones for good (the next flush
+// deletes them from bbolt), and unused flushed ones that bbolt holds as
+// they are (see cache.go). It holds flushMu so no flush is between taking
+// a state's record and committing it.
 func (e *Engine) sweep() {
+	e.flushMu.Lock()
+	defer e.flushMu.Unlock()
 	now := e.now().UnixNano()
 	for i := range e.shards {
 		sh := &e.shards[i]
 		sh.mu.Lock()
 		for id, st := range sh.states {
-			if st.idle(now) {
-				delete(sh.states, id)
+			switch {
+			case st.idle(now):
 				sh.deleted = append(sh.deleted, id)
+			case st.evictable(now):
+			default:
+				continue
 			}
+			delete(sh.states, id)
+			sh.dropped++
 		}
 		sh.mu.Unlock()
 	}
@@ -246,16 +267,11 @@ func (sh *shard) markDirty(st *idState) {
 	}
 }
 
-// acquire finds or creates the state of id and takes a reference on it.
+// acquire finds, reads from bbolt or creates the state of id and takes a
+// reference on it.
 func (e *Engine) acquire(id Identity, lim *limitSet) (*idState, int) {
-	si := e.shardOf(id.ID)
+	st, si := e.lockState(id.ID, id.Kind, true)
 	sh := &e.shards[si]
-	sh.mu.Lock()
-	st := sh.states[id.ID]
-	if st == nil {
-		st = &idState{id: id.ID, kind: id.Kind}
-		sh.states[id.ID] = st
-	}
 	st.refs++
 	for _, r := range lim.rcpts {
 		st.window(metricRcpts, r.Window)

@@ -47,7 +47,9 @@ func OpenDB(dataDir string) (*bolt.DB, error) {
 	return nil, fmt.Errorf("opening database %s: %w", path, err)
 }
 
-// load reads counters, suspensions and events into memory.
+// load reads into memory the suspensions with their identities' counters,
+// and the events. Other counters stay in bbolt until their identity's next
+// message (see cache.go): New reads no page of them.
 func (e *Engine) load() error {
 	now := e.now().UnixNano()
 	return e.db.Update(func(btx *bolt.Tx) error {
@@ -56,21 +58,19 @@ func (e *Engine) load() error {
 				return err
 			}
 		}
-		err := btx.Bucket(bucketCounters).ForEach(func(k, v []byte) error {
-			st, err := decodeState(string(k), v, now)
-			if err != nil {
-				return fmt.Errorf("policy counters of %q: %v", k, err)
-			}
-			e.shards[e.shardOf(st.id)].states[st.id] = st
-			return nil
-		})
-		if err != nil {
-			return err
-		}
-		err = btx.Bucket(bucketSuspensions).ForEach(func(k, v []byte) error {
+		counters := btx.Bucket(bucketCounters)
+		err := btx.Bucket(bucketSuspensions).ForEach(func(k, v []byte) error {
 			var s Suspension
 			if err := json.Unmarshal(v, &s); err != nil {
 				return fmt.Errorf("policy suspension of %q: %v", k, err)
+			}
+			if v := counters.Get(k); v != nil {
+				st, err := decodeState(string(k), v, now)
+				if err != nil {
+					return fmt.Errorf("policy counters of %q: %v", k, err)
+				}
+				st.lastUsed = now
+				e.shards[e.shardOf(st.id)].states[st.id] = st
 			}
 			e.stateLocked(string(k)).suspension = &s
 			return nil
@@ -90,13 +90,13 @@ func (e *Engine) load() error {
 	})
 }
 
-// stateLocked returns the state of id, creating it; used at load and by
-// admin operations, with the shard lock held (or before any concurrency).
+// stateLocked returns the state of id, creating it; used at load, before
+// any concurrency.
 func (e *Engine) stateLocked(id string) *idState {
 	sh := &e.shards[e.shardOf(id)]
 	st := sh.states[id]
 	if st == nil {
-		st = &idState{id: id, kind: kindOf(id)}
+		st = &idState{id: id, kind: kindOf(id), lastUsed: e.now().UnixNano()}
 		sh.states[id] = st
 	}
 	return st
@@ -312,7 +312,8 @@ func (r *stateReader) count(max int) int {
 		return 0
 	}
 	v, n := binary.Uvarint(r.b)
-	if n <= 0 || v > uint64(max) || v > uint64(len(r.b)) {
+	// Every counted item takes at least one byte of what follows the count.
+	if n <= 0 || v > uint64(max) || v > uint64(len(r.b)-n) {
 		r.err = errors.New("bad count in record")
 		return 0
 	}
@@ -362,7 +363,10 @@ func decodeState(id string, v []byte, now int64) (*idState, error) {
 	st.sampleID = r.string()
 	st.sampleSubject = r.string()
 	st.lastDecision = r.string()
-	for n := r.count(len(r.b)); n > 0 && r.err == nil; n-- {
+	if n := r.count(len(r.b)); n > 0 {
+		st.windows = make([]window, 0, n) // n <= len(v): bounded by the record
+	}
+	for n := cap(st.windows); n > 0 && r.err == nil; n-- {
 		metric := r.byte()
 		length := time.Duration(r.varint())
 		width := r.varint()
@@ -370,7 +374,11 @@ func decodeState(id string, v []byte, now int64) (*idState, error) {
 			r.err = errors.New("bad window in record")
 		}
 		w := newWindow(metric, length)
-		for nb := r.count(len(r.b)); nb > 0 && r.err == nil; nb-- {
+		nb := r.count(len(r.b))
+		if nb > 0 {
+			w.buckets = make([]bucket, 0, nb)
+		}
+		for ; nb > 0 && r.err == nil; nb-- {
 			idx, cnt := r.varint(), r.varint()
 			if k := len(w.buckets); cnt <= 0 || (k > 0 && idx <= w.buckets[k-1].idx) {
 				r.err = errors.New("bad bucket in record")

@@ -77,7 +77,9 @@ func TestStateRoundTrip(t *testing.T) {
 }
 
 // FuzzDecodeState feeds arbitrary records to the state decoder: it must
-// never panic, and what it accepts must encode back to a record it accepts.
+// never panic, what it accepts must encode back to a record it accepts,
+// and storedTimes (the head-only reader of New and the expiry scan) must
+// read the same times from it.
 func FuzzDecodeState(f *testing.F) {
 	now := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC).UnixNano()
 	st := &idState{id: "user:x", account: "a", scripts: []string{"s"}, overTimes: []int64{now}}
@@ -88,9 +90,13 @@ func FuzzDecodeState(f *testing.F) {
 	f.Add([]byte{stateVersion})
 	f.Add([]byte{stateVersion, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 2, 2, 0xff})
 	f.Fuzz(func(t *testing.T, v []byte) {
+		seen, over, headOK := storedTimes(v)
 		got, err := decodeState("user:x", v, now)
 		if err != nil {
 			return
+		}
+		if !headOK || seen != got.lastSeen || over != got.lastOver {
+			t.Fatalf("storedTimes = %d, %d, %v; decodeState read %d, %d", seen, over, headOK, got.lastSeen, got.lastOver)
 		}
 		if _, err := decodeState("user:x", encodeState(got, now), now); err != nil {
 			t.Fatalf("re-encoded record rejected: %v", err)

@@ -347,7 +347,7 @@ func (t *tx) reserve(from int, needR, needM int64) {
 }
 
 // release gives back every reservation and, when charge is set, records
-// the message as sent at now. It ends the transaction. Shard locks are held.
+// the message as sent at ns. It ends the transaction. Shard locks are held.
 func (t *tx) release(charge bool, ns int64) {
 	for i := range t.ents {
 		ent := &t.ents[i]
@@ -368,6 +368,7 @@ func (t *tx) release(charge bool, ns int64) {
 		}
 		ent.rcpts, ent.msgs = 0, 0
 		st.refs--
+		st.lastUsed = ns
 		if charge {
 			st.lastSeen = ns
 			if t.sampleID != "" || t.sampleSubject != "" {
@@ -523,8 +524,9 @@ func (t *tx) Abort() {
 	if t.done {
 		return
 	}
+	ns := t.e.now().UnixNano()
 	locked := t.lock()
-	t.release(false, 0)
+	t.release(false, ns)
 	t.e.unlockShards(locked)
 }
 

@@ -1,41 +1,19 @@
 package admin
 
 import (
-	"context"
-	"os"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/chromedp/chromedp"
-)
 
-const chromiumPath = "/usr/bin/chromium"
+	"relay/internal/browsertest"
+)
 
 // TestBrowserSuspend drives Debian's chromium: log in with the token, see a
 // throttled sender, click Suspend, see it suspended.
 func TestBrowserSuspend(t *testing.T) {
-	if _, err := os.Stat(chromiumPath); err != nil {
-		t.Skip("no " + chromiumPath)
-	}
 	f := newFixture(t)
-	ctx, cancel := context.WithTimeout(t.Context(), 90*time.Second)
-	defer cancel()
-	alloc, cancelAlloc := chromedp.NewExecAllocator(ctx,
-		chromedp.ExecPath(chromiumPath),
-		chromedp.Flag("headless", true),
-		chromedp.NoSandbox,
-		chromedp.DisableGPU,
-		chromedp.Flag("disable-background-networking", true),
-		chromedp.Flag("disable-component-update", true),
-		chromedp.NoFirstRun,
-		chromedp.Flag("disable-sync", true),
-		chromedp.NoDefaultBrowserCheck,
-		chromedp.UserDataDir(t.TempDir()),
-	)
-	defer cancelAlloc()
-	browser, cancelBrowser := chromedp.NewContext(alloc)
-	defer cancelBrowser()
+	browser := browsertest.New(t)
 
 	row := `#throttled tr[data-id="` + webID + `"]`
 	step := func(what string, steps ...chromedp.Action[chromedp.Void]) {

@@ -1,47 +1,25 @@
 package e2e
 
 import (
-	"context"
-	"os"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/chromedp/chromedp"
 
+	"relay/internal/browsertest"
+
 	"relay/admin"
 )
-
-const chromiumPath = "/usr/bin/chromium"
 
 // TestBrowserSuspendThrottledSender: real SMTP traffic throttles a sender;
 // Debian's chromium logs in with the token, sees it throttled, clicks
 // Suspend, sees it suspended; the next SMTP client gets 550.
 func TestBrowserSuspendThrottledSender(t *testing.T) {
-	if _, err := os.Stat(chromiumPath); err != nil {
-		t.Skip("no " + chromiumPath + " (.ci/run installs it)")
-	}
 	d := newDaemon(t, daemonOpts{policy: senderPolicy("defer", "1/1h")})
 	mustPrefix(t, "first", sendOne(t, d, "alice@example.com", "bob@remote.example"), "250 ok ")
 	mustPrefix(t, "over the cap", sendOne(t, d, "alice@example.com", "bob@remote.example"), "451 4.7.1 ")
 
-	ctx, cancel := context.WithTimeout(t.Context(), 90*time.Second)
-	defer cancel()
-	alloc, cancelAlloc := chromedp.NewExecAllocator(ctx,
-		chromedp.ExecPath(chromiumPath),
-		chromedp.Flag("headless", true),
-		chromedp.NoSandbox,
-		chromedp.DisableGPU,
-		chromedp.Flag("disable-background-networking", true),
-		chromedp.Flag("disable-component-update", true),
-		chromedp.NoFirstRun,
-		chromedp.Flag("disable-sync", true),
-		chromedp.NoDefaultBrowserCheck,
-		chromedp.UserDataDir(t.TempDir()),
-	)
-	defer cancelAlloc()
-	browser, cancelBrowser := chromedp.NewContext(alloc)
-	defer cancelBrowser()
+	browser := browsertest.New(t)
 
 	step := func(what string, steps ...chromedp.Action[chromedp.Void]) {
 		t.Helper()

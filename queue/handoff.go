@@ -36,10 +36,7 @@ type Options struct {
 // when opts.Registerer is set. hostname is used in EHLO and Maildir file
 // names.
 func New(d config.Delivery, hostname string, opts Options) (Handoff, error) {
-	log := opts.Logger
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
+	log := orDiscard(opts.Logger)
 	log = log.With("method", d.Method)
 	timeout := d.Timeout.Duration
 	var h Handoff
@@ -232,6 +229,18 @@ func (t *boundedBuffer) String() string {
 
 // withTimeout applies the hand-off's own timeout (DefaultTimeout when d <= 0)
 // on top of ctx.
+// errNoRecipients refuses an envelope without recipients; the SMTP front
+// end never hands one off.
+var errNoRecipients = errors.New("queue: envelope has no recipients")
+
+// orDiscard is l, or a logger that drops everything when l is nil.
+func orDiscard(l *slog.Logger) *slog.Logger {
+	if l == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return l
+}
+
 func withTimeout(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
 	if d <= 0 {
 		d = DefaultTimeout

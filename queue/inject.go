@@ -2,7 +2,6 @@ package queue
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -36,16 +35,10 @@ const (
 
 // Deliver runs one qmail-inject.
 func (q *QmailInject) Deliver(ctx context.Context, env Envelope, msg io.Reader) (Receipt, error) {
-	if len(env.To) == 0 {
-		return Receipt{}, errors.New("queue: envelope has no recipients")
-	}
 	if err := checkEnvelope(env); err != nil {
 		return Receipt{}, err
 	}
-	log := q.Logger
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
+	log := orDiscard(q.Logger)
 	ctx, cancel := withTimeout(ctx, q.Timeout)
 	defer cancel()
 

@@ -48,8 +48,8 @@ var maildirHostEscaper = strings.NewReplacer("/", `\057`, ":", `\072`)
 
 // Deliver writes one message into new/. The reply names the file.
 func (m *Maildir) Deliver(ctx context.Context, env Envelope, msg io.Reader) (Receipt, error) {
-	if len(env.To) == 0 {
-		return Receipt{}, errors.New("queue: envelope has no recipients")
+	if err := checkEnvelope(env); err != nil {
+		return Receipt{}, err
 	}
 	if err := ctx.Err(); err != nil {
 		return Receipt{}, qmailError(451, "maildir delivery timed out (#4.3.0)")

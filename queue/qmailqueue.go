@@ -2,7 +2,6 @@ package queue
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -44,16 +43,10 @@ const maxErrText = 1024
 // Deliver runs one qmail-queue. The reply on success is qmail-smtpd's
 // "ok <unixtime> qp <pid>".
 func (q *QmailQueue) Deliver(ctx context.Context, env Envelope, msg io.Reader) (Receipt, error) {
-	if len(env.To) == 0 {
-		return Receipt{}, errors.New("queue: envelope has no recipients")
-	}
 	if err := checkEnvelope(env); err != nil {
 		return Receipt{}, err
 	}
-	log := q.Logger
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
+	log := orDiscard(q.Logger)
 	ctx, cancel := withTimeout(ctx, q.Timeout)
 	defer cancel()
 
@@ -284,10 +277,14 @@ func AppendEnvelope(dst []byte, env Envelope) []byte {
 	return append(dst, 0)
 }
 
-// checkEnvelope refuses an address with a NUL byte: in qmail-queue's
+// checkEnvelope refuses an envelope without recipients, and an address with
+// a NUL byte: in qmail-queue's
 // format it would end the record early and could smuggle in a recipient.
 // (qmail-smtpd never passes one on; relay's front end should not either.)
 func checkEnvelope(env Envelope) error {
+	if len(env.To) == 0 {
+		return errNoRecipients
+	}
 	bad := strings.IndexByte(env.From, 0) >= 0
 	for _, to := range env.To {
 		bad = bad || strings.IndexByte(to, 0) >= 0

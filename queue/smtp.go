@@ -60,13 +60,10 @@ func NewSMTP(addr, hostname string, timeout time.Duration) (*SMTP, error) {
 
 // Deliver forwards one message. Upstream replies are passed through.
 func (s *SMTP) Deliver(ctx context.Context, env Envelope, msg io.Reader) (Receipt, error) {
-	if len(env.To) == 0 {
-		return Receipt{}, errors.New("queue: envelope has no recipients")
+	if err := checkEnvelope(env); err != nil {
+		return Receipt{}, err
 	}
-	log := s.Logger
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
+	log := orDiscard(s.Logger)
 	timeout := s.Timeout
 	if timeout <= 0 {
 		timeout = DefaultTimeout

@@ -200,6 +200,13 @@ type checkResult struct {
 // qmail-queue takes a message whole or not at all.
 func (q *QQ) check(sp *spool, env *Envelope) checkResult {
 	c, err := dial(q.Socket, CheckHelo, q.timeout())
+	var refused *smtp.SMTPError
+	if errors.As(err, &refused) {
+		// The daemon is up and answered (e.g. 421 too many connections):
+		// that is a deferral, never "down", or whoever fills its
+		// connection slots would get mail past it uncounted.
+		return checkResult{verdict: verdictDeferred, reply: replyLine(refused)}
+	}
 	if err != nil {
 		return checkResult{verdict: verdictDown, reply: fmt.Sprintf("relay daemon at %s unreachable: %v", q.Socket, err)}
 	}

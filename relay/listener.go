@@ -107,15 +107,13 @@ func (s *Server) admit(c net.Conn, local, isTLS bool) *trackedConn {
 			}
 		}
 	}
-	key := ipKey(info.remote)
+	key := clientKeyOf(info)
 	s.connMu.Lock()
 	over := (st.maxConns > 0 && s.connTotal >= st.maxConns) ||
-		(!local && st.maxConnsPerIP > 0 && s.connPerIP[key] >= st.maxConnsPerIP)
+		(st.maxConnsPerIP > 0 && s.connPerClient[key] >= st.maxConnsPerIP)
 	if !over {
 		s.connTotal++
-		if !local {
-			s.connPerIP[key]++
-		}
+		s.connPerClient[key]++
 	}
 	s.connMu.Unlock()
 	if over {
@@ -134,10 +132,8 @@ func (s *Server) admit(c net.Conn, local, isTLS bool) *trackedConn {
 		s.connMu.Lock()
 		delete(s.conns, tc)
 		s.connTotal--
-		if !local {
-			if s.connPerIP[key]--; s.connPerIP[key] <= 0 {
-				delete(s.connPerIP, key)
-			}
+		if s.connPerClient[key]--; s.connPerClient[key] <= 0 {
+			delete(s.connPerClient, key)
 		}
 		s.connMu.Unlock()
 	}
@@ -145,6 +141,22 @@ func (s *Server) admit(c net.Conn, local, isTLS bool) *trackedConn {
 	s.conns[tc] = struct{}{}
 	s.connMu.Unlock()
 	return tc
+}
+
+// connKey is what max_connections_per_ip counts: the client address on
+// the network, the peer's uid on the local socket (so that one local user
+// cannot take every slot and make `relay qq` wait for everyone else).
+type connKey struct {
+	ip    netip.Prefix
+	uid   uint32
+	local bool
+}
+
+func clientKeyOf(info connInfo) connKey {
+	if info.local {
+		return connKey{uid: info.uid, local: true}
+	}
+	return connKey{ip: ipKey(info.remote)}
 }
 
 // ipKey groups client addresses for max_connections_per_ip the way ip:

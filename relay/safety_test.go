@@ -148,3 +148,42 @@ func TestQQLineOverLocalLimitIsDeferred(t *testing.T) {
 		t.Fatalf("passed uncounted: %s", stderr)
 	}
 }
+
+// One local user cannot take every connection slot: max_connections_per_ip
+// counts the peer's uid on the local socket, and relay qq defers on the
+// 421 rather than treating the daemon as down (which could pass mail on
+// uncounted).
+func TestLocalConnectionsCappedPerUID(t *testing.T) {
+	path := sockPath(t)
+	cfg := testConfig(config.Listener{Addr: path, Mode: config.ModeLocal})
+	cfg.Relay.MaxConnectionsPerIP = 2
+	ck := &fakeChecker{}
+	testServer(t, cfg, Deps{Policy: ck}, nil)
+	for i := range 2 {
+		if got := dialRaw(t, "unix", path).reply(); !strings.HasPrefix(got, "220 ") {
+			t.Fatalf("local connection %d: %q", i+1, got)
+		}
+	}
+	if got := dialRaw(t, "unix", path).reply(); got != "421 4.7.0 too many connections\r\n" {
+		t.Fatalf("third local connection of one uid: %q", got)
+	}
+
+	calls := t.TempDir()
+	t.Setenv("FAKEQQ_DIR", calls)
+	stderr := &bytes.Buffer{}
+	q := &local.QQ{
+		Socket:       path,
+		QmailQueue:   fakeqq.Build(t),
+		OnDaemonDown: local.DaemonDownAccept,
+		Timeout:      10 * time.Second,
+		UID:          os.Getuid(),
+		Stderr:       stderr,
+	}
+	env := []byte("Fwww@example.test\x00Tx@far.test\x00\x00")
+	if code := q.Filter(strings.NewReader("Subject: s\n\nbody\n"), bytes.NewReader(env)); code != local.ExitDeferred {
+		t.Fatalf("relay qq against a full daemon: exit %d, want 71; stderr: %s", code, stderr)
+	}
+	if got := fakeqq.Calls(t, calls); len(got) != 0 {
+		t.Fatalf("the real qmail-queue ran %d times", len(got))
+	}
+}

@@ -78,11 +78,11 @@ type Server struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
-	nextConnID atomic.Uint64
-	connMu     sync.Mutex
-	connTotal  int
-	connPerIP  map[netip.Prefix]int
-	conns      map[*trackedConn]struct{} // open connections, for Shutdown
+	nextConnID    atomic.Uint64
+	connMu        sync.Mutex
+	connTotal     int
+	connPerClient map[connKey]int           // per IP (IPv6 /64) or local uid
+	conns         map[*trackedConn]struct{} // open connections, for Shutdown
 
 	busy     inflight
 	draining atomic.Bool
@@ -122,12 +122,12 @@ func newServer(st *settings, deps Deps) (*Server, error) {
 		return nil, err
 	}
 	s := &Server{
-		deps:      deps,
-		log:       deps.Logger,
-		now:       deps.Now,
-		metrics:   m,
-		connPerIP: map[netip.Prefix]int{},
-		conns:     map[*trackedConn]struct{}{},
+		deps:          deps,
+		log:           deps.Logger,
+		now:           deps.Now,
+		metrics:       m,
+		connPerClient: map[connKey]int{},
+		conns:         map[*trackedConn]struct{}{},
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)

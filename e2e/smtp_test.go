@@ -54,6 +54,15 @@ func TestHandOffToQmailQueue(t *testing.T) {
 	if strings.Contains(msg, "\r") {
 		t.Errorf("CR left in the stored message: %q", msg)
 	}
+	// One log line per transaction with stable keys, for multilog and grep.
+	logLine := regexp.MustCompile(`msg=transaction cid=\d+ remote=127\.0\.0\.1 helo=client\.example\.test user="" from=alice@example\.com rcpts=2 size=\d+ code=250 qp=` + m[2] + ` ms=\d+`)
+	deadline := time.Now().Add(5 * time.Second)
+	for !logLine.MatchString(d.logs()) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no transaction log line matching %s in:\n%s", logLine, d.logs())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // TestQmailQueueExitCodes: every qmail-queue failure reaches the client with

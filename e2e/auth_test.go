@@ -1,15 +1,8 @@
 package e2e
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"fmt"
-	"math/big"
 	"net"
 	"os"
 	"path/filepath"
@@ -20,6 +13,8 @@ import (
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 	"golang.org/x/crypto/bcrypt"
+
+	"relay/internal/testcert"
 )
 
 // TestAuthOverSTARTTLS: on the submission port, STARTTLS with a certificate
@@ -28,7 +23,7 @@ import (
 // says ESMTPSA with the login.
 func TestAuthOverSTARTTLS(t *testing.T) {
 	dir := t.TempDir()
-	cert, key := writeTestCert(t, dir)
+	cert, key := testcert.Write(t, dir, "mail.example.test")
 	// checkpassword: fd 3 carries login\0password\0timestamp\0.
 	checkpw := filepath.Join(dir, "checkpassword")
 	script := "#!/bin/sh\nIFS= read -r -d '' login <&3; IFS= read -r -d '' pass <&3\n" +
@@ -100,32 +95,4 @@ func TestAuthOverSTARTTLS(t *testing.T) {
 	if code != 200 || !strings.Contains(body, `"user:vpopuser@example.com"`) {
 		t.Errorf("user identity not counted: %d %s", code, body)
 	}
-}
-
-// writeTestCert writes a self-signed certificate for mail.example.test.
-func writeTestCert(t *testing.T, dir string) (certFile, keyFile string) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1),
-		Subject:      pkix.Name{CommonName: "mail.example.test"},
-		DNSNames:     []string{"mail.example.test"},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(time.Hour),
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	keyDER, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	certFile, keyFile = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
-	os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644)
-	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600)
-	return certFile, keyFile
 }

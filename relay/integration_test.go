@@ -12,6 +12,7 @@ import (
 
 	"relay/config"
 	"relay/internal/fakeqq"
+	"relay/internal/testcert"
 	"relay/queue"
 )
 
@@ -91,7 +92,7 @@ func TestAuthLoginRealAuthenticator(t *testing.T) {
 // Implicit TLS on an smtps listener: the session sees TLS and the client
 // address under the TLS layer.
 func TestSMTPS(t *testing.T) {
-	certFile, keyFile := writeCert(t, t.TempDir())
+	certFile, keyFile := testcert.Write(t, t.TempDir(), "mail.example.test")
 	cfg := testConfig(config.Listener{Addr: "127.0.0.1:0", Mode: config.ModeSMTPS})
 	cfg.TLS = config.TLS{Cert: certFile, Key: keyFile}
 	h := &fakeHandoff{}

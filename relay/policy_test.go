@@ -3,16 +3,9 @@ package relay
 import (
 	"bufio"
 	"context"
-	"crypto/rand"
-	"crypto/rsa"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
-	"math/big"
 	"net"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -21,6 +14,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"relay/config"
+	"relay/internal/testcert"
 	"relay/policy"
 )
 
@@ -304,7 +298,7 @@ func accountName(t *testing.T, uid uint32) string {
 
 func TestSTARTTLSAndAuth(t *testing.T) {
 	dir := t.TempDir()
-	certFile, keyFile := writeCert(t, dir)
+	certFile, keyFile := testcert.Write(t, dir, "mail.example.test")
 	cfg := testConfig()
 	cfg.TLS = config.TLS{Cert: certFile, Key: keyFile}
 	h := &fakeHandoff{}
@@ -338,29 +332,6 @@ func TestSTARTTLSAndAuth(t *testing.T) {
 	if len(d) != 1 || !strings.HasPrefix(string(d[0].msg), "Received: from unknown (HELO client.test) (bob@127.0.0.1)\n  by mail.example.test with ESMTPSA; ") {
 		t.Fatalf("delivered %q", d)
 	}
-}
-
-func writeCert(t *testing.T, dir string) (string, string) {
-	t.Helper()
-	key, err := rsa.GenerateKey(rand.Reader, 2048)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(1),
-		Subject:      pkix.Name{CommonName: "mail.example.test"},
-		DNSNames:     []string{"mail.example.test"},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(time.Hour),
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	certFile, keyFile := filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
-	os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
-	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(key)}), 0o600)
-	return certFile, keyFile
 }
 
 // Shutdown lets a transaction in flight finish: the client gets its 250.

@@ -90,17 +90,7 @@ func TestQQLongLineIsCountedAndQueued(t *testing.T) {
 	ck := &fakeChecker{}
 	testServer(t, cfg, Deps{Policy: ck}, nil)
 
-	calls := t.TempDir()
-	t.Setenv("FAKEQQ_DIR", calls)
-	stderr := &bytes.Buffer{}
-	q := &local.QQ{
-		Socket:       path,
-		QmailQueue:   fakeqq.Build(t),
-		OnDaemonDown: local.DaemonDownAccept,
-		Timeout:      10 * time.Second,
-		UID:          os.Getuid(),
-		Stderr:       stderr,
-	}
+	q, calls, stderr := newQQ(t, path)
 	msg := []byte(longLineMessage())
 	env := []byte("Fwww@example.test\x00Tx@far.test\x00\x00")
 	if code := q.Filter(bytes.NewReader(msg), bytes.NewReader(env)); code != local.ExitQueued {
@@ -125,17 +115,7 @@ func TestQQLineOverLocalLimitIsDeferred(t *testing.T) {
 	ck := &fakeChecker{}
 	testServer(t, cfg, Deps{Policy: ck}, nil)
 
-	calls := t.TempDir()
-	t.Setenv("FAKEQQ_DIR", calls)
-	stderr := &bytes.Buffer{}
-	q := &local.QQ{
-		Socket:       path,
-		QmailQueue:   fakeqq.Build(t),
-		OnDaemonDown: local.DaemonDownAccept,
-		Timeout:      10 * time.Second,
-		UID:          os.Getuid(),
-		Stderr:       stderr,
-	}
+	q, calls, stderr := newQQ(t, path)
 	msg := []byte("Subject: s\n\n" + strings.Repeat("x", 2*maxLocalLineLength) + "\n")
 	env := []byte("Fwww@example.test\x00Tx@far.test\x00\x00")
 	if code := q.Filter(bytes.NewReader(msg), bytes.NewReader(env)); code != local.ExitDeferred {
@@ -168,17 +148,7 @@ func TestLocalConnectionsCappedPerUID(t *testing.T) {
 		t.Fatalf("third local connection of one uid: %q", got)
 	}
 
-	calls := t.TempDir()
-	t.Setenv("FAKEQQ_DIR", calls)
-	stderr := &bytes.Buffer{}
-	q := &local.QQ{
-		Socket:       path,
-		QmailQueue:   fakeqq.Build(t),
-		OnDaemonDown: local.DaemonDownAccept,
-		Timeout:      10 * time.Second,
-		UID:          os.Getuid(),
-		Stderr:       stderr,
-	}
+	q, calls, stderr := newQQ(t, path)
 	env := []byte("Fwww@example.test\x00Tx@far.test\x00\x00")
 	if code := q.Filter(strings.NewReader("Subject: s\n\nbody\n"), bytes.NewReader(env)); code != local.ExitDeferred {
 		t.Fatalf("relay qq against a full daemon: exit %d, want 71; stderr: %s", code, stderr)
@@ -186,4 +156,23 @@ func TestLocalConnectionsCappedPerUID(t *testing.T) {
 	if got := fakeqq.Calls(t, calls); len(got) != 0 {
 		t.Fatalf("the real qmail-queue ran %d times", len(got))
 	}
+}
+
+// newQQ is relay qq against the daemon at socket, with the fake qmail-queue
+// recording into calls and on_daemon_down = accept (the setting a bypass
+// would exploit).
+func newQQ(t *testing.T, socket string) (q *local.QQ, calls string, stderr *bytes.Buffer) {
+	t.Helper()
+	calls = t.TempDir()
+	t.Setenv("FAKEQQ_DIR", calls)
+	stderr = &bytes.Buffer{}
+	q = &local.QQ{
+		Socket:       socket,
+		QmailQueue:   fakeqq.Build(t),
+		OnDaemonDown: local.DaemonDownAccept,
+		Timeout:      10 * time.Second,
+		UID:          os.Getuid(),
+		Stderr:       stderr,
+	}
+	return q, calls, stderr
 }

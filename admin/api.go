@@ -74,7 +74,7 @@ func validEventKind(k string) bool {
 
 func validState(st string) bool {
 	switch st {
-	case StateOK, StateThrottled, StateSuspended, StateAll:
+	case StateOK, StateThrottled, StateSuspended, StateAll, StateActive:
 		return true
 	}
 	return false

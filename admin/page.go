@@ -179,7 +179,7 @@ func (s *Server) dashboard(w http.ResponseWriter, r *http.Request) {
 	slices.SortStableFunc(p.Suspended, func(a, b senderRow) int { return b.Since.Compare(a.Since) })
 
 	// Who is sending most, against its own caps, throttled or not.
-	for _, r := range rows(s.senders(StateAll)) {
+	for _, r := range rows(s.senders(StateActive)) {
 		if r.Fill > 0 && r.State == StateOK {
 			p.Busiest = append(p.Busiest, r)
 		}

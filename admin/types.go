@@ -15,6 +15,7 @@ const (
 	StateThrottled = policy.StateThrottled
 	StateSuspended = policy.StateSuspended
 	StateAll       = policy.StateAll
+	StateActive    = policy.StateActive
 )
 
 // The admin shows policy's own views; these names keep the API's types in

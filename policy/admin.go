@@ -16,6 +16,10 @@ const (
 	StateThrottled = "throttled" // at a cap now, or refused over one within the last hour
 	StateSuspended = "suspended"
 	StateAll       = "all" // a Senders filter only
+	// StateActive lists the identities in memory, those that sent or were
+	// acted on in the last few minutes, without reading the store: the
+	// dashboard's "busiest now". A Senders filter only.
+	StateActive = "active"
 )
 
 // Suspension is why and since when an identity is suspended.
@@ -100,7 +104,7 @@ func (e *Engine) Senders(state string) []Sender {
 	now := e.now()
 	var out []Sender
 	var listed map[string]struct{}
-	scan := state != StateSuspended
+	scan := state != StateSuspended && state != StateActive
 	if scan {
 		listed = make(map[string]struct{})
 	}
@@ -112,7 +116,7 @@ func (e *Engine) Senders(state string) []Sender {
 				listed[st.id] = struct{}{}
 			}
 			s := e.snapshot(st, c, now)
-			if state == "" || state == StateAll || state == s.State {
+			if state == "" || state == StateAll || state == StateActive || state == s.State {
 				out = append(out, s)
 			}
 		}

@@ -251,9 +251,14 @@ func TestIdleStoreStaysOnDisk(t *testing.T) {
 	}
 	t.Logf("heap in use: %.1f MB before New, %.1f MB after (100,000 stored identities)", mb(before), mb(after))
 	fileBefore := procStatus(t, "RssFile")
+	start := time.Now()
+	throttled := e.Senders(StateThrottled) // what the dashboard asks for
+	t.Logf("Senders(throttled) over 100,000 stored identities: %d in %v", len(throttled), time.Since(start))
+	start = time.Now()
 	if got := len(e.Senders(StateAll)); got != 100000 {
 		t.Fatalf("Senders(all) lists %d of 100,000 stored identities", got)
 	}
+	t.Logf("Senders(all): %v", time.Since(start))
 	fileAfter := procStatus(t, "RssFile")
 	t.Logf("RssFile %d kB before Senders(all), %d kB after", fileBefore, fileAfter)
 	// The scan read all of the file (tens of MB); its pages leave the mapping.
@@ -335,3 +340,25 @@ func procStatus(t testing.TB, field string) int64 {
 }
 
 func mb(n uint64) float64 { return float64(n) / (1 << 20) }
+
+// Senders(active) lists only identities in memory and reads nothing from
+// the store: the dashboard's "busiest now" stays cheap with a big store.
+func TestSendersActiveIsMemoryOnly(t *testing.T) {
+	dir := t.TempDir()
+	cfg := baseConfig()
+	cfg.Policy.Limits.User = &config.Limits{Rcpts: rates(t, "100/1h")}
+	clk := newClock()
+	seedStore(t, dir, cfg, clk, manyIdentities(50))
+	e := openTest(t, dir, cfg, clk, Options{})
+	if got := e.Senders(StateActive); len(got) != 0 {
+		t.Fatalf("active after New on an idle store: %d", len(got))
+	}
+	if got := len(e.Senders(StateAll)); got == 0 {
+		t.Fatal("the seeded identities are not listed under all")
+	}
+	send(e.Engine, []Identity{UserID("fresh")}, 1)
+	got := e.Senders(StateActive)
+	if len(got) != 1 || got[0].ID != "user:fresh" {
+		t.Fatalf("active: %+v", got)
+	}
+}

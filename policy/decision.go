@@ -46,8 +46,8 @@ func (d Decision) Text() string {
 	return s
 }
 
-// FormatRetry writes a wait rounded up to whole units: "45s" below a minute,
-// "12m" below an hour, else hours and minutes ("1h30m", "2h").
+// FormatRetry writes a wait rounded up: "45s" below a minute, "1m1s" below
+// ten minutes, "12m" below an hour, else hours and minutes ("1h30m", "2h").
 func FormatRetry(d time.Duration) string {
 	if d <= 0 {
 		return "0s"
@@ -55,6 +55,13 @@ func FormatRetry(d time.Duration) string {
 	secs := int64((d + time.Second - 1) / time.Second)
 	if secs < 60 {
 		return strconv.FormatInt(secs, 10) + "s"
+	}
+	if secs < 600 { // to the second while it is short: "1m1s", not "2m"
+		s := strconv.FormatInt(secs/60, 10) + "m"
+		if secs%60 != 0 {
+			s += strconv.FormatInt(secs%60, 10) + "s"
+		}
+		return s
 	}
 	mins := (secs + 59) / 60
 	if mins < 60 {

@@ -169,7 +169,7 @@ func overReply(code, id string, n int, window string) *regexp.Regexp {
 	if n == 1 {
 		unit = "recipient"
 	}
-	return regexp.MustCompile(fmt.Sprintf(`^%s %s %s is over %d %s/%s; try again in (\d+s|\d+m|\d+h(\d+m)?)$`,
+	return regexp.MustCompile(fmt.Sprintf(`^%s %s %s is over %d %s/%s; try again in (\d+s|\d+m(\d+s)?|\d+h(\d+m)?)$`,
 		code, regexp.QuoteMeta(enh), regexp.QuoteMeta(id), n, unit, regexp.QuoteMeta(window)))
 }
 

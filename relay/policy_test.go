@@ -29,9 +29,9 @@ func TestPolicyDecisions(t *testing.T) {
 		{"suspended", &fakeChecker{check: policy.Decision{Action: policy.Reject, Identity: "sender:a@example.test", Suspended: true}},
 			"550 5.7.1 sender:a@example.test is suspended\r\n", ""},
 		{"defer", &fakeChecker{rcpt: []policy.Decision{withAction(over, policy.Defer)}},
-			"250", "451 4.7.1 ip:127.0.0.2 is over 100 recipients/1m; try again in 2m\r\n"},
+			"250", "451 4.7.1 ip:127.0.0.2 is over 100 recipients/1m; try again in 1m30s\r\n"},
 		{"reject", &fakeChecker{rcpt: []policy.Decision{withAction(over, policy.Reject)}},
-			"250", "550 5.7.1 ip:127.0.0.2 is over 100 recipients/1m; try again in 2m\r\n"},
+			"250", "550 5.7.1 ip:127.0.0.2 is over 100 recipients/1m; try again in 1m30s\r\n"},
 		{"per message", &fakeChecker{rcpt: []policy.Decision{{Action: policy.TooManyRcpts, Identity: "ip:127.0.0.2", Limit: "5 recipients per message"}}},
 			"250", "452 4.5.3 ip:127.0.0.2 is over 5 recipients per message\r\n"},
 	} {

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -36,16 +35,10 @@ type ExecConfig struct {
 // message in µs: the programs run (reaped children of this process:
 // getrusage RUSAGE_CHILDREN) and the daemon.
 type ExecResult struct {
-	Accepted     int     `json:"accepted"` // exit 0
-	Deferred     int     `json:"deferred"` // exit 71 and other temporary codes
-	Rejected     int     `json:"rejected"` // exit 31 and other permanent codes
-	Errors       int     `json:"errors"`   // could not run, killed
-	FirstError   string  `json:"first_error,omitempty"`
-	Seconds      float64 `json:"seconds"`
-	MsgsPerSec   float64 `json:"msgs_per_sec"`
-	P50us        float64 `json:"p50_us"`
-	P99us        float64 `json:"p99_us"`
-	MaxUs        float64 `json:"max_us"`
+	// Summary counts exit 0 as accepted, 71 and other temporary codes as
+	// deferred, 31 and other permanent codes as rejected, a program that
+	// could not run or was killed as an error.
+	Summary
 	CPUProgramUs float64 `json:"cpu_program_us"`
 	CPUServerUs  float64 `json:"cpu_server_us"`
 	CPUUs        float64 `json:"cpu_us"`
@@ -83,15 +76,11 @@ func RunExec(cfg ExecConfig) (ExecResult, error) {
 	if cfg.Duration > 0 {
 		deadline = start.Add(cfg.Duration)
 	}
-	type tally struct {
-		lat      []time.Duration
-		counts   [4]int
-		firstErr error
-	}
-	tallies := make([]tally, cfg.Conns)
+	tallies := make([]*tally, cfg.Conns)
 	var wg sync.WaitGroup
 	for i := range tallies {
-		t := &tallies[i]
+		t := &tally{}
+		tallies[i] = t
 		wg.Go(func() {
 			for {
 				if !deadline.IsZero() && !time.Now().Before(deadline) {
@@ -103,38 +92,14 @@ func RunExec(cfg ExecConfig) (ExecResult, error) {
 				}
 				t0 := time.Now()
 				o, err := runOnce(&cfg, env, body, n)
-				t.counts[o]++
-				if o == accepted {
-					t.lat = append(t.lat, time.Since(t0))
-				}
-				if err != nil && t.firstErr == nil {
-					t.firstErr = err
-				}
+				t.record(o, time.Since(t0), err)
 			}
 		})
 	}
 	wg.Wait()
 	elapsed := time.Since(start)
 
-	var res ExecResult
-	var lat []time.Duration
-	for _, t := range tallies {
-		res.Accepted += t.counts[accepted]
-		res.Deferred += t.counts[deferred]
-		res.Rejected += t.counts[rejected]
-		res.Errors += t.counts[failed]
-		if t.firstErr != nil && res.FirstError == "" {
-			res.FirstError = t.firstErr.Error()
-		}
-		lat = append(lat, t.lat...)
-	}
-	res.Seconds = elapsed.Seconds()
-	res.MsgsPerSec = float64(res.Accepted) / elapsed.Seconds()
-	slices.Sort(lat)
-	res.P50us, res.P99us = percentile(lat, 50), percentile(lat, 99)
-	if len(lat) > 0 {
-		res.MaxUs = us(lat[len(lat)-1])
-	}
+	res := ExecResult{Summary: summarize(tallies, elapsed)}
 	if res.Accepted > 0 {
 		n := float64(res.Accepted)
 		res.CPUProgramUs = us(childrenCPU()-childBefore) / n

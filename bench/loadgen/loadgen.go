@@ -80,19 +80,13 @@ const FirstUID = 10000
 
 // Result is what a run measured.
 type Result struct {
-	Accepted     int     `json:"accepted"`      // 2xx after DATA
-	Deferred     int     `json:"deferred"`      // 4xx at MAIL, RCPT, DATA or after it
-	Rejected     int     `json:"rejected"`      // 5xx likewise
-	RcptFailures int     `json:"rcpt_failures"` // recipients refused in messages that still went through
-	Errors       int     `json:"errors"`        // connection or protocol failures
-	FirstError   string  `json:"first_error,omitempty"`
-	Seconds      float64 `json:"seconds"`
-	MsgsPerSec   float64 `json:"msgs_per_sec"` // accepted messages per second
-	// Transaction latency in µs: dial to the reply after DATA with one
-	// connection per message; MAIL to the reply after DATA in reused sessions.
-	P50us float64 `json:"p50_us"`
-	P99us float64 `json:"p99_us"`
-	MaxUs float64 `json:"max_us"`
+	// Summary counts 2xx after DATA as accepted, 4xx at MAIL, RCPT, DATA
+	// or after it as deferred, 5xx likewise as rejected, connection or
+	// protocol failures as errors. Latency runs from dial to the reply after
+	// DATA with one connection per message, from MAIL to that reply in
+	// reused sessions.
+	Summary
+	RcptFailures int `json:"rcpt_failures"` // recipients refused in messages that still went through
 	// Server CPU per accepted message in µs (/proc/<pid>/stat), 0 without ServerPID.
 	CPUSelfUs      float64 `json:"cpu_self_us"`
 	CPUChildrenUs  float64 `json:"cpu_children_us"`  // reaped children: the hand-off
@@ -119,10 +113,63 @@ type worker struct {
 	next     *atomic.Int64 // message counter shared by the workers
 	deadline time.Time
 
+	tally
+	rcptFail int
+}
+
+// Summary is what every run reports: outcomes, rate and latency.
+type Summary struct {
+	Accepted   int     `json:"accepted"`
+	Deferred   int     `json:"deferred"`
+	Rejected   int     `json:"rejected"`
+	Errors     int     `json:"errors"`
+	FirstError string  `json:"first_error,omitempty"`
+	Seconds    float64 `json:"seconds"`
+	MsgsPerSec float64 `json:"msgs_per_sec"` // accepted messages per second
+	P50us      float64 `json:"p50_us"`       // latency of accepted messages
+	P99us      float64 `json:"p99_us"`
+	MaxUs      float64 `json:"max_us"`
+}
+
+// tally is one goroutine's outcomes and latencies.
+type tally struct {
 	lat      []time.Duration
 	counts   [4]int
-	rcptFail int
 	firstErr error
+}
+
+func (t *tally) record(o outcome, lat time.Duration, err error) {
+	t.counts[o]++
+	if o == accepted {
+		t.lat = append(t.lat, lat)
+	}
+	if err != nil && t.firstErr == nil {
+		t.firstErr = err
+	}
+}
+
+// summarize adds up the goroutines' tallies over a run of length elapsed.
+func summarize(tallies []*tally, elapsed time.Duration) Summary {
+	var s Summary
+	var lat []time.Duration
+	for _, t := range tallies {
+		s.Accepted += t.counts[accepted]
+		s.Deferred += t.counts[deferred]
+		s.Rejected += t.counts[rejected]
+		s.Errors += t.counts[failed]
+		if t.firstErr != nil && s.FirstError == "" {
+			s.FirstError = t.firstErr.Error()
+		}
+		lat = append(lat, t.lat...)
+	}
+	s.Seconds = elapsed.Seconds()
+	s.MsgsPerSec = float64(s.Accepted) / elapsed.Seconds()
+	slices.Sort(lat)
+	s.P50us, s.P99us = percentile(lat, 50), percentile(lat, 99)
+	if len(lat) > 0 {
+		s.MaxUs = us(lat[len(lat)-1])
+	}
+	return s
 }
 
 // Run sends the load and measures it. It returns an error only when the
@@ -164,25 +211,12 @@ func Run(cfg Config) (Result, error) {
 	elapsed := time.Since(start)
 
 	res := Result{ServerRSSStart: rssStart}
-	var lat []time.Duration
-	for _, w := range workers {
-		res.Accepted += w.counts[accepted]
-		res.Deferred += w.counts[deferred]
-		res.Rejected += w.counts[rejected]
-		res.Errors += w.counts[failed]
+	tallies := make([]*tally, len(workers))
+	for i, w := range workers {
+		tallies[i] = &w.tally
 		res.RcptFailures += w.rcptFail
-		if w.firstErr != nil && res.FirstError == "" {
-			res.FirstError = w.firstErr.Error()
-		}
-		lat = append(lat, w.lat...)
 	}
-	res.Seconds = elapsed.Seconds()
-	res.MsgsPerSec = float64(res.Accepted) / elapsed.Seconds()
-	slices.Sort(lat)
-	res.P50us, res.P99us = percentile(lat, 50), percentile(lat, 99)
-	if len(lat) > 0 {
-		res.MaxUs = us(lat[len(lat)-1])
-	}
+	res.Summary = summarize(tallies, elapsed)
 	if cfg.ServerPID > 0 {
 		after, err := proc.ReadCPU(cfg.ServerPID)
 		if err != nil {
@@ -223,16 +257,6 @@ func (w *worker) claim() (int, bool) {
 		return 0, false
 	}
 	return n, true
-}
-
-func (w *worker) record(o outcome, lat time.Duration, err error) {
-	w.counts[o]++
-	if o == accepted {
-		w.lat = append(w.lat, lat)
-	}
-	if err != nil && w.firstErr == nil {
-		w.firstErr = err
-	}
 }
 
 // maxConsecutiveFailures stops a worker that cannot reach the server,

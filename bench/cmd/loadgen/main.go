@@ -71,14 +71,23 @@ func main() {
 	fmt.Println(line(*label, res))
 }
 
-// line writes a result as "label key=value ...", in the struct's field order.
+// line writes a result as "label key=value ...", in the struct's field
+// order, embedded structs (the Summary) in place.
 func line(label string, res any) string {
 	var b strings.Builder
 	b.WriteString(label)
-	v := reflect.ValueOf(res)
+	writeFields(&b, reflect.ValueOf(res))
+	return b.String()
+}
+
+func writeFields(b *strings.Builder, v reflect.Value) {
 	for i := range v.NumField() {
-		name, _, _ := strings.Cut(v.Type().Field(i).Tag.Get("json"), ",")
-		f := v.Field(i)
+		sf, f := v.Type().Field(i), v.Field(i)
+		if sf.Anonymous && f.Kind() == reflect.Struct {
+			writeFields(b, f)
+			continue
+		}
+		name, _, _ := strings.Cut(sf.Tag.Get("json"), ",")
 		if f.IsZero() && name == "first_error" {
 			continue
 		}
@@ -87,12 +96,11 @@ func line(label string, res any) string {
 		}
 		switch f.Kind() {
 		case reflect.Float64:
-			fmt.Fprintf(&b, "%s=%.1f", name, f.Float())
+			fmt.Fprintf(b, "%s=%.1f", name, f.Float())
 		case reflect.String:
-			fmt.Fprintf(&b, "%s=%q", name, f.String())
+			fmt.Fprintf(b, "%s=%q", name, f.String())
 		default:
-			fmt.Fprintf(&b, "%s=%v", name, f.Interface())
+			fmt.Fprintf(b, "%s=%v", name, f.Interface())
 		}
 	}
-	return b.String()
 }

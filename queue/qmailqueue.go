@@ -58,23 +58,26 @@ func (q *QmailQueue) Deliver(ctx context.Context, env Envelope, msg io.Reader) (
 	}
 	defer p.closeAll()
 
-	stderr := &boundedBuffer{max: maxErrText}
-	cmd := exec.CommandContext(ctx, q.Path, q.Args...)
+	cmd := exec.Command(q.Path, q.Args...)
 	cmd.Dir = q.dir()
-	cmd.Stdin = p.msgR  // fd 0: the message
-	cmd.Stdout = p.envR // fd 1: the envelope (read by the child)
-	cmd.Stderr = stderr
+	cmd.Stdin = p.msgR                                 // fd 0: the message
+	cmd.Stdout = p.envR                                // fd 1: the envelope (read by the child)
+	cmd.Stderr = p.stderrW                             // fd 2: read once the child has exited
 	cmd.ExtraFiles = []*os.File{nil, nil, nil, p.errW} // fd 6: notqmail's error text; 3–5 closed
-	cmd.WaitDelay = time.Second
+	if ctx.Err() != nil {
+		return Receipt{}, qmailError(451, qqTextTimeout)
+	}
 	err := cmd.Start()
 	p.closeChildEnds()
 	if err != nil {
-		if ctx.Err() != nil {
-			return Receipt{}, qmailError(451, qqTextTimeout)
-		}
 		log.Error("qmail-queue: cannot start", "path", q.Path, "err", err)
 		return Receipt{}, qmailError(451, qqTextExec)
 	}
+	// Every pipe is an *os.File, so os/exec starts no copying goroutine, and
+	// the timeout is a callback rather than a goroutine watching ctx: a
+	// message costs no goroutine beyond the session's own.
+	stopKill := context.AfterFunc(ctx, func() { cmd.Process.Kill() })
+	defer stopKill()
 	pid := cmd.Process.Pid
 
 	src := &readTracker{r: msg}
@@ -102,6 +105,7 @@ func (q *QmailQueue) Deliver(ctx context.Context, env Envelope, msg io.Reader) (
 	// early makes a live child exit 54 (qq read error) without queueing.
 	p.closeParentWriters()
 	waitErr := cmd.Wait()
+	stderr := readExited(p.stderrR)
 
 	state := cmd.ProcessState
 	if state == nil {
@@ -129,7 +133,7 @@ func (q *QmailQueue) Deliver(ctx context.Context, env Envelope, msg io.Reader) (
 		qerr = qqExitError(state.ExitCode())
 	}
 	log.Warn("qmail-queue failed", "qp", pid, "status", state.String(), "reply", qerr.Error(),
-		"stderr", stderr.String(), "write_err", fmt.Sprint(writeErr))
+		"stderr", stderr, "write_err", fmt.Sprint(writeErr))
 	return Receipt{}, qerr
 }
 
@@ -143,11 +147,12 @@ func (q *QmailQueue) dir() string {
 	return "/"
 }
 
-// qqPipes are the three pipes between relay and qmail-queue.
+// qqPipes are the four pipes between relay and qmail-queue.
 type qqPipes struct {
-	msgR, msgW *os.File // fd 0
-	envR, envW *os.File // fd 1
-	errR, errW *os.File // fd 6
+	msgR, msgW       *os.File // fd 0
+	envR, envW       *os.File // fd 1
+	stderrR, stderrW *os.File // fd 2
+	errR, errW       *os.File // fd 6
 }
 
 func (p *qqPipes) open() error {
@@ -156,6 +161,9 @@ func (p *qqPipes) open() error {
 		return err
 	}
 	if p.envR, p.envW, err = os.Pipe(); err != nil {
+		return err
+	}
+	if p.stderrR, p.stderrW, err = os.Pipe(); err != nil {
 		return err
 	}
 	p.errR, p.errW, err = os.Pipe()
@@ -167,6 +175,7 @@ func (p *qqPipes) open() error {
 func (p *qqPipes) closeChildEnds() {
 	closeFile(&p.msgR)
 	closeFile(&p.envR)
+	closeFile(&p.stderrW)
 	closeFile(&p.errW)
 }
 
@@ -178,6 +187,7 @@ func (p *qqPipes) closeParentWriters() {
 func (p *qqPipes) closeAll() {
 	p.closeChildEnds()
 	p.closeParentWriters()
+	closeFile(&p.stderrR)
 	closeFile(&p.errR)
 }
 
@@ -190,12 +200,21 @@ func closeFile(f **os.File) {
 
 // readErrText reads notqmail's fd 6 text after the child has exited.
 func readErrText(r *os.File) string {
+	return readExited(r)
+}
+
+// readExited returns the first maxErrText bytes (trimmed) that an exited
+// child left in the pipe r: what it wrote is already there, so nothing
+// waits. A child that writes more than a pipe holds (64 KiB) to its stderr
+// blocks until the hand-off's timeout kills it: the message is then
+// deferred, never lost.
+func readExited(r *os.File) string {
 	if r == nil {
 		return ""
 	}
-	r.SetReadDeadline(time.Now().Add(time.Second))
+	r.SetReadDeadline(time.Now().Add(10 * time.Millisecond))
 	b, _ := io.ReadAll(io.LimitReader(r, maxErrText))
-	return string(b)
+	return strings.TrimSpace(string(b))
 }
 
 // qqCustomError maps notqmail's exit 82: fd 6 carries the reply text, whose

@@ -463,3 +463,39 @@ func TestQmailQueueConcurrent(t *testing.T) {
 		t.Errorf("senders %v", seen)
 	}
 }
+
+// What the child writes on stderr goes to the log line of the failure,
+// bounded, and never into the client's reply; a child that floods stderr
+// (more than a pipe holds) is killed at the timeout and the message
+// deferred.
+func TestQmailQueueStderr(t *testing.T) {
+	t.Run("logged", func(t *testing.T) {
+		script := writeScript(t, t.TempDir(), "qq", "cat >/dev/null\necho 'scanner: clamd socket gone' >&2\nexit 81\n")
+		var logs logBuffer
+		q := &QmailQueue{Path: script, Logger: logs.logger()}
+		_, err := q.Deliver(context.Background(), Envelope{From: "a@b", To: []string{"c@d"}}, strings.NewReader("x\n"))
+		wantError(t, err, 451, [3]int{4, 3, 0}, "qq internal bug (#4.3.0)")
+		if strings.Contains(err.Error(), "clamd") {
+			t.Errorf("stderr leaked into the reply: %v", err)
+		}
+		if !strings.Contains(logs.String(), `stderr="scanner: clamd socket gone"`) {
+			t.Errorf("stderr not in the log line: %s", logs.String())
+		}
+	})
+	t.Run("bounded", func(t *testing.T) {
+		script := writeScript(t, t.TempDir(), "qq", "cat >/dev/null\nhead -c 20000 /dev/zero | tr '\\0' x >&2\nexit 81\n")
+		var logs logBuffer
+		q := &QmailQueue{Path: script, Logger: logs.logger()}
+		_, err := q.Deliver(context.Background(), Envelope{From: "a@b", To: []string{"c@d"}}, strings.NewReader("x\n"))
+		wantError(t, err, 451, [3]int{4, 3, 0}, "qq internal bug (#4.3.0)")
+		if !strings.Contains(logs.String(), strings.Repeat("x", maxErrText)) || strings.Contains(logs.String(), strings.Repeat("x", maxErrText+1)) {
+			t.Errorf("stderr in the log not bounded to %d bytes: %d bytes of log", maxErrText, len(logs.String()))
+		}
+	})
+	t.Run("flood", func(t *testing.T) {
+		script := writeScript(t, t.TempDir(), "qq", "head -c 200000 /dev/zero >&2\ncat >/dev/null\nexit 0\n")
+		q := &QmailQueue{Path: script, Timeout: 500 * time.Millisecond}
+		_, err := q.Deliver(context.Background(), Envelope{From: "a@b", To: []string{"c@d"}}, strings.NewReader("x\n"))
+		wantError(t, err, 451, [3]int{4, 3, 0}, "qq timeout (#4.3.0)")
+	})
+}

@@ -3,9 +3,9 @@
 //
 // Both talk to the relay daemon over its mode = "local" unix socket, where
 // the daemon learns the caller's uid from SO_PEERCRED. relay qq speaks the
-// check protocol (EHLO relay-qq, then MAIL/RCPT/DATA to reserve the charge,
-// the real qmail-queue run by the client itself, and AUTH X-RELAY-COMMIT to
-// charge it); relay sendmail submits an ordinary message that the daemon
+// check protocol (EHLO relay-qq, then MAIL/RCPT/DATA to reserve the charge
+// and AUTH X-RELAY-COMMIT to charge it) and then execs the real qmail-queue
+// in its own place; relay sendmail submits an ordinary message that the daemon
 // counts and hands off itself.
 package local
 

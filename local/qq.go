@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/emersion/go-smtp"
+	"golang.org/x/sys/unix"
 
 	"relay/config"
 )
@@ -93,50 +94,92 @@ func (q *QQ) Exempt() bool {
 }
 
 // Main is relay qq as a program: the message on fd 0, the envelope on fd 1,
-// and the exit code as the return value. An exempt caller gets the real
-// qmail-queue exec'd in place with fds 0 and 1 untouched, at no cost; Main
-// returns only if that exec fails.
+// and the exit code as the return value. When the real qmail-queue is to
+// run, it is exec'd in place (DESIGN §7), so the caller waits for it and
+// gets its exit code, and qmail's "invoked by uid" line names the caller:
+// an exempt caller's with fds 0 and 1 untouched, anyone else's with the
+// message and envelope as read, from memory or the spool file. Main
+// returns only when the real qmail-queue does not run or cannot be
+// exec'd.
 func (q *QQ) Main() int {
 	if q.Exempt() {
 		err := syscall.Exec(q.QmailQueue, []string{q.QmailQueue}, os.Environ())
 		q.logf("cannot run the real qmail-queue %s: %v", q.QmailQueue, err)
 		return ExitDeferred
 	}
-	return q.filter(os.Stdin, os.NewFile(1, "envelope"), false)
+	d := q.decide(os.Stdin, os.NewFile(1, "envelope"), false)
+	defer d.close()
+	if !d.run {
+		return d.code
+	}
+	return q.execReal(d.spool, d.envelope)
 }
 
-// Filter reads the message from msg to EOF and the envelope from env, asks
-// the daemon, and returns qmail-queue's exit code: the real qmail-queue's
-// own code when it ran, 71 when deferred, 31 when rejected, 0 when the
-// daemon held the message, and 11/54/91 for what qmail-queue itself would
-// refuse (the daemon is then not asked).
+// Filter is Main for a caller that is not relay qq's own process: it reads
+// the message from msg to EOF and the envelope from env, asks the daemon,
+// and runs the real qmail-queue as a child where Main would exec it. It
+// returns qmail-queue's exit code: the real qmail-queue's own code when it
+// ran, 71 when deferred, 31 when rejected, 0 when the daemon held the
+// message, and 11/54/91 for what qmail-queue itself would refuse (the
+// daemon is then not asked).
 func (q *QQ) Filter(msg, env io.Reader) int {
-	return q.filter(msg, env, q.Exempt())
+	d := q.decide(msg, env, q.Exempt())
+	defer d.close()
+	if !d.run {
+		return d.code
+	}
+	return q.runReal(d.spool, d.envelope)
 }
 
-func (q *QQ) filter(msg, env io.Reader, exempt bool) int {
+// decision is what relay qq does with a message: exit with code, or (run)
+// hand spool and envelope to the real qmail-queue.
+type decision struct {
+	code     int
+	run      bool
+	spool    *spool
+	envelope *Envelope
+}
+
+func (d decision) close() {
+	if d.spool != nil {
+		d.spool.close()
+	}
+}
+
+// decide reads the message and the envelope and settles what happens to
+// them. A reserved charge is committed here, before the real qmail-queue
+// runs: Main execs it, so nothing of relay qq is left to commit after. A
+// real qmail-queue that then fails (disk full) has been charged for a
+// message it did not queue, and the caller's retry is charged again:
+// counting errs on the side of more, never of less.
+func (q *QQ) decide(msg, env io.Reader, exempt bool) decision {
 	sp, err := readSpool(msg, q.spoolMemory(), q.TempDir)
 	if err != nil {
 		q.logf("reading the message: %v", err)
 		var we spoolWriteError
 		if errors.As(err, &we) {
-			return ExitWriteError
+			return decision{code: ExitWriteError}
 		}
-		return ExitReadError
+		return decision{code: ExitReadError}
 	}
-	defer sp.close()
 	envelope, err := ReadEnvelope(env)
 	if err != nil {
+		sp.close()
 		q.logf("%v", err)
-		return err.(*EnvelopeError).Code
+		return decision{code: err.(*EnvelopeError).Code}
+	}
+	run := decision{run: true, spool: sp, envelope: envelope}
+	exit := func(code int) decision {
+		sp.close()
+		return decision{code: code}
 	}
 	if exempt || len(envelope.Recipients) == 0 {
 		// Nothing to count: exempt account, or a message nobody receives.
-		return q.runReal(sp, envelope)
+		return run
 	}
 	if bad := badAddress(envelope); bad != "" {
 		q.logf("rejected: envelope address %q contains CR or LF", bad)
-		return ExitRejected
+		return exit(ExitRejected)
 	}
 
 	check := q.check(sp, envelope)
@@ -145,36 +188,33 @@ func (q *QQ) filter(msg, env io.Reader, exempt bool) int {
 	}
 	switch check.verdict {
 	case verdictReserved:
-		code := q.runReal(sp, envelope)
-		if code == ExitQueued {
-			if err := check.client.Auth(commitAuth{}); err != nil {
-				q.logf("queued, but the daemon did not take the commit: %v", err)
-			}
+		if err := check.client.Auth(commitAuth{}); err != nil {
+			q.logf("the daemon did not take the commit: %v", err)
 		}
-		check.client.Quit() // without the commit the daemon releases the reservation
-		return code
+		check.client.Quit()
+		return run
 	case verdictExempt:
 		check.client.Quit()
-		return q.runReal(sp, envelope)
+		return run
 	case verdictHeld:
 		check.client.Quit()
-		return ExitQueued
+		return exit(ExitQueued)
 	case verdictDeferred:
 		q.logf("deferred: %s", check.reply)
-		return ExitDeferred
+		return exit(ExitDeferred)
 	case verdictRejected:
 		q.logf("rejected: %s", check.reply)
-		return ExitRejected
+		return exit(ExitRejected)
 	case verdictDown:
 		if q.OnDaemonDown == DaemonDownDefer {
 			q.logf("%s; deferring (on_daemon_down = defer)", check.reply)
-			return ExitDeferred
+			return exit(ExitDeferred)
 		}
 		q.logf("%s; passing the message uncounted (on_daemon_down = accept)", check.reply)
-		return q.runReal(sp, envelope)
+		return run
 	}
 	q.logf("deferred: daemon reply not understood: %s", check.reply)
-	return ExitDeferred
+	return exit(ExitDeferred)
 }
 
 type verdict int
@@ -262,7 +302,7 @@ func (q *QQ) check(sp *spool, env *Envelope) checkResult {
 	return res
 }
 
-// runReal runs the real qmail-queue as a child of the same uid: fd 0 a pipe
+// runReal (for Filter) runs the real qmail-queue as a child of the same uid: fd 0 a pipe
 // with the message exactly as received, closed before fd 1, a pipe with the
 // envelope exactly as received (qmail.c's order). It returns the child's
 // exit code.
@@ -312,6 +352,63 @@ func (q *QQ) runReal(sp *spool, env *Envelope) int {
 		return ExitReadError
 	}
 	return code
+}
+
+// execReal execs the real qmail-queue in place with the message on fd 0
+// and the envelope on fd 1, both as files read from the start: the spool
+// file, or a memfd (an unlinked temporary file where memfd_create is not
+// allowed). It returns only if that fails.
+func (q *QQ) execReal(sp *spool, env *Envelope) int {
+	msg := sp.file
+	if msg == nil {
+		var err error
+		if msg, err = q.memFile("relay-qq-message", sp.head); err != nil {
+			q.logf("cannot hand the message to the real qmail-queue: %v", err)
+			return ExitDeferred
+		}
+	}
+	envf, err := q.memFile("relay-qq-envelope", env.Raw)
+	if err != nil {
+		q.logf("cannot hand the envelope to the real qmail-queue: %v", err)
+		return ExitDeferred
+	}
+	if _, err := msg.Seek(0, io.SeekStart); err != nil {
+		q.logf("cannot hand the message to the real qmail-queue: %v", err)
+		return ExitDeferred
+	}
+	if err := unix.Dup3(int(msg.Fd()), 0, 0); err != nil {
+		q.logf("cannot hand the message to the real qmail-queue: %v", err)
+		return ExitDeferred
+	}
+	if err := unix.Dup3(int(envf.Fd()), 1, 0); err != nil {
+		q.logf("cannot hand the envelope to the real qmail-queue: %v", err)
+		return ExitDeferred
+	}
+	err = syscall.Exec(q.QmailQueue, []string{q.QmailQueue}, os.Environ())
+	q.logf("cannot run the real qmail-queue %s: %v", q.QmailQueue, err)
+	return ExitDeferred
+}
+
+// memFile returns a file holding b, positioned at its start.
+func (q *QQ) memFile(name string, b []byte) (*os.File, error) {
+	var f *os.File
+	if fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC); err == nil {
+		f = os.NewFile(uintptr(fd), name)
+	} else {
+		if f, err = os.CreateTemp(q.TempDir, name+"-*"); err != nil {
+			return nil, err
+		}
+		os.Remove(f.Name())
+	}
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return nil, err
+	}
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
 }
 
 // badAddress returns the first envelope address that cannot be sent in an

@@ -100,8 +100,10 @@ func TestQQDecisions(t *testing.T) {
 		wantStderr string
 	}{
 		{name: "reserved and queued", wantCode: 0, wantQueued: true, wantCommit: true},
-		{name: "real qmail-queue fails temporarily", realExit: "53", wantCode: 53, wantQueued: true},
-		{name: "real qmail-queue fails permanently", realExit: "31", wantCode: 31, wantQueued: true},
+		// The charge is committed before the real qmail-queue runs (relay
+		// qq execs it), so a failing one is charged too.
+		{name: "real qmail-queue fails temporarily", realExit: "53", wantCode: 53, wantQueued: true, wantCommit: true},
+		{name: "real qmail-queue fails permanently", realExit: "31", wantCode: 31, wantQueued: true, wantCommit: true},
 		{name: "exempt on the daemon", script: daemonScript{data: replyExempt}, wantCode: 0, wantQueued: true},
 		{name: "held", script: daemonScript{data: replyHeld}, wantCode: 0},
 		{name: "suspended at MAIL", script: daemonScript{mail: replyRejected}, wantCode: 31, wantStderr: "550 5.7.1 uid:local:1001 is suspended"},
@@ -379,13 +381,18 @@ func TestQQProcess(t *testing.T) {
 	d := startDaemon(t, daemonScript{})
 	calls := worldDir(t)
 	cfg := writeConfig(t, d.socket, "defer", []string{"qmails"})
-	code, _, stderr := runProcess(t, helperCmd(t, os.Args[0], cfg, calls), testMessage, testEnvelope)
+	code, pid, stderr := runProcess(t, helperCmd(t, os.Args[0], cfg, calls), testMessage, testEnvelope)
 	if code != 0 {
 		t.Fatalf("exit %d; stderr %s", code, stderr)
 	}
 	got := fakeqq.Calls(t, calls)
 	if len(got) != 1 || !bytes.Equal(got[0].Message, testMessage) || !bytes.Equal(got[0].Envelope, testEnvelope) {
 		t.Fatalf("not passed through unchanged (%d calls)", len(got))
+	}
+	// DESIGN §7: the real qmail-queue is exec'd in place, so the caller
+	// waits for it and gets its exit code.
+	if want := fmt.Sprintf("pid=%d", pid); !strings.HasSuffix(got[0].Info, want) {
+		t.Errorf("real qmail-queue ran as %q, want relay qq's own process (%s)", got[0].Info, want)
 	}
 	if s := d.session(t); !s.committed || s.uid != os.Getuid() {
 		t.Errorf("committed %v, uid %d", s.committed, s.uid)
@@ -482,7 +489,7 @@ func TestQQPassesErrorTextFD(t *testing.T) {
 	if code != 82 || string(text) != "Dno such domain (#5.1.2)" {
 		t.Errorf("exit %d, fd 6 %q", code, text)
 	}
-	if s := d.session(t); s.committed {
-		t.Error("committed although the real qmail-queue refused")
+	if s := d.session(t); !s.committed {
+		t.Error("not committed: the charge is committed before the real qmail-queue runs")
 	}
 }

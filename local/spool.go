@@ -11,11 +11,11 @@ import (
 const DefaultSpoolMemory = 1 << 20
 
 // spool holds a message read once and replayed twice (to the daemon and to
-// the real qmail-queue): the first part in memory, the rest in an unlinked
-// temporary file.
+// the real qmail-queue): in memory, or, past the memory limit, whole in an
+// unlinked temporary file (which then becomes the real qmail-queue's fd 0).
 type spool struct {
-	head []byte
-	tail *os.File // nil when the message fit in memory
+	head []byte   // the message, when file is nil
+	file *os.File // the whole message, when it outgrew memory
 	size int64
 }
 
@@ -38,16 +38,16 @@ func readSpool(r io.Reader, memLimit int64, tmpDir string) (*spool, error) {
 		return nil, spoolWriteError{err}
 	}
 	os.Remove(f.Name()) // unlinked at once: nothing is left behind if we die
-	m, err := io.Copy(onlyWriter{f}, r)
+	m, err := io.Copy(onlyWriter{f}, io.MultiReader(bytes.NewReader(s.head), r))
 	if err != nil {
 		f.Close()
 		return nil, err // a spoolWriteError or the reader's error
 	}
-	if m == 0 {
+	if m == n {
 		f.Close()
 		return s, nil
 	}
-	s.tail, s.size = f, n+m
+	s.head, s.file, s.size = nil, f, m
 	return s, nil
 }
 
@@ -72,15 +72,15 @@ func (e spoolWriteError) Unwrap() error { return e.err }
 
 // reader returns a fresh reader over the whole message.
 func (s *spool) reader() io.Reader {
-	if s.tail == nil {
+	if s.file == nil {
 		return bytes.NewReader(s.head)
 	}
-	return io.MultiReader(bytes.NewReader(s.head), io.NewSectionReader(s.tail, 0, s.size-int64(len(s.head))))
+	return io.NewSectionReader(s.file, 0, s.size)
 }
 
 // close releases the temporary file.
 func (s *spool) close() {
-	if s.tail != nil {
-		s.tail.Close()
+	if s.file != nil {
+		s.file.Close()
 	}
 }

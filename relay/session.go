@@ -235,7 +235,9 @@ func (s *session) authenticate(login, password string) error {
 }
 
 // commitServer is the SASL "mechanism" X-RELAY-COMMIT: `relay qq` sends it
-// after the real qmail-queue exited 0, and the reservation is charged.
+// just before it execs the real qmail-queue, and the reservation is
+// charged. An empty initial response ("AUTH X-RELAY-COMMIT =") saves the
+// 334 round trip.
 type commitServer struct{ s *session }
 
 func (c commitServer) Next([]byte) ([]byte, bool, error) {

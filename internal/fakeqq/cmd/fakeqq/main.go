@@ -3,7 +3,9 @@
 // (F sender NUL, T rcpt NUL ..., NUL), exiting 91 on a malformed envelope,
 // 11 on an address of 1003 bytes or more and 54 on a short read. It also
 // fails with 81 if envelope bytes were readable on fd 1 before fd 0 reached
-// EOF (the caller must close the message pipe first).
+// EOF while fd 0 is a pipe (the writer must close the message pipe first);
+// fds 0 and 1 may also be files holding the whole message and envelope,
+// as relay qq gives them when it execs qmail-queue.
 //
 // Environment:
 //
@@ -78,6 +80,10 @@ func run() int {
 // a correct caller closes fd 0 before it writes the envelope, so once
 // envelope bytes are visible fd 0 must already show the hang-up.
 func envelopeReadable() bool {
+	var st unix.Stat_t
+	if unix.Fstat(0, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFREG {
+		return false // a file has no writer to close it
+	}
 	env := []unix.PollFd{{Fd: 1, Events: unix.POLLIN}}
 	if n, err := unix.Poll(env, 0); err != nil || n == 0 || env[0].Revents&unix.POLLIN == 0 {
 		return false

@@ -103,31 +103,48 @@ func TestLoadgenCountsDeferrals(t *testing.T) {
 	}
 }
 
-// TestStandinAndExec runs the stand-in directly through the generator's
-// local-injection mode, and once with a short envelope that it must refuse.
+// TestStandinAndExec runs both stand-ins (Go, and C where a compiler is)
+// directly through the generator's local-injection mode, and once with a
+// short envelope that they must refuse.
 func TestStandinAndExec(t *testing.T) {
-	bin := filepath.Join(t.TempDir(), "standin")
-	if out, err := exec.Command("go", "build", "-o", bin, "relay/bench/cmd/standin").CombinedOutput(); err != nil {
+	bins := map[string]string{"go": filepath.Join(t.TempDir(), "standin")}
+	if out, err := exec.Command("go", "build", "-o", bins["go"], "relay/bench/cmd/standin").CombinedOutput(); err != nil {
 		t.Fatalf("building the stand-in: %v\n%s", err, out)
 	}
-	res, err := loadgen.RunExec(loadgen.ExecConfig{Argv: []string{bin}, Messages: 5, Conns: 2, Size: 4096, Rcpts: 2})
-	if err != nil {
-		t.Fatal(err)
+	for _, cc := range []string{"musl-gcc", "cc"} {
+		if p, err := exec.LookPath(cc); err == nil {
+			bins["c"] = filepath.Join(t.TempDir(), "standin-c")
+			if out, err := exec.Command(p, "-O2", "-static", "-Wall", "-Wextra", "-Werror", "-o", bins["c"], "cstandin/standin.c").CombinedOutput(); err != nil {
+				t.Fatalf("building the C stand-in: %v\n%s", err, out)
+			}
+			break
+		}
 	}
-	if res.Accepted != 5 || res.Errors+res.Deferred+res.Rejected != 0 {
-		t.Fatalf("%+v", res)
+	if bins["c"] == "" && os.Getenv("RELAY_REQUIRE_CC") != "" {
+		t.Error("no C compiler for bench/cstandin")
 	}
-	// Reading fd 1 fails when it is not readable: the stand-in must not
-	// claim success then (qmail-queue exits 54).
-	cmd := exec.Command(bin)
-	cmd.Stdin = strings.NewReader("x\n")
-	w, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer w.Close()
-	cmd.Stdout = w
-	if err := cmd.Run(); err == nil {
-		t.Fatal("stand-in exited 0 with a write-only fd 1")
+	for name, bin := range bins {
+		t.Run(name, func(t *testing.T) {
+			res, err := loadgen.RunExec(loadgen.ExecConfig{Argv: []string{bin}, Messages: 5, Conns: 2, Size: 4096, Rcpts: 2})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Accepted != 5 || res.Errors+res.Deferred+res.Rejected != 0 {
+				t.Fatalf("%+v", res)
+			}
+			// Reading fd 1 fails when it is not readable: the stand-in
+			// must not claim success then (qmail-queue exits 54).
+			cmd := exec.Command(bin)
+			cmd.Stdin = strings.NewReader("x\n")
+			w, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer w.Close()
+			cmd.Stdout = w
+			if err := cmd.Run(); cmd.ProcessState == nil || cmd.ProcessState.ExitCode() != 54 {
+				t.Fatalf("stand-in with a write-only fd 1: %v, want exit 54", err)
+			}
+		})
 	}
 }

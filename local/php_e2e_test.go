@@ -122,24 +122,37 @@ exit(mail("customer@example.com", "order", "thank you\n", "From: shop@example.te
 	}
 }
 
-// relay qq against the real daemon's check session: the real qmail-queue
-// gets the message unchanged and the uid is charged.
+// relay qq, both builds, against the real daemon's check session: the
+// real qmail-queue gets the message unchanged and the uid is charged once
+// per message (relay-qq pipelines MAIL/RCPT/DATA and commits with an
+// initial response; relay-local does neither).
 func TestQQAgainstRealDaemon(t *testing.T) {
 	d := startRealDaemon(t)
-	calls := worldDir(t)
-	cmd := exec.Command(d.bin, "qq", "--config", d.config)
-	cmd.Env = append(os.Environ(), "FAKEQQ_DIR="+calls)
-	code, _, stderr := runProcess(t, cmd, testMessage, testEnvelope)
-	if code != 0 {
-		t.Fatalf("exit %d; stderr %s", code, stderr)
-	}
-	got := fakeqq.Calls(t, calls)
-	if len(got) != 1 || !bytes.Equal(got[0].Message, testMessage) || !bytes.Equal(got[0].Envelope, testEnvelope) {
-		t.Fatalf("not passed through unchanged (%d calls)", len(got))
-	}
 	id := fmt.Sprintf("uid:local:%d", os.Getuid())
-	if code, body := d.sender(t, id); code != 200 || !strings.Contains(body, id) {
-		t.Errorf("GET /api/senders/%s: %d %s\nwant the uid counted", id, code, body)
+	for i, bin := range []string{d.bin, testCQQ(t).bin} {
+		calls := worldDir(t)
+		cmd := exec.Command(bin, "--config", d.config)
+		if bin == d.bin {
+			cmd.Args = []string{bin, "qq", "--config", d.config}
+		}
+		cmd.Env = append(os.Environ(), "FAKEQQ_DIR="+calls)
+		for _, envelope := range [][]byte{testEnvelope, []byte("Fa@example.com\x00Tb@example.net\x00\x00")} {
+			code, _, stderr := runProcess(t, cmd, testMessage, envelope)
+			if code != 0 {
+				t.Fatalf("%s: exit %d; stderr %s", bin, code, stderr)
+			}
+			cmd = exec.Command(cmd.Path, cmd.Args[1:]...)
+			cmd.Env = append(os.Environ(), "FAKEQQ_DIR="+calls)
+		}
+		got := fakeqq.Calls(t, calls)
+		if len(got) != 2 || !bytes.Equal(got[0].Message, testMessage) || !bytes.Equal(got[0].Envelope, testEnvelope) {
+			t.Fatalf("%s: not passed through unchanged (%d calls)", bin, len(got))
+		}
+		want := fmt.Sprintf(`"metric":"msgs","window":"1h","limit":100,"used":%d}`, 2*(i+1))
+		if !waitFor(3*time.Second, nil, func() bool { _, body := d.sender(t, id); return strings.Contains(body, want) }) {
+			code, body := d.sender(t, id)
+			t.Errorf("%s: GET /api/senders/%s: %d %s\nwant %s", bin, id, code, body, want)
+		}
 	}
 }
 

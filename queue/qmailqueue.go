@@ -155,19 +155,44 @@ type qqPipes struct {
 	errR, errW       *os.File // fd 6
 }
 
+// open makes the pipes. Only the two ends relay writes to (the message
+// and the envelope) are non-blocking and registered with Go's poller, so
+// a slow child parks the session's goroutine rather than a thread; the
+// child's ends, and the stderr and fd 6 ends read once the child has
+// exited, are plain descriptors: registering and unregistering each with
+// epoll costs more than the hand-off's own writes.
 func (p *qqPipes) open() error {
 	var err error
-	if p.msgR, p.msgW, err = os.Pipe(); err != nil {
+	if p.msgR, p.msgW, err = pipe(true); err != nil {
 		return err
 	}
-	if p.envR, p.envW, err = os.Pipe(); err != nil {
+	if p.envR, p.envW, err = pipe(true); err != nil {
 		return err
 	}
-	if p.stderrR, p.stderrW, err = os.Pipe(); err != nil {
+	if p.stderrR, p.stderrW, err = pipe(false); err != nil {
 		return err
 	}
-	p.errR, p.errW, err = os.Pipe()
+	p.errR, p.errW, err = pipe(false)
 	return err
+}
+
+// pipe returns a close-on-exec pipe; with pollWriter its write end is
+// non-blocking and polled.
+func pipe(pollWriter bool) (r, w *os.File, err error) {
+	var fds [2]int
+	if err := syscall.Pipe2(fds[:], syscall.O_CLOEXEC); err != nil {
+		return nil, nil, os.NewSyscallError("pipe2", err)
+	}
+	if pollWriter {
+		if err := syscall.SetNonblock(fds[1], true); err != nil {
+			syscall.Close(fds[0])
+			syscall.Close(fds[1])
+			return nil, nil, os.NewSyscallError("setnonblock", err)
+		}
+	}
+	// os.NewFile registers a descriptor with the poller only when it is
+	// already non-blocking.
+	return os.NewFile(uintptr(fds[0]), "|0"), os.NewFile(uintptr(fds[1]), "|1"), nil
 }
 
 // closeChildEnds closes relay's copies of the ends the child owns, so the
@@ -204,17 +229,32 @@ func readErrText(r *os.File) string {
 }
 
 // readExited returns the first maxErrText bytes (trimmed) that an exited
-// child left in the pipe r: what it wrote is already there, so nothing
-// waits. A child that writes more than a pipe holds (64 KiB) to its stderr
-// blocks until the hand-off's timeout kills it: the message is then
-// deferred, never lost.
+// child left in the pipe r: what it wrote is already there, so the reads
+// never wait (a grandchild still holding the pipe gets no say). A child
+// that writes more than a pipe holds (64 KiB) to its stderr blocks until
+// the hand-off's timeout kills it: the message is then deferred, never
+// lost.
 func readExited(r *os.File) string {
 	if r == nil {
 		return ""
 	}
-	r.SetReadDeadline(time.Now().Add(10 * time.Millisecond))
-	b, _ := io.ReadAll(io.LimitReader(r, maxErrText))
-	return strings.TrimSpace(string(b))
+	fd := int(r.Fd())
+	if err := syscall.SetNonblock(fd, true); err != nil {
+		return ""
+	}
+	buf := make([]byte, maxErrText)
+	n := 0
+	for n < len(buf) {
+		k, err := syscall.Read(fd, buf[n:])
+		if err == syscall.EINTR {
+			continue
+		}
+		if k <= 0 || err != nil {
+			break
+		}
+		n += k
+	}
+	return strings.TrimSpace(string(buf[:n]))
 }
 
 // qqCustomError maps notqmail's exit 82: fd 6 carries the reply text, whose

@@ -87,6 +87,8 @@ type Server struct {
 	busy     inflight
 	draining atomic.Bool
 
+	storeBufs sync.Pool // *storeBuffers, one set per message in DATA
+
 	mu        sync.Mutex
 	listeners []*boundListener
 	serving   sync.WaitGroup

@@ -385,8 +385,16 @@ func (s *session) Data(r io.Reader) error {
 	if s.check {
 		limit = 0
 	}
-	msg := newStoreReader(r, !s.check, limit)
-	rep := s.data(tx, msg)
+	// The buffers go back to the pool when Data returns: by then the
+	// message is handed off, held, or (check session) reserved, and
+	// nothing refers to them.
+	bufs, _ := s.srv.storeBufs.Get().(*storeBuffers)
+	if bufs == nil {
+		bufs = newStoreBuffers()
+	}
+	defer s.srv.storeBufs.Put(bufs)
+	msg := newStoreReader(r, !s.check, limit, bufs)
+	rep := s.data(tx, msg, bufs.head[:0])
 	tx.size = msg.Size()
 	tx.code = rep.Code
 	if tx.result == "" {
@@ -401,8 +409,8 @@ func (s *session) Data(r io.Reader) error {
 // data does Data's work and returns the final reply. It resolves the
 // policy transaction: committed, held or aborted, or (check session) left
 // pending for AUTH X-RELAY-COMMIT.
-func (s *session) data(tx *transaction, msg *storeReader) *smtp.SMTPError {
-	head, err := readHead(msg)
+func (s *session) data(tx *transaction, msg *storeReader, headBuf []byte) *smtp.SMTPError {
+	head, err := readHead(msg, headBuf)
 	if err != nil {
 		tx.abort()
 		return s.storeFailure(msg)
@@ -538,8 +546,8 @@ func (s *session) storeFailure(msg *storeReader) *smtp.SMTPError {
 // readHead reads the start of the message, through the end of its header
 // or maxHeadBytes, whichever comes first. It returns an error only when
 // the message cannot be read or stored (msg.Err tells why).
-func readHead(msg *storeReader) ([]byte, error) {
-	head := make([]byte, 0, 8<<10)
+func readHead(msg *storeReader, head []byte) ([]byte, error) {
+	head = head[:0]
 	for msg.inHeader && len(head) < maxHeadBytes {
 		if len(head) == cap(head) {
 			head = append(head, 0)[:len(head)]

@@ -52,13 +52,34 @@ type storeReader struct {
 	hops       int
 }
 
-func newStoreReader(src io.Reader, strict bool, limit int64) *storeReader {
+// storeBuffers are the buffers one message's DATA needs: the
+// storeReader's input and output and the header kept for attribution.
+// 72 KiB a message is worth reusing (Server.storeBufs): allocated fresh
+// each time, they were most of what relay allocated per message.
+type storeBuffers struct {
+	in, out, head []byte
+}
+
+func newStoreBuffers() *storeBuffers {
+	return &storeBuffers{
+		in:   make([]byte, 32<<10),
+		out:  make([]byte, 0, 32<<10+1),
+		head: make([]byte, 0, 8<<10),
+	}
+}
+
+// newStoreReader reads src through bufs (nil: fresh ones), which it uses
+// until the message is done with.
+func newStoreReader(src io.Reader, strict bool, limit int64, bufs *storeBuffers) *storeReader {
+	if bufs == nil {
+		bufs = newStoreBuffers()
+	}
 	return &storeReader{
 		src:        src,
 		strict:     strict,
 		limit:      limit,
-		in:         make([]byte, 32<<10),
-		out:        make([]byte, 0, 32<<10+1),
+		in:         bufs.in,
+		out:        bufs.out[:0],
 		inHeader:   true,
 		maybeRecv:  true,
 		maybeDeliv: true,

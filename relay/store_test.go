@@ -11,7 +11,7 @@ import (
 
 func storeAll(t testing.TB, in string, strict bool, limit int64) (string, error) {
 	t.Helper()
-	r := newStoreReader(strings.NewReader(in), strict, limit)
+	r := newStoreReader(strings.NewReader(in), strict, limit, nil)
 	out, err := io.ReadAll(r)
 	if err == nil && r.Err() != nil {
 		t.Fatalf("ReadAll clean but Err() = %v", r.Err())
@@ -100,7 +100,7 @@ func TestStoreReaderHops(t *testing.T) {
 func TestStoreReaderChunking(t *testing.T) {
 	in := "Received: a\r\nX: b\r\n\r\nline\r\n\r\n..x\r\nend"
 	want, _ := storeAll(t, in, true, 0)
-	r := newStoreReader(iotest.OneByteReader(strings.NewReader(in)), true, 0)
+	r := newStoreReader(iotest.OneByteReader(strings.NewReader(in)), true, 0, nil)
 	got, err := io.ReadAll(iotest.OneByteReader(r))
 	if err != nil || string(got) != want {
 		t.Fatalf("one byte at a time: %q, %v; want %q", got, err, want)
@@ -116,7 +116,7 @@ func FuzzStoreReader(f *testing.F) {
 		if limit < 0 {
 			limit = -limit
 		}
-		r := newStoreReader(bytes.NewReader(in), strict, limit)
+		r := newStoreReader(bytes.NewReader(in), strict, limit, nil)
 		out, err := io.ReadAll(r)
 		if len(out) > len(in) {
 			t.Fatalf("output longer than input")
@@ -144,7 +144,7 @@ func BenchmarkStoreReader(b *testing.B) {
 	msg := []byte(strings.Repeat("Received: from x\r\n", 5) + "\r\n" + strings.Repeat("a fairly ordinary line of body text, seventy-odd bytes long....\r\n", 16000))
 	b.SetBytes(int64(len(msg)))
 	for b.Loop() {
-		r := newStoreReader(bytes.NewReader(msg), true, 0)
+		r := newStoreReader(bytes.NewReader(msg), true, 0, nil)
 		if _, err := io.Copy(io.Discard, r); err != nil {
 			b.Fatal(err)
 		}

@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"bytes"
 	"errors"
 	"io"
 )
@@ -111,37 +112,28 @@ func (r *storeReader) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-// fill reads one chunk from src and converts it into out.
+// fill reads one chunk from src and converts it into out. In the body,
+// outside a CR, the bytes up to the next CR or LF are copied as one run;
+// everything else goes byte by byte.
 func (r *storeReader) fill() {
 	n, err := r.src.Read(r.in)
 	r.out = r.out[:0]
-	for _, b := range r.in[:n] {
-		if r.cr {
-			r.cr = false
-			if b == '\n' {
-				if !r.emit('\n') {
+	in := r.in[:n]
+	for i := 0; i < len(in); {
+		if !r.cr && !r.inHeader {
+			end := i + crOrLF(in[i:])
+			if end > i {
+				if !r.emitRun(in[i:end]) {
 					break
 				}
+				i = end
 				continue
 			}
-			if r.strict {
-				r.err = errBareNewline
-				break
-			}
-			if !r.emit('\r') {
-				break
-			}
 		}
-		switch {
-		case b == '\r':
-			r.cr = true
-			continue
-		case b == '\n' && r.strict:
-			r.err = errBareNewline
-		}
-		if r.err != nil || !r.emit(b) {
+		if !r.step(in[i]) {
 			break
 		}
+		i++
 	}
 	if r.err == nil && err != nil {
 		if err == io.EOF && r.cr {
@@ -157,6 +149,59 @@ func (r *storeReader) fill() {
 		}
 	}
 	r.pending = r.out
+}
+
+// step converts one raw byte; it reports false when that ended the stream.
+func (r *storeReader) step(b byte) bool {
+	if r.cr {
+		r.cr = false
+		if b == '\n' {
+			return r.emit('\n')
+		}
+		if r.strict {
+			r.err = errBareNewline
+			return false
+		}
+		if !r.emit('\r') {
+			return false
+		}
+	}
+	switch {
+	case b == '\r':
+		r.cr = true
+		return true
+	case b == '\n' && r.strict:
+		r.err = errBareNewline
+		return false
+	}
+	return r.emit(b)
+}
+
+// crOrLF returns the index of the first CR or LF in b, or len(b).
+func crOrLF(b []byte) int {
+	end := len(b)
+	if i := bytes.IndexByte(b, '\n'); i >= 0 {
+		end = i
+	}
+	if i := bytes.IndexByte(b[:end], '\r'); i >= 0 {
+		end = i
+	}
+	return end
+}
+
+// emitRun appends body bytes that hold no CR or LF, as emit would one by
+// one: up to the databytes limit, then errTooBig.
+func (r *storeReader) emitRun(run []byte) bool {
+	if r.strict && r.limit > 0 && r.size+int64(len(run)) > r.limit {
+		room := r.limit - r.size
+		r.out = append(r.out, run[:room]...)
+		r.size = r.limit + 1
+		r.err = errTooBig
+		return false
+	}
+	r.size += int64(len(run))
+	r.out = append(r.out, run...)
+	return true
 }
 
 // emit appends one stored byte, counting size and hops; it reports false

@@ -150,3 +150,127 @@ func BenchmarkStoreReader(b *testing.B) {
 		}
 	}
 }
+
+// storeModel is storeReader's conversion one byte at a time, as qmail-smtpd's
+// blast() does it: the specification the fast path in fill is held to.
+func storeModel(in []byte, strict bool, limit int64) (out []byte, size int64, err error) {
+	const recv, deliv = "received", "delivered"
+	cr, inHeader, linePos, hops := false, true, 0, 0
+	maybeRecv, maybeDeliv := true, true
+	emit := func(b byte) bool {
+		size++
+		if strict && limit > 0 && size > limit {
+			err = errTooBig
+			return false
+		}
+		out = append(out, b)
+		if !inHeader {
+			return true
+		}
+		if b == '\n' {
+			if linePos == 0 {
+				inHeader = false
+			}
+			linePos, maybeRecv, maybeDeliv = 0, true, true
+			return true
+		}
+		lb := b
+		if 'A' <= lb && lb <= 'Z' {
+			lb += 'a' - 'A'
+		}
+		if linePos < len(deliv) && maybeDeliv && lb != deliv[linePos] {
+			maybeDeliv = false
+		} else if linePos == len(deliv)-1 && maybeDeliv {
+			hops++
+		}
+		if linePos < len(recv) && maybeRecv && lb != recv[linePos] {
+			maybeRecv = false
+		} else if linePos == len(recv)-1 && maybeRecv {
+			hops++
+		}
+		linePos++
+		if strict && hops >= maxHops {
+			err = errTooManyHops
+			return false
+		}
+		return true
+	}
+	for _, b := range in {
+		if cr {
+			cr = false
+			if b == '\n' {
+				if !emit('\n') {
+					return
+				}
+				continue
+			}
+			if strict {
+				return out, size, errBareNewline
+			}
+			if !emit('\r') {
+				return
+			}
+		}
+		if b == '\r' {
+			cr = true
+			continue
+		}
+		if b == '\n' && strict {
+			return out, size, errBareNewline
+		}
+		if !emit(b) {
+			return
+		}
+	}
+	if cr {
+		if strict {
+			return out, size, errBareNewline
+		}
+		emit('\r')
+	}
+	return
+}
+
+// FuzzStoreReaderMatchesModel holds storeReader, with its runs copied
+// whole, to the byte-at-a-time model: the same bytes, the same error and
+// the same size, however the input arrives in pieces.
+func FuzzStoreReaderMatchesModel(f *testing.F) {
+	for _, s := range []string{"a\r\nb\r\n", "Subject: x\r\n\r\nbody line\r\nmore\r\n", "x\r\n\r\nab\rc", "h\r\n\r\nbody\nlf", "Received: a\r\nDelivered-To: b\r\n\r\n" + strings.Repeat("z", 100), "\r\n\r\n\r"} {
+		f.Add([]byte(s), true, int64(0), uint8(7))
+		f.Add([]byte(s), true, int64(20), uint8(3))
+		f.Add([]byte(s), false, int64(5), uint8(0))
+	}
+	f.Fuzz(func(t *testing.T, in []byte, strict bool, limit int64, chunk uint8) {
+		if limit < 0 {
+			limit = -limit
+		}
+		wantOut, wantSize, wantErr := storeModel(in, strict, limit)
+		var src io.Reader = bytes.NewReader(in)
+		if chunk > 0 {
+			src = &chunkReader{b: in, n: int(chunk)}
+		}
+		r := newStoreReader(src, strict, limit, nil)
+		out, err := io.ReadAll(r)
+		if !bytes.Equal(out, wantOut) || !errors.Is(err, wantErr) {
+			t.Fatalf("store(%q, strict %v, limit %d) = %q, %v; model %q, %v", in, strict, limit, out, err, wantOut, wantErr)
+		}
+		if r.Size() != wantSize {
+			t.Fatalf("size %d, model %d", r.Size(), wantSize)
+		}
+	})
+}
+
+// chunkReader yields b n bytes at a time.
+type chunkReader struct {
+	b []byte
+	n int
+}
+
+func (c *chunkReader) Read(p []byte) (int, error) {
+	if len(c.b) == 0 {
+		return 0, io.EOF
+	}
+	k := copy(p[:min(len(p), c.n)], c.b)
+	c.b = c.b[k:]
+	return k, nil
+}

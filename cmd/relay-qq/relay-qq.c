@@ -906,7 +906,6 @@ struct conn {
 	char out[16384];
 	size_t nout;
 	int eightbit;   /* the daemon offered 8BITMIME */
-	int pipelining; /* the daemon offered PIPELINING */
 	int commit;   /* the daemon offered AUTH X-RELAY-COMMIT */
 };
 
@@ -1013,8 +1012,6 @@ static int read_reply(struct conn *c, struct reply *r, int ehlo)
 		if (ehlo && !first) {
 			if (strcmp(text, "8BITMIME") == 0)
 				c->eightbit = 1;
-			if (strcmp(text, "PIPELINING") == 0)
-				c->pipelining = 1;
 			if (strncmp(text, "AUTH ", 5) == 0) {
 				for (const char *m = text + 5; *m;) {
 					size_t len = strcspn(m, " ");
@@ -1135,7 +1132,7 @@ static enum verdict check(const struct settings *s, struct conn *c, struct spool
 {
 	struct reply r;
 	c->pos = c->n = c->nout = 0;
-	c->eightbit = c->pipelining = c->commit = 0;
+	c->eightbit = c->commit = 0;
 	c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	struct sockaddr_un sa = {.sun_family = AF_UNIX};
 	if (c->fd < 0 || strlen(s->socket) >= sizeof sa.sun_path) {
@@ -1152,6 +1149,24 @@ static enum verdict check(const struct settings *s, struct conn *c, struct spool
 		close(c->fd);
 		return DOWN;
 	}
+	/* With one recipient (a script's usual mail), EHLO, MAIL, RCPT and
+	 * DATA go in the first write, and the five replies are read after it:
+	 * the check conversation is relay's own protocol with its own daemon,
+	 * which reads commands one by one, so one round trip does instead of
+	 * five. A refused MAIL or RCPT makes the daemon refuse DATA too
+	 * ("503"), so no message text is ever sent after a refusal. With more
+	 * recipients a RCPT is sent only after the one before it was
+	 * accepted, as relay qq in Go does, so the daemon sees no recipient
+	 * after a refusal. */
+	int batch = e->nrcpts == 1;
+	if (batch && (queue_command(c, &r, "EHLO relay-qq") < 0 ||
+	              queue_command(c, &r, "MAIL FROM:<%s> BODY=8BITMIME", e->sender) < 0 ||
+	              queue_command(c, &r, "RCPT TO:<%s>", e->rcpts[0]) < 0 || queue_command(c, &r, "DATA") < 0 ||
+	              flush_out(c, &r) < 0)) {
+		snprintf(why, size, "relay daemon at %s unreachable: %s", s->socket, r.text);
+		close(c->fd);
+		return DOWN;
+	}
 	/* Greeting and EHLO: a reply that is not 2xx means the daemon is up
 	 * and refuses (421 too many connections): a deferral. */
 	int ok = read_reply(c, &r, 0) == 0;
@@ -1160,12 +1175,12 @@ static enum verdict check(const struct settings *s, struct conn *c, struct spool
 		reply_line(&r, why, size);
 		return DEFERRED;
 	}
-	if (ok) {
+	if (ok && !batch) {
 		if (put(c, &r, "EHLO relay-qq\r\n", 15) < 0 || flush_out(c, &r) < 0)
 			ok = 0;
-		else
-			ok = read_reply(c, &r, 1) == 0;
 	}
+	if (ok)
+		ok = read_reply(c, &r, 1) == 0;
 	if (ok && r.code != 250) {
 		close(c->fd);
 		reply_line(&r, why, size);
@@ -1181,35 +1196,23 @@ static enum verdict check(const struct settings *s, struct conn *c, struct spool
 		close(c->fd);
 		return DOWN;
 	}
-	/* MAIL, RCPT and DATA. With one recipient (a script's usual mail)
-	 * the three go in one write (RFC 2920): a refused MAIL or RCPT makes
-	 * the daemon refuse DATA too, so nothing else changes. With more, a
-	 * RCPT is sent only after the one before it was accepted, as relay
-	 * qq in Go does, so the daemon sees no recipient after a refusal. */
-	int batch = c->pipelining && e->nrcpts == 1;
-	if (queue_command(c, &r, "MAIL FROM:<%s>%s", e->sender, c->eightbit ? " BODY=8BITMIME" : "") < 0)
-		return fail(c, &r, s->socket, why, size);
-	for (size_t i = 0; i < e->nrcpts; i++) {
-		if (queue_command(c, &r, "RCPT TO:<%s>", e->rcpts[i]) < 0)
-			return fail(c, &r, s->socket, why, size);
-		if (batch)
-			continue;
-		if (i == 0 && (send_and_read(c, &r) < 0 || r.code != 250))
-			return fail(c, &r, s->socket, why, size);
-		if (send_and_read(c, &r) < 0 || (r.code != 250 && r.code != 251))
-			return fail(c, &r, s->socket, why, size);
-	}
-	if (queue_command(c, &r, "DATA") < 0)
-		return fail(c, &r, s->socket, why, size);
 	if (batch) {
-		if (send_and_read(c, &r) < 0 || r.code != 250)
+		if (read_reply(c, &r, 0) < 0 || r.code != 250)
 			return fail(c, &r, s->socket, why, size);
 		if (read_reply(c, &r, 0) < 0 || (r.code != 250 && r.code != 251))
 			return fail(c, &r, s->socket, why, size);
 		if (read_reply(c, &r, 0) < 0 || r.code != 354)
 			return fail(c, &r, s->socket, why, size);
-	} else if (send_and_read(c, &r) < 0 || r.code != 354) {
-		return fail(c, &r, s->socket, why, size);
+	} else {
+		if (queue_command(c, &r, "MAIL FROM:<%s>%s", e->sender, c->eightbit ? " BODY=8BITMIME" : "") < 0 ||
+		    send_and_read(c, &r) < 0 || r.code != 250)
+			return fail(c, &r, s->socket, why, size);
+		for (size_t i = 0; i < e->nrcpts; i++)
+			if (queue_command(c, &r, "RCPT TO:<%s>", e->rcpts[i]) < 0 || send_and_read(c, &r) < 0 ||
+			    (r.code != 250 && r.code != 251))
+				return fail(c, &r, s->socket, why, size);
+		if (queue_command(c, &r, "DATA") < 0 || send_and_read(c, &r) < 0 || r.code != 354)
+			return fail(c, &r, s->socket, why, size);
 	}
 	struct dot d = {c, &r, BEGIN};
 	if (each_chunk(sp, dot_write, &d) < 0 || dot_close(&d) < 0 || r.code != 250)

@@ -107,12 +107,42 @@ func (q *QQ) Main() int {
 		q.logf("cannot run the real qmail-queue %s: %v", q.QmailQueue, err)
 		return ExitDeferred
 	}
-	d := q.decide(os.Stdin, os.NewFile(1, "envelope"), false)
+	// fd 1 is read as a bare descriptor: an *os.File for it would close
+	// it when collected, and fd 1 is where the envelope goes next.
+	d := q.decide(os.Stdin, fdReader(1), false)
 	defer d.close()
 	if !d.run {
 		return d.code
 	}
-	return q.execReal(d.spool, d.envelope)
+	// fds 0 and 1 are set up before the commit, so that only the exec
+	// itself can fail once the message is charged; if they cannot be, the
+	// session ends without a commit and the daemon releases the charge.
+	if err := q.handOverFDs(d.spool, d.envelope); err != nil {
+		q.logf("cannot hand the message to the real qmail-queue: %v", err)
+		return ExitDeferred
+	}
+	q.commit(&d)
+	err := syscall.Exec(q.QmailQueue, []string{q.QmailQueue}, os.Environ())
+	q.logf("cannot run the real qmail-queue %s: %v", q.QmailQueue, err)
+	return ExitDeferred
+}
+
+// fdReader reads a descriptor it does not own.
+type fdReader int
+
+func (fd fdReader) Read(p []byte) (int, error) {
+	for {
+		n, err := syscall.Read(int(fd), p)
+		switch {
+		case err == syscall.EINTR:
+			continue
+		case err != nil:
+			return 0, &os.PathError{Op: "read", Path: fmt.Sprintf("fd %d", int(fd)), Err: err}
+		case n == 0 && len(p) > 0:
+			return 0, io.EOF
+		}
+		return n, nil
+	}
 }
 
 // Filter is Main for a caller that is not relay qq's own process: it reads
@@ -128,30 +158,51 @@ func (q *QQ) Filter(msg, env io.Reader) int {
 	if !d.run {
 		return d.code
 	}
+	q.commit(&d)
 	return q.runReal(d.spool, d.envelope)
 }
 
 // decision is what relay qq does with a message: exit with code, or (run)
-// hand spool and envelope to the real qmail-queue.
+// hand spool and envelope to the real qmail-queue, after committing the
+// charge when the daemon reserved one.
 type decision struct {
 	code     int
 	run      bool
 	spool    *spool
 	envelope *Envelope
+	reserved *smtp.Client // the check session whose charge awaits the commit
 }
 
-func (d decision) close() {
+// commit charges the reserved message (AUTH X-RELAY-COMMIT) and ends the
+// check session.
+func (q *QQ) commit(d *decision) {
+	if d.reserved == nil {
+		return
+	}
+	if err := d.reserved.Auth(commitAuth{}); err != nil {
+		q.logf("the daemon did not take the commit: %v", err)
+	}
+	d.reserved.Quit()
+	d.reserved = nil
+}
+
+// close releases the spool and a check session not committed: the daemon
+// releases the charge when the session ends without a commit.
+func (d *decision) close() {
+	if d.reserved != nil {
+		d.reserved.Close()
+	}
 	if d.spool != nil {
 		d.spool.close()
 	}
 }
 
 // decide reads the message and the envelope and settles what happens to
-// them. A reserved charge is committed here, before the real qmail-queue
-// runs: Main execs it, so nothing of relay qq is left to commit after. A
-// real qmail-queue that then fails (disk full) has been charged for a
-// message it did not queue, and the caller's retry is charged again:
-// counting errs on the side of more, never of less.
+// them. A reserved charge is committed (q.commit) just before the real
+// qmail-queue runs: Main execs it, so nothing of relay qq is left to
+// commit after. A real qmail-queue that then fails (disk full) has been
+// charged for a message it did not queue, and the caller's retry is
+// charged again: counting errs on the side of more, never of less.
 func (q *QQ) decide(msg, env io.Reader, exempt bool) decision {
 	sp, err := readSpool(msg, q.spoolMemory(), q.TempDir)
 	if err != nil {
@@ -183,16 +234,14 @@ func (q *QQ) decide(msg, env io.Reader, exempt bool) decision {
 	}
 
 	check := q.check(sp, envelope)
+	if check.verdict == verdictReserved {
+		run.reserved = check.client // open until the commit
+		return run
+	}
 	if check.client != nil {
 		defer check.client.Close()
 	}
 	switch check.verdict {
-	case verdictReserved:
-		if err := check.client.Auth(commitAuth{}); err != nil {
-			q.logf("the daemon did not take the commit: %v", err)
-		}
-		check.client.Quit()
-		return run
 	case verdictExempt:
 		check.client.Quit()
 		return run
@@ -221,7 +270,7 @@ type verdict int
 
 const (
 	verdictUnknown  verdict = iota // a 2xx reply to DATA that is not in the protocol
-	verdictReserved                // "250 ok reserved": run the real qmail-queue, commit on 0
+	verdictReserved                // "250 ok reserved": commit, then run the real qmail-queue
 	verdictExempt                  // "250 ok exempt": run the real qmail-queue, nothing to commit
 	verdictHeld                    // "250 ok held <id>": the daemon has it; do not queue
 	verdictDeferred                // a 4xx reply
@@ -354,39 +403,32 @@ func (q *QQ) runReal(sp *spool, env *Envelope) int {
 	return code
 }
 
-// execReal execs the real qmail-queue in place with the message on fd 0
-// and the envelope on fd 1, both as files read from the start: the spool
-// file, or a memfd (an unlinked temporary file where memfd_create is not
-// allowed). It returns only if that fails.
-func (q *QQ) execReal(sp *spool, env *Envelope) int {
+// handOverFDs makes fd 0 and fd 1 files holding the message and the
+// envelope from their start, for the real qmail-queue that Main execs: the
+// spool file, or a memfd (an unlinked temporary file where memfd_create is
+// not allowed).
+func (q *QQ) handOverFDs(sp *spool, env *Envelope) error {
 	msg := sp.file
 	if msg == nil {
 		var err error
 		if msg, err = q.memFile("relay-qq-message", sp.head); err != nil {
-			q.logf("cannot hand the message to the real qmail-queue: %v", err)
-			return ExitDeferred
+			return err
 		}
 	}
 	envf, err := q.memFile("relay-qq-envelope", env.Raw)
 	if err != nil {
-		q.logf("cannot hand the envelope to the real qmail-queue: %v", err)
-		return ExitDeferred
+		return err
 	}
 	if _, err := msg.Seek(0, io.SeekStart); err != nil {
-		q.logf("cannot hand the message to the real qmail-queue: %v", err)
-		return ExitDeferred
+		return err
 	}
 	if err := unix.Dup3(int(msg.Fd()), 0, 0); err != nil {
-		q.logf("cannot hand the message to the real qmail-queue: %v", err)
-		return ExitDeferred
+		return fmt.Errorf("dup3 to fd 0: %w", err)
 	}
 	if err := unix.Dup3(int(envf.Fd()), 1, 0); err != nil {
-		q.logf("cannot hand the envelope to the real qmail-queue: %v", err)
-		return ExitDeferred
+		return fmt.Errorf("dup3 to fd 1: %w", err)
 	}
-	err = syscall.Exec(q.QmailQueue, []string{q.QmailQueue}, os.Environ())
-	q.logf("cannot run the real qmail-queue %s: %v", q.QmailQueue, err)
-	return ExitDeferred
+	return nil
 }
 
 // memFile returns a file holding b, positioned at its start.

@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"strings"
 	"sync"
 	"time"
@@ -29,6 +30,9 @@ const (
 type Options struct {
 	Logger     *slog.Logger          // nil: discard
 	Registerer prometheus.Registerer // nil: no metrics
+	// ChildStderr is where a qmail-queue child's stderr goes: relay's own,
+	// as qmail-smtpd's goes to tcpserver's log. nil: /dev/null.
+	ChildStderr *os.File
 }
 
 // New builds the hand-off that d.Method names, instrumented with the
@@ -46,7 +50,7 @@ func New(d config.Delivery, hostname string, opts Options) (Handoff, error) {
 		if err != nil {
 			return nil, err
 		}
-		h = &QmailQueue{Path: path, Args: args, Timeout: timeout, Logger: log}
+		h = &QmailQueue{Path: path, Args: args, Timeout: timeout, Logger: log, Stderr: opts.ChildStderr}
 	case config.DeliverQmailInject:
 		path, args, err := splitCommand(d.Command, DefaultQmailInject)
 		if err != nil {

@@ -25,6 +25,10 @@ type QmailQueue struct {
 	// in /var/qmail/bin (as qmail.c does chdir(auto_qmail)), "/" otherwise.
 	Dir    string
 	Logger *slog.Logger // nil: discard
+	// Stderr is the child's fd 2, as qmail-smtpd passes its own (under
+	// tcpserver, the log): a wrapper's complaints reach relay's log
+	// however long they are. nil: /dev/null.
+	Stderr *os.File
 }
 
 // Texts the qmail-queue hand-off answers with itself.
@@ -36,8 +40,7 @@ const (
 	qqTextWait    = "qq waitpid surprise (#4.3.0)"
 )
 
-// maxErrText bounds what is read of notqmail's fd 6 text and of a child's
-// stderr.
+// maxErrText bounds what is read of notqmail's fd 6 text.
 const maxErrText = 1024
 
 // Deliver runs one qmail-queue. The reply on success is qmail-smtpd's
@@ -60,9 +63,11 @@ func (q *QmailQueue) Deliver(ctx context.Context, env Envelope, msg io.Reader) (
 
 	cmd := exec.Command(q.Path, q.Args...)
 	cmd.Dir = q.dir()
-	cmd.Stdin = p.msgR                                 // fd 0: the message
-	cmd.Stdout = p.envR                                // fd 1: the envelope (read by the child)
-	cmd.Stderr = p.stderrW                             // fd 2: read once the child has exited
+	cmd.Stdin = p.msgR  // fd 0: the message
+	cmd.Stdout = p.envR // fd 1: the envelope (read by the child)
+	if q.Stderr != nil {
+		cmd.Stderr = q.Stderr // fd 2
+	}
 	cmd.ExtraFiles = []*os.File{nil, nil, nil, p.errW} // fd 6: notqmail's error text; 3–5 closed
 	if ctx.Err() != nil {
 		return Receipt{}, qmailError(451, qqTextTimeout)
@@ -75,8 +80,20 @@ func (q *QmailQueue) Deliver(ctx context.Context, env Envelope, msg io.Reader) (
 	}
 	// Every pipe is an *os.File, so os/exec starts no copying goroutine, and
 	// the timeout is a callback rather than a goroutine watching ctx: a
-	// message costs no goroutine beyond the session's own.
-	stopKill := context.AfterFunc(ctx, func() { cmd.Process.Kill() })
+	// message costs no goroutine beyond the session's own. The writes get
+	// the same deadline, because killing the child does not end them when
+	// something it started still holds the pipes (a wrapper's stuck
+	// filter).
+	msgW, envW := p.msgW, p.envW
+	if d, ok := ctx.Deadline(); ok {
+		msgW.SetWriteDeadline(d)
+		envW.SetWriteDeadline(d)
+	}
+	stopKill := context.AfterFunc(ctx, func() {
+		cmd.Process.Kill()
+		msgW.SetWriteDeadline(time.Now())
+		envW.SetWriteDeadline(time.Now())
+	})
 	defer stopKill()
 	pid := cmd.Process.Pid
 
@@ -105,7 +122,6 @@ func (q *QmailQueue) Deliver(ctx context.Context, env Envelope, msg io.Reader) (
 	// early makes a live child exit 54 (qq read error) without queueing.
 	p.closeParentWriters()
 	waitErr := cmd.Wait()
-	stderr := readExited(p.stderrR)
 
 	state := cmd.ProcessState
 	if state == nil {
@@ -133,7 +149,7 @@ func (q *QmailQueue) Deliver(ctx context.Context, env Envelope, msg io.Reader) (
 		qerr = qqExitError(state.ExitCode())
 	}
 	log.Warn("qmail-queue failed", "qp", pid, "status", state.String(), "reply", qerr.Error(),
-		"stderr", stderr, "write_err", fmt.Sprint(writeErr))
+		"write_err", fmt.Sprint(writeErr))
 	return Receipt{}, qerr
 }
 
@@ -147,19 +163,18 @@ func (q *QmailQueue) dir() string {
 	return "/"
 }
 
-// qqPipes are the four pipes between relay and qmail-queue.
+// qqPipes are the three pipes between relay and qmail-queue.
 type qqPipes struct {
-	msgR, msgW       *os.File // fd 0
-	envR, envW       *os.File // fd 1
-	stderrR, stderrW *os.File // fd 2
-	errR, errW       *os.File // fd 6
+	msgR, msgW *os.File // fd 0
+	envR, envW *os.File // fd 1
+	errR, errW *os.File // fd 6
 }
 
 // open makes the pipes. Only the two ends relay writes to (the message
 // and the envelope) are non-blocking and registered with Go's poller, so
 // a slow child parks the session's goroutine rather than a thread; the
-// child's ends, and the stderr and fd 6 ends read once the child has
-// exited, are plain descriptors: registering and unregistering each with
+// child's ends, and the fd 6 end read once the child has exited, are
+// plain descriptors: registering and unregistering each with
 // epoll costs more than the hand-off's own writes.
 func (p *qqPipes) open() error {
 	var err error
@@ -167,9 +182,6 @@ func (p *qqPipes) open() error {
 		return err
 	}
 	if p.envR, p.envW, err = pipe(true); err != nil {
-		return err
-	}
-	if p.stderrR, p.stderrW, err = pipe(false); err != nil {
 		return err
 	}
 	p.errR, p.errW, err = pipe(false)
@@ -200,7 +212,6 @@ func pipe(pollWriter bool) (r, w *os.File, err error) {
 func (p *qqPipes) closeChildEnds() {
 	closeFile(&p.msgR)
 	closeFile(&p.envR)
-	closeFile(&p.stderrW)
 	closeFile(&p.errW)
 }
 
@@ -212,7 +223,6 @@ func (p *qqPipes) closeParentWriters() {
 func (p *qqPipes) closeAll() {
 	p.closeChildEnds()
 	p.closeParentWriters()
-	closeFile(&p.stderrR)
 	closeFile(&p.errR)
 }
 
@@ -223,18 +233,11 @@ func closeFile(f **os.File) {
 	}
 }
 
-// readErrText reads notqmail's fd 6 text after the child has exited.
+// readErrText returns the first maxErrText bytes (trimmed) of notqmail's
+// fd 6 text that an exited child left in the pipe r: what it wrote is
+// already there, so the reads never wait (a grandchild still holding the
+// pipe gets no say).
 func readErrText(r *os.File) string {
-	return readExited(r)
-}
-
-// readExited returns the first maxErrText bytes (trimmed) that an exited
-// child left in the pipe r: what it wrote is already there, so the reads
-// never wait (a grandchild still holding the pipe gets no say). A child
-// that writes more than a pipe holds (64 KiB) to its stderr blocks until
-// the hand-off's timeout kills it: the message is then deferred, never
-// lost.
-func readExited(r *os.File) string {
 	if r == nil {
 		return ""
 	}

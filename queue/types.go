@@ -36,7 +36,8 @@ func (e *Error) Temporary() bool { return e.Code < 500 }
 // Handoff hands one accepted message on. msg is in qmail's stored form: LF
 // line ends, dot-unstuffed, Received header already prepended. If reading msg
 // fails, nothing may be queued and the reader's error is returned wrapped.
-// Any error that is not an *Error is temporary.
+// Any error that is not an *Error is temporary. Deliver is done with msg
+// when it returns (the SMTP server reuses its buffers).
 type Handoff interface {
 	Deliver(ctx context.Context, env Envelope, msg io.Reader) (Receipt, error)
 }

@@ -873,26 +873,39 @@ static int mem_file(const char *name)
 
 static int write_chunk(void *arg, const char *p, size_t n) { return write_all(*(int *)arg, p, n); }
 
-static int exec_real(const struct settings *s, struct spool *sp, struct envelope *e)
+/* hand_over_fds makes fd 0 and fd 1 the message and the envelope; -1 and
+ * a logged line when it cannot. */
+static int hand_over_fds(struct spool *sp, struct envelope *e)
 {
 	int msg = sp->file, env = -1;
 	if (msg < 0 && ((msg = mem_file("relay-qq-message")) < 0 || each_chunk(sp, write_chunk, &msg) < 0)) {
 		logf_("cannot hand the message to the real qmail-queue: %s", strerror(errno));
-		return EXIT_DEFERRED;
+		return -1;
 	}
 	if ((env = mem_file("relay-qq-envelope")) < 0 || write_all(env, e->raw, e->nraw) < 0) {
 		logf_("cannot hand the envelope to the real qmail-queue: %s", strerror(errno));
-		return EXIT_DEFERRED;
+		return -1;
 	}
 	if (lseek(msg, 0, SEEK_SET) < 0 || lseek(env, 0, SEEK_SET) < 0 || dup2(msg, 0) < 0 || dup2(env, 1) < 0) {
 		logf_("cannot hand the message to the real qmail-queue: %s", strerror(errno));
-		return EXIT_DEFERRED;
+		return -1;
 	}
+	return 0;
+}
+
+/* exec_qq execs the real qmail-queue; it returns only when that fails. */
+static int exec_qq(const struct settings *s)
+{
 	signal(SIGPIPE, SIG_DFL);
 	char *argv[] = {s->qmail_queue, NULL};
 	execve(s->qmail_queue, argv, environ);
 	logf_("cannot run the real qmail-queue %s: %s", s->qmail_queue, strerror(errno));
 	return EXIT_DEFERRED;
+}
+
+static int exec_real(const struct settings *s, struct spool *sp, struct envelope *e)
+{
+	return hand_over_fds(sp, e) < 0 ? EXIT_DEFERRED : exec_qq(s);
 }
 
 /* ---------------------------------------------------------------------
@@ -1290,13 +1303,20 @@ static int filter(const struct settings *s)
 	struct reply r;
 	switch (check(s, &c, &sp, &e, why, sizeof why)) {
 	case RESERVED:
-		/* Committed before the exec: nothing of relay qq is left to
+		/* fds 0 and 1 first, so that only the exec itself can fail once
+		 * the message is charged; if they cannot be set up, the session
+		 * ends without a commit and the daemon releases the charge. The
+		 * commit comes before the exec: nothing of relay qq is left to
 		 * commit after. A real qmail-queue that then fails has been
 		 * charged; counting errs on the side of more. */
+		if (hand_over_fds(&sp, &e) < 0) {
+			close(c.fd);
+			return EXIT_DEFERRED;
+		}
 		if (commit(&c, &r) < 0)
 			logf_("the daemon did not take the commit: %s", r.code < 0 ? r.text : reply_line(&r, line, sizeof line));
 		close(c.fd);
-		return exec_real(s, &sp, &e);
+		return exec_qq(s);
 	case EXEMPT:
 		quit(&c);
 		return exec_real(s, &sp, &e);

@@ -120,7 +120,7 @@ func startDaemon(cfg *config.Config, log *slog.Logger) (*daemon, error) {
 		db.Close()
 		return nil, err
 	}
-	d.handoff, err = queue.New(cfg.Delivery, cfg.Control.Me, queue.Options{Logger: log, Registerer: reg})
+	d.handoff, err = queue.New(cfg.Delivery, cfg.Control.Me, queue.Options{Logger: log, Registerer: reg, ChildStderr: os.Stderr})
 	if err != nil {
 		return fail(err)
 	}

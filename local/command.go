@@ -35,6 +35,11 @@ func QQCommand(args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "relay qq: %s: %v\n", path, err)
 		return ExitConfigError
 	}
+	// A setgid qq does not let the caller choose where a large message is
+	// spooled.
+	if os.Getegid() != os.Getgid() {
+		qq.TempDir = "/tmp"
+	}
 	// notqmail callers open fd 6 for qmail-queue's error text (exit 82).
 	if _, err := unix.FcntlInt(6, unix.F_GETFD, 0); err == nil {
 		qq.ErrFD = os.NewFile(6, "qq-errors")

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -163,6 +164,7 @@ func cSettings(t testing.TB, bin, path string) (s qqSettings, sure bool) {
 			s.OnDaemonDown = v
 		case "exempt_users":
 			s.ExemptUsers = v
+		case "account": // the caller's passwd name, checked by TestCQQAccountName
 		default:
 			t.Fatalf("relay-qq --settings printed %q", line)
 		}
@@ -262,6 +264,11 @@ var cqqSettingsCases = []struct {
 	{"arrays of tables elsewhere", "[[policy.allow]]\nmatch = \"sender:list-*@example.com\"\nrcpts = [\"5000/24h\"]\n[[webserver]]\nname = \"web1\"\naddr = \"10.0.0.5\"\n[local]\non_daemon_down = \"defer\"\n", true},
 	{"nested values skipped", "[policy.limits.user]\nrcpts = [ [\"1\"], { a = [1, 2] } ]\n[local]\non_daemon_down = \"defer\"\n", true},
 	{"unterminated string", "hostname = \"x\n[local]\n", false},
+	{"empty on_daemon_down", "[local]\non_daemon_down = \"\"\n", false},
+	{"an empty key part", "\"\".local.qmail_queue = \"/evil\"\n", false},
+	{"an empty table name", "[\"\"]\nlocal.qmail_queue = \"/evil\"\n", false},
+	{"non-ASCII in a value", "[local]\nqmail_queue = \"/q\xff\"\n", false},
+	{"absolute socket with dots, as written", "[[listen]]\naddr = \"/run/a/../b//s.sock\"\nmode = \"local\"\n", true},
 	{"garbage after a value", "[local]\non_daemon_down = \"defer\" x\n", false},
 }
 
@@ -340,8 +347,8 @@ func TestQQBuildsDecideAlike(t *testing.T) {
 		{name: "deferred at DATA", script: daemonScript{data: replyOverLimit}, wantCode: 71},
 		{name: "rejected at DATA", script: daemonScript{data: reply(554, smtp.EnhancedCode{5, 7, 1}, "no")}, wantCode: 31},
 		{name: "reply not understood", script: daemonScript{data: reply(250, smtp.NoEnhancedCode, "ok queued as 12")}, wantCode: 71, wantStderr: "not understood"},
-		{name: "commit refused", script: daemonScript{commitFail: true}, wantCode: 0, wantQueued: true, wantStderr: "did not take the commit"},
-		{name: "not a check listener", script: daemonScript{noCommit: true}, wantCode: 71, wantStderr: "on_daemon_down = defer"},
+		{name: "commit refused", script: daemonScript{commitFail: true}, wantCode: 71, wantStderr: "did not take the commit"},
+		{name: "not a check listener", script: daemonScript{noCommit: true}, wantCode: 71, wantStderr: "does not speak the check protocol"},
 	}
 	for name, bin := range qqBinaries(t) {
 		for _, tc := range tests {
@@ -352,7 +359,9 @@ func TestQQBuildsDecideAlike(t *testing.T) {
 					}
 					d := startDaemon(t, tc.script)
 					calls := worldDir(t)
-					cfg := writeConfig(t, d.socket, "defer", nil)
+					// accept: whatever goes wrong once connected must
+					// still defer, never pass the message uncounted.
+					cfg := writeConfig(t, d.socket, "accept", nil)
 					code, pid, stderr := runProcess(t, qqCmd(bin, cfg, calls, "FAKEQQ_EXIT="+tc.realExit), testMessage, envelope)
 					if code != tc.wantCode {
 						t.Errorf("exit %d, want %d; stderr: %s", code, tc.wantCode, stderr)
@@ -588,5 +597,72 @@ func TestCQQFallsBackToRelayLocal(t *testing.T) {
 	}
 	if code, _, stderr := runProcess(t, qqCmd(alone, broken, worldDir(t)), testMessage, testEnvelope); code != ExitConfigError || !strings.Contains(stderr, "/nonexistent/relay-local") {
 		t.Errorf("exit %d, stderr %q; want 55 naming the missing relay-local", code, stderr)
+	}
+}
+
+// Once connected, every failure defers, whatever on_daemon_down says: a
+// daemon that closes at once, or never speaks, is up (only a missing
+// socket or nothing behind it is "down").
+func TestQQBuildsFailClosedOnceConnected(t *testing.T) {
+	closing := filepath.Join(worldDir(t), "closing.sock")
+	l, err := net.Listen("unix", closing)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	for name, bin := range qqBinaries(t) {
+		t.Run(name, func(t *testing.T) {
+			calls := worldDir(t)
+			code, _, stderr := runProcess(t, qqCmd(bin, writeConfig(t, closing, "accept", nil), calls), testMessage, testEnvelope)
+			if n := len(fakeqq.Calls(t, calls)); code != 71 || n != 0 {
+				t.Errorf("exit %d with %d runs (stderr %q); want 71 and none", code, n, stderr)
+			}
+		})
+	}
+}
+
+// relay-qq finds the caller's account in passwd as Go's os/user does: the
+// uid field compared as a string, a line longer than its buffer skipped
+// whole.
+func TestCQQAccountName(t *testing.T) {
+	cCompiler(t)
+	dir := worldDir(t)
+	uid := strconv.Itoa(os.Getuid())
+	passwd := filepath.Join(dir, "passwd")
+	lines := strings.Repeat("a", 5000) + ":x:" + uid + ":0::/:/bin/sh\n" + // overlong: its tail must not count
+		"zero:x:0" + uid + ":0::/:/bin/sh\n" + // a leading zero is another string
+		"plus:x:+" + uid + ":0::/:/bin/sh\n" +
+		"me:x:" + uid + ":0::/:/bin/sh\n"
+	if err := os.WriteFile(passwd, []byte(lines), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	bin, err := compileCQQ(t, dir, fmt.Sprintf("RELAY_PASSWD=%q", passwd))
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(bin, "--config", "/nonexistent/relay.toml", "--settings").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(out) != "unsure\n" {
+		t.Fatalf("--settings on a missing file: %q", out)
+	}
+	cfg := filepath.Join(dir, "relay.toml")
+	os.WriteFile(cfg, []byte("[local]\non_daemon_down = \"defer\"\n"), 0o644)
+	out, err = exec.Command(bin, "--config", cfg, "--settings").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(out), "\naccount=me\n") {
+		t.Errorf("--settings: %q, want account=me", out)
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"os/user"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/emersion/go-smtp"
@@ -38,12 +39,13 @@ func SocketPath(cfg *config.Config) (string, error) {
 }
 
 // dial connects to the daemon's local socket and reads its greeting and
-// EHLO reply; any failure means the daemon cannot be used. Each command's
-// reply waits at most timeout, and so does each write of the message.
+// EHLO reply; any failure means the daemon cannot be used, and a failure to
+// connect is a *connectError. Each command's reply waits at most timeout,
+// and so does each write of the message.
 func dial(socket, helo string, timeout time.Duration) (*smtp.Client, error) {
 	conn, err := net.DialTimeout("unix", socket, timeout)
 	if err != nil {
-		return nil, err
+		return nil, &connectError{err}
 	}
 	c := smtp.NewClient(deadlineConn{conn, timeout})
 	c.CommandTimeout = timeout
@@ -53,6 +55,24 @@ func dial(socket, helo string, timeout time.Duration) (*smtp.Client, error) {
 		return nil, err
 	}
 	return c, nil
+}
+
+// connectError is a failure to connect to the daemon's socket.
+type connectError struct{ err error }
+
+func (e *connectError) Error() string { return e.err.Error() }
+func (e *connectError) Unwrap() error { return e.err }
+
+// nobodyListens reports whether the connect failed because no daemon is
+// there at all (no socket, or nothing behind it), as opposed to one that
+// is slow or full, or trouble of our own.
+func (e *connectError) nobodyListens() bool {
+	for _, errno := range []syscall.Errno{syscall.ENOENT, syscall.ECONNREFUSED, syscall.ENOTDIR, syscall.EACCES} {
+		if errors.Is(e.err, errno) {
+			return true
+		}
+	}
+	return false
 }
 
 // deadlineConn gives every write its own deadline, so a daemon that stops

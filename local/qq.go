@@ -121,7 +121,9 @@ func (q *QQ) Main() int {
 		q.logf("cannot hand the message to the real qmail-queue: %v", err)
 		return ExitDeferred
 	}
-	q.commit(&d)
+	if q.commit(&d) != nil {
+		return ExitDeferred
+	}
 	err := syscall.Exec(q.QmailQueue, []string{q.QmailQueue}, os.Environ())
 	q.logf("cannot run the real qmail-queue %s: %v", q.QmailQueue, err)
 	return ExitDeferred
@@ -158,7 +160,9 @@ func (q *QQ) Filter(msg, env io.Reader) int {
 	if !d.run {
 		return d.code
 	}
-	q.commit(&d)
+	if q.commit(&d) != nil {
+		return ExitDeferred
+	}
 	return q.runReal(d.spool, d.envelope)
 }
 
@@ -174,16 +178,20 @@ type decision struct {
 }
 
 // commit charges the reserved message (AUTH X-RELAY-COMMIT) and ends the
-// check session.
-func (q *QQ) commit(d *decision) {
+// check session. When the daemon does not take the commit (it gave up on
+// the reservation, or restarted), the message would go out uncounted: the
+// error says to defer it.
+func (q *QQ) commit(d *decision) error {
 	if d.reserved == nil {
-		return
+		return nil
 	}
 	if err := d.reserved.Auth(commitAuth{}); err != nil {
-		q.logf("the daemon did not take the commit: %v", err)
+		q.logf("deferred: the daemon did not take the commit: %v", err)
+		return err
 	}
 	d.reserved.Quit()
 	d.reserved = nil
+	return nil
 }
 
 // close releases the spool and a check session not committed: the daemon
@@ -290,18 +298,24 @@ type checkResult struct {
 func (q *QQ) check(sp *spool, env *Envelope) checkResult {
 	c, err := dial(q.Socket, CheckHelo, q.timeout())
 	var refused *smtp.SMTPError
-	if errors.As(err, &refused) {
-		// The daemon is up and answered (e.g. 421 too many connections):
-		// that is a deferral, never "down", or whoever fills its
-		// connection slots would get mail past it uncounted.
-		return checkResult{verdict: verdictDeferred, reply: replyLine(refused)}
-	}
-	if err != nil {
+	var connect *connectError
+	switch {
+	case errors.As(err, &connect) && connect.nobodyListens():
 		return checkResult{verdict: verdictDown, reply: fmt.Sprintf("relay daemon at %s unreachable: %v", q.Socket, err)}
+	case errors.As(err, &refused):
+		// From here on the daemon is up: whatever goes wrong (it refuses
+		// with 421, stops answering, closes, does not speak the check
+		// protocol) is a deferral, never "down", or whoever can make a
+		// conversation fail (by filling the daemon's connection slots, or
+		// stopping relay qq until the daemon gives up on it) would get
+		// mail past it uncounted.
+		return checkResult{verdict: verdictDeferred, reply: replyLine(refused)}
+	case err != nil:
+		return checkResult{verdict: verdictDeferred, reply: fmt.Sprintf("relay daemon at %s did not answer: %v", q.Socket, err)}
 	}
 	if !c.SupportsAuth(CommitMechanism) {
 		c.Close()
-		return checkResult{verdict: verdictDown, reply: fmt.Sprintf("relay daemon at %s does not speak the check protocol (no AUTH %s after EHLO %s)", q.Socket, CommitMechanism, CheckHelo)}
+		return checkResult{verdict: verdictDeferred, reply: fmt.Sprintf("relay daemon at %s does not speak the check protocol (no AUTH %s after EHLO %s)", q.Socket, CommitMechanism, CheckHelo)}
 	}
 	fail := func(err error) checkResult {
 		c.Close()
@@ -431,16 +445,14 @@ func (q *QQ) handOverFDs(sp *spool, env *Envelope) error {
 	return nil
 }
 
-// memFile returns a file holding b, positioned at its start.
+// memFile returns a file holding b, positioned at its start: a memfd, or
+// a nameless file in TempDir where memfd_create is not allowed.
 func (q *QQ) memFile(name string, b []byte) (*os.File, error) {
 	var f *os.File
 	if fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC); err == nil {
 		f = os.NewFile(uintptr(fd), name)
-	} else {
-		if f, err = os.CreateTemp(q.TempDir, name+"-*"); err != nil {
-			return nil, err
-		}
-		os.Remove(f.Name())
+	} else if f, err = namelessFile(q.TempDir); err != nil {
+		return nil, err
 	}
 	if _, err := f.Write(b); err != nil {
 		f.Close()

@@ -113,7 +113,8 @@ func TestQQDecisions(t *testing.T) {
 		{name: "deferred at DATA", script: daemonScript{data: replyOverLimit}, wantCode: 71},
 		{name: "rejected at DATA", script: daemonScript{data: reply(554, smtp.EnhancedCode{5, 7, 1}, "no")}, wantCode: 31},
 		{name: "reply not understood", script: daemonScript{data: reply(250, smtp.NoEnhancedCode, "ok queued as 12")}, wantCode: 71, wantStderr: "not understood"},
-		{name: "commit refused", script: daemonScript{commitFail: true}, wantCode: 0, wantQueued: true, wantStderr: "did not take the commit"},
+		// Without the commit the message would go out uncounted.
+		{name: "commit refused", script: daemonScript{commitFail: true}, wantCode: 71, wantStderr: "deferred: the daemon did not take the commit"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -214,6 +215,10 @@ func TestQQExemptUserSkipsDaemon(t *testing.T) {
 	}
 }
 
+// Only a daemon that is not there at all (no socket, nothing behind it)
+// falls under on_daemon_down. Once connected, a daemon that says nothing,
+// or does not speak the check protocol, is a deferral whatever
+// on_daemon_down says: "down" would pass mail uncounted.
 func TestQQDaemonDown(t *testing.T) {
 	silent := filepath.Join(worldDir(t), "silent.sock")
 	l, err := net.Listen("unix", silent) // accepts, never says a word
@@ -222,28 +227,34 @@ func TestQQDaemonDown(t *testing.T) {
 	}
 	defer l.Close()
 	notCheck := startDaemon(t, daemonScript{noCommit: true})
-	sockets := map[string]string{
-		"no socket":            filepath.Join(t.TempDir(), "missing.sock"),
-		"silent daemon":        silent,
-		"not a check listener": notCheck.socket,
+	sockets := map[string]struct {
+		socket string
+		down   bool
+	}{
+		"no socket":            {filepath.Join(t.TempDir(), "missing.sock"), true},
+		"silent daemon":        {silent, false},
+		"not a check listener": {notCheck.socket, false},
 	}
-	for name, socket := range sockets {
+	for name, tc := range sockets {
 		for _, mode := range []string{DaemonDownAccept, DaemonDownDefer} {
 			t.Run(name+"/"+mode, func(t *testing.T) {
-				q, stderr, calls := newTestQQ(t, socket)
+				q, stderr, calls := newTestQQ(t, tc.socket)
 				q.OnDaemonDown = mode
 				q.Timeout = 300 * time.Millisecond
 				code := q.Filter(bytes.NewReader(testMessage), bytes.NewReader(testEnvelope))
 				n := len(fakeqq.Calls(t, calls))
-				want, wantCalls := 0, 1
-				if mode == DaemonDownDefer {
-					want, wantCalls = 71, 0
+				want, wantCalls, wantText := 71, 0, "deferred: "
+				if tc.down {
+					wantText = "on_daemon_down = " + mode
+					if mode == DaemonDownAccept {
+						want, wantCalls = 0, 1
+					}
 				}
 				if code != want || n != wantCalls {
 					t.Errorf("exit %d with %d real qmail-queue runs, want %d and %d", code, n, want, wantCalls)
 				}
-				if !strings.Contains(stderr.String(), "on_daemon_down = "+mode) || strings.Count(stderr.String(), "\n") != 1 {
-					t.Errorf("want one line naming on_daemon_down = %s, got %q", mode, stderr)
+				if !strings.Contains(stderr.String(), wantText) || strings.Count(stderr.String(), "\n") != 1 {
+					t.Errorf("want one line with %q, got %q", wantText, stderr)
 				}
 			})
 		}

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"io"
 	"os"
+
+	"golang.org/x/sys/unix"
 )
 
 // DefaultSpoolMemory is how much of a message is kept in memory before the
@@ -19,8 +21,8 @@ type spool struct {
 	size int64
 }
 
-// readSpool reads r to EOF. Past memLimit bytes it continues into an
-// unlinked file in tmpDir ("" = os.TempDir()). A read error is returned as
+// readSpool reads r to EOF. Past memLimit bytes it continues into a
+// nameless file in tmpDir ("" = os.TempDir(); see namelessFile). A read error is returned as
 // is; a temporary-file error is wrapped in spoolWriteError.
 func readSpool(r io.Reader, memLimit int64, tmpDir string) (*spool, error) {
 	var head bytes.Buffer
@@ -33,11 +35,10 @@ func readSpool(r io.Reader, memLimit int64, tmpDir string) (*spool, error) {
 		return s, nil
 	}
 	// Exactly memLimit bytes so far: there may be more.
-	f, err := os.CreateTemp(tmpDir, "relay-qq-*")
+	f, err := namelessFile(tmpDir)
 	if err != nil {
 		return nil, spoolWriteError{err}
 	}
-	os.Remove(f.Name()) // unlinked at once: nothing is left behind if we die
 	m, err := io.Copy(onlyWriter{f}, io.MultiReader(bytes.NewReader(s.head), r))
 	if err != nil {
 		f.Close()
@@ -49,6 +50,24 @@ func readSpool(r io.Reader, memLimit int64, tmpDir string) (*spool, error) {
 	}
 	s.head, s.file, s.size = nil, f, m
 	return s, nil
+}
+
+// namelessFile returns a file in dir ("" = os.TempDir()) that never has a
+// name (O_TMPFILE), so nobody, the caller included, can open it and change
+// the message between the daemon's check and the real qmail-queue; a memfd
+// where the filesystem has no O_TMPFILE. Nothing is left behind if relay
+// qq dies.
+func namelessFile(dir string) (*os.File, error) {
+	if dir == "" {
+		dir = os.TempDir()
+	}
+	fd, err := unix.Open(dir, unix.O_TMPFILE|unix.O_RDWR|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		if fd, err = unix.MemfdCreate("relay-qq-message", unix.MFD_CLOEXEC); err != nil {
+			return nil, err
+		}
+	}
+	return os.NewFile(uintptr(fd), "relay-qq-spool"), nil
 }
 
 // onlyWriter hides os.File's ReadFrom so io.Copy's write errors can be told

@@ -21,7 +21,7 @@
  * Build: musl-gcc (or cc) -O2 -static -o relay-qq relay-qq.c
  * Compile-time settings (-D): RELAY_SECURE_CONFIG (the only config a
  * setgid relay-qq reads), RELAY_LOCAL_PATH (the fallback), and for tests
- * RELAY_QQ_TIMEOUT_MS, RELAY_QQ_SPOOL_MEMORY and RELAY_QQ_ARENA.
+ * RELAY_QQ_TIMEOUT_MS, RELAY_QQ_SPOOL_MEMORY, RELAY_QQ_ARENA and RELAY_PASSWD.
  */
 #define _GNU_SOURCE
 #include <ctype.h>
@@ -46,6 +46,9 @@
 #endif
 #ifndef RELAY_LOCAL_PATH
 #define RELAY_LOCAL_PATH "/usr/local/bin/relay-local"
+#endif
+#ifndef RELAY_PASSWD
+#define RELAY_PASSWD "/etc/passwd" /* tests point it elsewhere */
 #endif
 #ifndef RELAY_QQ_TIMEOUT_MS
 #define RELAY_QQ_TIMEOUT_MS 10000 /* local.DefaultTimeout */
@@ -156,7 +159,9 @@ static char *xstrndup(const char *s, size_t n)
  */
 
 struct settings {
-	char *socket;      /* first mode = "local" listener, made absolute */
+	const char *config; /* the file read */
+	const char *tmpdir; /* for messages larger than memory: $TMPDIR, or /tmp when setgid */
+	const char *socket; /* first mode = "local" listener, made absolute */
 	char *qmail_queue; /* local.qmail_queue */
 	int defer_down;    /* local.on_daemon_down = "defer" */
 	char **exempt;     /* local.exempt_users */
@@ -342,9 +347,9 @@ static int read_key(struct lexer *l, char *buf, size_t size)
 			if (!at(l, q))
 				return UNSURE;
 			l->p++;
-		} else if (len == 0) {
-			return UNSURE;
 		}
+		if (len == 0) /* also "" and '': an empty key part */
+			return UNSURE;
 		if (n + len + 2 > size)
 			return UNSURE;
 		if (n > 0)
@@ -378,7 +383,7 @@ static int read_string(struct lexer *l, char **out)
 		unsigned char c = *l->p;
 		if (c == (unsigned char)q)
 			break;
-		if (c == '\\' || c < 0x20 || c == 0x7f)
+		if (c == '\\' || c < 0x20 || c >= 0x7f) /* escapes, controls, non-ASCII */
 			return UNSURE;
 	}
 	if (l->p == l->end)
@@ -569,7 +574,7 @@ static int read_settings(const char *path, struct settings *s)
 	if (addr == NULL || addr[0] == 0)
 		return UNSURE;
 	if (addr[0] == '/') {
-		s->socket = clean_join("", addr);
+		s->socket = addr; /* used as written, as Go does */
 	} else {
 		/* relative to the config file's directory */
 		char *abs;
@@ -590,7 +595,7 @@ static int read_settings(const char *path, struct settings *s)
 		s->qmail_queue = "/var/qmail/bin/qmail-queue.orig";
 	if (s->qmail_queue[0] != '/')
 		return UNSURE; /* empty (an error) or looked up in $PATH by Go */
-	if (!have_down || strcmp(down, "") == 0 || strcmp(down, "accept") == 0)
+	if (!have_down || strcmp(down, "accept") == 0)
 		s->defer_down = 0;
 	else if (strcmp(down, "defer") == 0)
 		s->defer_down = 1;
@@ -603,12 +608,14 @@ static int read_settings(const char *path, struct settings *s)
 	return SURE;
 }
 
-/* fallback runs relay-local qq on the same config, fds untouched. */
+/* fallback execs relay-local qq on the same config and fds 0 and 1, for it
+ * to decide. */
 static int fallback(const char *config)
 {
 	char *argv[] = {"relay-local", "qq", "--config", (char *)config, NULL};
+	signal(SIGPIPE, SIG_DFL);
 	execve(RELAY_LOCAL_PATH, argv, environ);
-	logf_("cannot read %s here and cannot run %s: %s", config, RELAY_LOCAL_PATH, strerror(errno));
+	logf_("cannot run %s for %s: %s", RELAY_LOCAL_PATH, config, strerror(errno));
 	return EXIT_CONFIG_ERROR;
 }
 
@@ -616,38 +623,46 @@ static int fallback(const char *config)
  * without cgo, which relay-local is built with), or NULL. */
 static char *account_name(uid_t uid)
 {
-	int fd = open("/etc/passwd", O_RDONLY | O_CLOEXEC);
+	int fd = open(RELAY_PASSWD, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
 		return NULL;
-	char buf[4096], *found = NULL;
+	char want[24], buf[4096], *found = NULL;
+	snprintf(want, sizeof want, "%u", (unsigned)uid);
 	size_t n = 0;
-	for (;;) {
-		ssize_t r = read(fd, buf + n, sizeof buf - n);
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r <= 0 && n == 0)
-			break;
-		n += r > 0 ? r : 0;
+	int eof = 0, skip = 0; /* skip: the rest of an overlong line */
+	while (found == NULL) {
 		char *nl = memchr(buf, '\n', n);
-		if (nl == NULL && r > 0 && n < sizeof buf)
-			continue; /* a partial line: read on */
-		size_t len = nl ? (size_t)(nl - buf) : n; /* no newline: a last line, or an overlong one */
-		buf[len < sizeof buf ? len : sizeof buf - 1] = 0;
-		/* name:password:uid:... */
-		char *c1 = strchr(buf, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL, *end;
-		if (c2) {
-			errno = 0;
-			unsigned long u = strtoul(c2 + 1, &end, 10);
-			if (!errno && end != c2 + 1 && *end == ':' && u == uid) {
-				found = xstrndup(buf, c1 - buf);
-				break;
-			}
+		if (nl == NULL && !eof && n < sizeof buf) {
+			ssize_t r = read(fd, buf + n, sizeof buf - n);
+			if (r < 0 && errno == EINTR)
+				continue;
+			if (r <= 0)
+				eof = 1;
+			else
+				n += r;
+			continue;
 		}
+		if (nl == NULL && (n == sizeof buf || n == 0)) {
+			if (n == 0)
+				break; /* end of file */
+			skip = 1;  /* a line longer than buf: drop it, whole */
+			n = 0;
+			continue;
+		}
+		size_t len = nl ? (size_t)(nl - buf) : n; /* no newline: the last line */
+		buf[len] = 0;                              /* len < sizeof buf here */
+		if (!skip) {
+			/* name:password:uid:..., the uid compared as a string, as Go's
+			 * os/user does. */
+			char *name = buf, *pw = strchr(name, ':'), *id = pw ? strchr(pw + 1, ':') : NULL;
+			char *idend = id ? strchr(id + 1, ':') : NULL;
+			if (idend && (size_t)(idend - id - 1) == strlen(want) && memcmp(id + 1, want, strlen(want)) == 0)
+				found = xstrndup(name, pw - name);
+		}
+		skip = 0;
 		size_t used = nl ? len + 1 : n;
 		memmove(buf, buf + used, n - used);
 		n -= used;
-		if (r <= 0 && n == 0)
-			break;
 	}
 	close(fd);
 	return found;
@@ -688,22 +703,20 @@ static int write_all(int fd, const char *p, size_t n)
 	return 0;
 }
 
-/* temp_file returns an unlinked file in $TMPDIR (or /tmp), or -1. */
-static int temp_file(void)
+/* temp_file returns a file in dir that never has a name (O_TMPFILE), so
+ * nobody, the caller included, can open it and change the message between
+ * the daemon's check and the real qmail-queue; a memfd where the
+ * filesystem has no O_TMPFILE; -1 when neither works. */
+static int temp_file(const char *dir)
 {
-	const char *dir = getenv("TMPDIR");
-	char tmpl[4096];
-	snprintf(tmpl, sizeof tmpl, "%s/relay-qq-XXXXXX", dir && *dir ? dir : "/tmp");
-	int fd = mkostemp(tmpl, O_CLOEXEC);
-	if (fd >= 0)
-		unlink(tmpl); /* nothing is left behind if we die */
-	return fd;
+	int fd = open(dir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+	return fd >= 0 ? fd : memfd_create("relay-qq-message", MFD_CLOEXEC);
 }
 
 /* read_spool reads the message to EOF: in memory up to
  * RELAY_QQ_SPOOL_MEMORY bytes, past that whole into an unlinked file (which
  * becomes the real qmail-queue's fd 0). */
-static int read_spool(struct spool *sp)
+static int read_spool(struct spool *sp, const char *tmpdir)
 {
 	size_t cap = 8192;
 	sp->head = xrealloc(NULL, cap);
@@ -739,7 +752,7 @@ static int read_spool(struct spool *sp)
 		if (r == 0)
 			break;
 		if (first) {
-			if ((sp->file = temp_file()) < 0 || write_all(sp->file, sp->head, sp->nhead) < 0) {
+			if ((sp->file = temp_file(tmpdir)) < 0 || write_all(sp->file, sp->head, sp->nhead) < 0) {
 				logf_("reading the message: spooling message: %s", strerror(errno));
 				return EXIT_WRITE_ERROR;
 			}
@@ -833,7 +846,8 @@ static int read_envelope(struct envelope *e)
 				if (start == 1) {
 					e->sender = a;
 				} else {
-					e->rcpts = xrealloc(e->rcpts, (e->nrcpts + 1) * sizeof *e->rcpts);
+					if ((e->nrcpts & (e->nrcpts - 1)) == 0) /* 0, 1, 2, 4, ...: double */
+						e->rcpts = xrealloc(e->rcpts, (e->nrcpts ? 2 * e->nrcpts : 1) * sizeof *e->rcpts);
 					e->rcpts[e->nrcpts++] = a;
 				}
 				state = RECORD;
@@ -865,24 +879,24 @@ static int read_envelope(struct envelope *e)
  * caller opened it, notqmail's fd 6 are passed on.
  */
 
-static int mem_file(const char *name)
+static int mem_file(const char *name, const char *tmpdir)
 {
 	int fd = memfd_create(name, MFD_CLOEXEC);
-	return fd >= 0 ? fd : temp_file();
+	return fd >= 0 ? fd : open(tmpdir, O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
 }
 
 static int write_chunk(void *arg, const char *p, size_t n) { return write_all(*(int *)arg, p, n); }
 
 /* hand_over_fds makes fd 0 and fd 1 the message and the envelope; -1 and
  * a logged line when it cannot. */
-static int hand_over_fds(struct spool *sp, struct envelope *e)
+static int hand_over_fds(struct spool *sp, struct envelope *e, const char *tmpdir)
 {
 	int msg = sp->file, env = -1;
-	if (msg < 0 && ((msg = mem_file("relay-qq-message")) < 0 || each_chunk(sp, write_chunk, &msg) < 0)) {
+	if (msg < 0 && ((msg = mem_file("relay-qq-message", tmpdir)) < 0 || each_chunk(sp, write_chunk, &msg) < 0)) {
 		logf_("cannot hand the message to the real qmail-queue: %s", strerror(errno));
 		return -1;
 	}
-	if ((env = mem_file("relay-qq-envelope")) < 0 || write_all(env, e->raw, e->nraw) < 0) {
+	if ((env = mem_file("relay-qq-envelope", tmpdir)) < 0 || write_all(env, e->raw, e->nraw) < 0) {
 		logf_("cannot hand the envelope to the real qmail-queue: %s", strerror(errno));
 		return -1;
 	}
@@ -905,7 +919,7 @@ static int exec_qq(const struct settings *s)
 
 static int exec_real(const struct settings *s, struct spool *sp, struct envelope *e)
 {
-	return hand_over_fds(sp, e) < 0 ? EXIT_DEFERRED : exec_qq(s);
+	return hand_over_fds(sp, e, s->tmpdir) < 0 ? EXIT_DEFERRED : exec_qq(s);
 }
 
 /* ---------------------------------------------------------------------
@@ -1158,61 +1172,58 @@ static enum verdict check(const struct settings *s, struct conn *c, struct spool
 	struct timeval tv = {RELAY_QQ_TIMEOUT_MS / 1000, (RELAY_QQ_TIMEOUT_MS % 1000) * 1000};
 	setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
 	if (connect(c->fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+		/* Down means nobody listens: no socket, or nothing behind it. A
+		 * daemon that is there but slow or full (EAGAIN), or our own
+		 * trouble, is a deferral: "down" may pass mail uncounted. */
+		int down = errno == ENOENT || errno == ECONNREFUSED || errno == ENOTDIR || errno == EACCES;
 		snprintf(why, size, "relay daemon at %s unreachable: connect: %s", s->socket, strerror(errno));
 		close(c->fd);
-		return DOWN;
+		return down ? DOWN : DEFERRED;
 	}
-	/* With one recipient (a script's usual mail), EHLO, MAIL, RCPT and
-	 * DATA go in the first write, and the five replies are read after it:
-	 * the check conversation is relay's own protocol with its own daemon,
-	 * which reads commands one by one, so one round trip does instead of
-	 * five. A refused MAIL or RCPT makes the daemon refuse DATA too
-	 * ("503"), so no message text is ever sent after a refusal. With more
-	 * recipients a RCPT is sent only after the one before it was
-	 * accepted, as relay qq in Go does, so the daemon sees no recipient
-	 * after a refusal. */
+	/* From here on the daemon is up: whatever goes wrong (it refuses with
+	 * 421, stops answering, closes, or does not speak the check protocol)
+	 * is a deferral, never "down", or whoever can make a conversation fail
+	 * (by filling the daemon's connection slots, or stopping relay qq
+	 * until the daemon gives up on it) would get mail past it uncounted.
+	 *
+	 * With one recipient (a script's usual mail), EHLO, MAIL, RCPT and
+	 * DATA go in the first write, and the replies are read after it: the
+	 * check conversation is relay's own protocol with its own daemon,
+	 * which reads commands one by one, so one wait does instead of three.
+	 * A refused MAIL or RCPT makes the daemon refuse DATA too ("503"), so
+	 * no message text is ever sent after a refusal. With more recipients a
+	 * RCPT is sent only after the one before it was accepted, as relay qq
+	 * in Go does, so the daemon sees no recipient after a refusal. */
 	int batch = e->nrcpts == 1;
-	if (batch && (queue_command(c, &r, "EHLO relay-qq") < 0 ||
-	              queue_command(c, &r, "MAIL FROM:<%s> BODY=8BITMIME", e->sender) < 0 ||
-	              queue_command(c, &r, "RCPT TO:<%s>", e->rcpts[0]) < 0 || queue_command(c, &r, "DATA") < 0 ||
-	              flush_out(c, &r) < 0)) {
-		snprintf(why, size, "relay daemon at %s unreachable: %s", s->socket, r.text);
+	int sent = !batch || (queue_command(c, &r, "EHLO relay-qq") == 0 &&
+	                      queue_command(c, &r, "MAIL FROM:<%s> BODY=8BITMIME", e->sender) == 0 &&
+	                      queue_command(c, &r, "RCPT TO:<%s>", e->rcpts[0]) == 0 &&
+	                      queue_command(c, &r, "DATA") == 0 && flush_out(c, &r) == 0);
+	/* Even when that write failed, a refusal may be waiting to be read. */
+	if (read_reply(c, &r, 0) < 0 || r.code != 220) {
+		if (r.code > 0)
+			reply_line(&r, why, size);
+		else
+			snprintf(why, size, "relay daemon at %s did not greet: %s", s->socket, r.text);
 		close(c->fd);
-		return DOWN;
-	}
-	/* Greeting and EHLO: a reply that is not 2xx means the daemon is up
-	 * and refuses (421 too many connections): a deferral. */
-	int ok = read_reply(c, &r, 0) == 0;
-	if (ok && r.code != 220) {
-		close(c->fd);
-		reply_line(&r, why, size);
 		return DEFERRED;
 	}
-	if (ok && !batch) {
-		if (put(c, &r, "EHLO relay-qq\r\n", 15) < 0 || flush_out(c, &r) < 0)
-			ok = 0;
-	}
-	if (ok)
-		ok = read_reply(c, &r, 1) == 0;
-	if (ok && r.code != 250) {
-		close(c->fd);
-		reply_line(&r, why, size);
-		return r.code == 500 || r.code == 502 ? DOWN : DEFERRED;
-	}
-	if (!ok) {
-		snprintf(why, size, "relay daemon at %s unreachable: %s", s->socket, r.text);
-		close(c->fd);
-		return DOWN;
+	if (!sent || (!batch && (put(c, &r, "EHLO relay-qq\r\n", 15) < 0 || flush_out(c, &r) < 0)) ||
+	    read_reply(c, &r, 1) < 0 || r.code != 250) {
+		/* Not even a 5xx here means "reject": it is not the check
+		 * protocol speaking. */
+		fail(c, &r, s->socket, why, size);
+		return DEFERRED;
 	}
 	if (!c->commit) {
 		snprintf(why, size, "relay daemon at %s does not speak the check protocol (no AUTH X-RELAY-COMMIT after EHLO relay-qq)", s->socket);
 		close(c->fd);
-		return DOWN;
+		return DEFERRED;
 	}
 	if (batch) {
 		if (read_reply(c, &r, 0) < 0 || r.code != 250)
 			return fail(c, &r, s->socket, why, size);
-		if (read_reply(c, &r, 0) < 0 || (r.code != 250 && r.code != 251))
+		if (read_reply(c, &r, 0) < 0 || r.code / 10 != 25)
 			return fail(c, &r, s->socket, why, size);
 		if (read_reply(c, &r, 0) < 0 || r.code != 354)
 			return fail(c, &r, s->socket, why, size);
@@ -1222,7 +1233,7 @@ static enum verdict check(const struct settings *s, struct conn *c, struct spool
 			return fail(c, &r, s->socket, why, size);
 		for (size_t i = 0; i < e->nrcpts; i++)
 			if (queue_command(c, &r, "RCPT TO:<%s>", e->rcpts[i]) < 0 || send_and_read(c, &r) < 0 ||
-			    (r.code != 250 && r.code != 251))
+			    r.code / 10 != 25)
 				return fail(c, &r, s->socket, why, size);
 		if (queue_command(c, &r, "DATA") < 0 || send_and_read(c, &r) < 0 || r.code != 354)
 			return fail(c, &r, s->socket, why, size);
@@ -1274,13 +1285,33 @@ static int commit(struct conn *c, struct reply *r)
 	return r->code == 235 ? 0 : -1;
 }
 
+/* quote writes s into out as a C string literal (control bytes, quotes
+ * and backslashes escaped), cut to fit: what a caller put in an address
+ * must not forge lines in its log. */
+static const char *quote(const char *s, char *out, size_t size)
+{
+	size_t o = 0;
+	out[o++] = '"';
+	for (; *s && o + 6 < size; s++) {
+		unsigned char ch = *s;
+		if (ch < 0x20 || ch == 0x7f || ch == '"' || ch == '\\')
+			o += snprintf(out + o, size - o, ch == '"' || ch == '\\' ? "\\%c" : "\\x%02x", ch);
+		else
+			out[o++] = ch;
+	}
+	out[o++] = '"';
+	out[o] = 0;
+	return out;
+}
+
 static int bad_address(struct envelope *e)
 {
+	char q[256];
 	if (strpbrk(e->sender, "\r\n"))
-		return logf_("rejected: envelope address \"%s\" contains CR or LF", e->sender), 1;
+		return logf_("rejected: envelope address %s contains CR or LF", quote(e->sender, q, sizeof q)), 1;
 	for (size_t i = 0; i < e->nrcpts; i++)
 		if (strpbrk(e->rcpts[i], "\r\n"))
-			return logf_("rejected: envelope address \"%s\" contains CR or LF", e->rcpts[i]), 1;
+			return logf_("rejected: envelope address %s contains CR or LF", quote(e->rcpts[i], q, sizeof q)), 1;
 	return 0;
 }
 
@@ -1288,7 +1319,7 @@ static int filter(const struct settings *s)
 {
 	struct spool sp;
 	struct envelope e;
-	int code = read_spool(&sp);
+	int code = read_spool(&sp, s->tmpdir);
 	if (code)
 		return code;
 	if ((code = read_envelope(&e)))
@@ -1309,12 +1340,17 @@ static int filter(const struct settings *s)
 		 * commit comes before the exec: nothing of relay qq is left to
 		 * commit after. A real qmail-queue that then fails has been
 		 * charged; counting errs on the side of more. */
-		if (hand_over_fds(&sp, &e) < 0) {
+		if (hand_over_fds(&sp, &e, s->tmpdir) < 0) {
 			close(c.fd);
 			return EXIT_DEFERRED;
 		}
-		if (commit(&c, &r) < 0)
-			logf_("the daemon did not take the commit: %s", r.code < 0 ? r.text : reply_line(&r, line, sizeof line));
+		/* Without the commit (the daemon gave up on the reservation, or
+		 * restarted) the message would go out uncounted: defer it. */
+		if (commit(&c, &r) < 0) {
+			close(c.fd);
+			logf_("deferred: the daemon did not take the commit: %s", r.code < 0 ? r.text : reply_line(&r, line, sizeof line));
+			return EXIT_DEFERRED;
+		}
 		close(c.fd);
 		return exec_qq(s);
 	case EXEMPT:
@@ -1334,8 +1370,13 @@ static int filter(const struct settings *s)
 			logf_("%s; deferring (on_daemon_down = defer)", why);
 			return EXIT_DEFERRED;
 		}
-		logf_("%s; passing the message uncounted (on_daemon_down = accept)", why);
-		return exec_real(s, &sp, &e);
+		/* Before mail passes uncounted, relay-local decides with the same
+		 * fds: it reads the whole config (a file the daemon would refuse
+		 * to start with is refused there too, exit 55) and tries the
+		 * daemon again. This costs a Go start only while nobody listens. */
+		if (hand_over_fds(&sp, &e, s->tmpdir) < 0)
+			return EXIT_DEFERRED;
+		return fallback(s->config);
 	case UNKNOWN:
 		break;
 	}
@@ -1366,15 +1407,22 @@ int main(int argc, char **argv)
 		      (int)getuid(), (int)geteuid(), (int)geteuid());
 		return EXIT_CONFIG_ERROR;
 	}
-	if (getegid() != getgid())
+	/* A setgid qq must not let the caller choose where the message is
+	 * spooled, nor which config is read. */
+	const char *tmpdir = getenv("TMPDIR");
+	if (tmpdir == NULL || *tmpdir == 0)
+		tmpdir = "/tmp";
+	if (getegid() != getgid()) {
 		config = RELAY_SECURE_CONFIG;
+		tmpdir = "/tmp";
+	}
 	int settings_only = rest < argc && strcmp(argv[rest], "--settings") == 0;
 	if (rest < argc && !(settings_only && rest + 1 == argc)) {
 		logf_("takes no arguments (got \"%s\")", argv[rest]);
 		return EXIT_BAD_ENVELOPE;
 	}
 
-	struct settings s = {0};
+	struct settings s = {.config = config, .tmpdir = tmpdir};
 	if (read_settings(config, &s) != SURE) {
 		if (settings_only) {
 			printf("unsure\n");
@@ -1388,7 +1436,8 @@ int main(int argc, char **argv)
 		       s.defer_down ? "defer" : "accept");
 		for (size_t i = 0; i < s.nexempt; i++)
 			printf("%s%s", i ? "," : "", s.exempt[i]);
-		printf("\n");
+		char *account = account_name(getuid());
+		printf("\naccount=%s\n", account ? account : "");
 		return 0;
 	}
 

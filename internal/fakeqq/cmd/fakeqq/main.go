@@ -78,7 +78,10 @@ func run() int {
 // envelopeReadable reports whether envelope bytes are waiting on fd 1 while
 // the writer still holds the message pipe (fd 0) open. fd 1 is polled first:
 // a correct caller closes fd 0 before it writes the envelope, so once
-// envelope bytes are visible fd 0 must already show the hang-up.
+// envelope bytes are visible fd 0 must show the hang-up. It may show it a
+// moment late: a child another thread of the caller is starting holds a
+// copy of every descriptor until its exec, so a hang-up that comes within
+// a second is the caller's due.
 func envelopeReadable() bool {
 	var st unix.Stat_t
 	if unix.Fstat(0, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFREG {
@@ -88,9 +91,17 @@ func envelopeReadable() bool {
 	if n, err := unix.Poll(env, 0); err != nil || n == 0 || env[0].Revents&unix.POLLIN == 0 {
 		return false
 	}
-	msg := []unix.PollFd{{Fd: 0, Events: unix.POLLIN}}
-	unix.Poll(msg, 0)
-	return msg[0].Revents&unix.POLLHUP == 0
+	for deadline := time.Now().Add(time.Second); ; {
+		msg := []unix.PollFd{{Fd: 0, Events: unix.POLLIN}}
+		unix.Poll(msg, 0)
+		if msg[0].Revents&unix.POLLHUP != 0 {
+			return false
+		}
+		if time.Now().After(deadline) {
+			return true
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
 
 // checkEnvelope applies qmail-queue's envelope rules.

@@ -125,6 +125,16 @@ func TestQQSetgidClosesTheBackDoor(t *testing.T) {
 		})
 	}
 
+	// relay-qq's --settings (for the tests) would show a setgid caller
+	// what the secure config says: refused.
+	t.Run("relay-qq --settings", func(t *testing.T) {
+		cmd := asUser(exec.Command(builds["relay-qq"], "--settings"), worldDir(t))
+		out, err := cmd.CombinedOutput()
+		if cmd.ProcessState.ExitCode() != ExitConfigError || strings.Contains(string(out), "socket=") {
+			t.Errorf("%v: %q; want exit 55 and nothing of the config", err, out)
+		}
+	})
+
 	// Installed setuid by mistake, relay qq would make every caller look
 	// like its owner to the daemon (SO_PEERCRED gives the effective uid):
 	// both builds refuse to run.

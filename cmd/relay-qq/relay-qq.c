@@ -499,8 +499,15 @@ static int read_settings(const char *path, struct settings *s)
 		if (at(&l, '[')) {
 			int array = at_str(&l, "[[");
 			l.p += array ? 2 : 1;
+			const char *name = l.p;
 			if (read_key(&l, table, sizeof table) != SURE)
 				return UNSURE;
+			/* go-toml matches keys to fields without case, but [[LISTEN]]
+			 * and [[listen]] are two arrays in TOML, the later one
+			 * winning: no capitals in a table name, to be sure. */
+			for (const char *q = name; q < l.p; q++)
+				if (*q >= 'A' && *q <= 'Z')
+					return UNSURE;
 			skip_blank(&l);
 			if (!at_str(&l, array ? "]]" : "]"))
 				return UNSURE;
@@ -619,21 +626,70 @@ static int fallback(const char *config)
 	return EXIT_CONFIG_ERROR;
 }
 
-/* account_name returns uid's login name from /etc/passwd (as Go's os/user
- * without cgo, which relay-local is built with), or NULL. */
+/* go_atoi_ok reports whether Go's strconv.Atoi takes [p, end). */
+static int go_atoi_ok(const char *p, const char *end)
+{
+	if (p < end && (*p == '+' || *p == '-'))
+		p++;
+	if (p == end || end - p > 18) /* past 18 digits int64 may overflow: refuse */
+		return 0;
+	for (; p < end; p++)
+		if (*p < '0' || *p > '9')
+			return 0;
+	return 1;
+}
+
+/* passwd_name is Go's os/user match of one passwd line (readColonFile and
+ * matchUserIndexValue, without cgo): blank space around the line ignored,
+ * comments skipped, at least 6 colons, the uid field equal to want, a
+ * name that is not empty and does not start with + or -, numeric uid and
+ * gid. It returns the name or NULL. */
+static char *passwd_name(char *line, size_t len, const char *want)
+{
+	while (len > 0 && isspace((unsigned char)line[len - 1]))
+		len--;
+	while (len > 0 && isspace((unsigned char)*line))
+		line++, len--;
+	if (len == 0 || line[0] == '#')
+		return NULL;
+	const char *f[7];
+	size_t nf = 1, colons = 0;
+	f[0] = line;
+	for (size_t i = 0; i < len; i++) {
+		if (line[i] != ':')
+			continue;
+		colons++;
+		if (nf < 7)
+			f[nf++] = line + i + 1;
+	}
+	if (colons < 6)
+		return NULL;
+	const char *uid = f[2], *uidend = f[3] - 1, *gid = f[3], *gidend = f[4] - 1;
+	size_t namelen = f[1] - 1 - f[0];
+	if ((size_t)(uidend - uid) != strlen(want) || memcmp(uid, want, uidend - uid) != 0 || namelen == 0 ||
+	    f[0][0] == '+' || f[0][0] == '-' || !go_atoi_ok(uid, uidend) || !go_atoi_ok(gid, gidend))
+		return NULL;
+	return xstrndup(f[0], namelen);
+}
+
+/* account_name returns uid's login name from /etc/passwd as Go's os/user
+ * finds it without cgo (relay-local is built so), or NULL. */
 static char *account_name(uid_t uid)
 {
 	int fd = open(RELAY_PASSWD, O_RDONLY | O_CLOEXEC);
 	if (fd < 0)
 		return NULL;
-	char want[24], buf[4096], *found = NULL;
+	char want[24], *found = NULL;
 	snprintf(want, sizeof want, "%u", (unsigned)uid);
-	size_t n = 0;
-	int eof = 0, skip = 0; /* skip: the rest of an overlong line */
+	size_t cap = 4096, n = 0;
+	char *buf = xrealloc(NULL, cap);
+	int eof = 0;
 	while (found == NULL) {
 		char *nl = memchr(buf, '\n', n);
-		if (nl == NULL && !eof && n < sizeof buf) {
-			ssize_t r = read(fd, buf + n, sizeof buf - n);
+		if (nl == NULL && !eof) {
+			if (n == cap) /* a long line: hold all of it, as Go does */
+				buf = xrealloc(buf, cap *= 2);
+			ssize_t r = read(fd, buf + n, cap - n);
 			if (r < 0 && errno == EINTR)
 				continue;
 			if (r <= 0)
@@ -642,29 +698,16 @@ static char *account_name(uid_t uid)
 				n += r;
 			continue;
 		}
-		if (nl == NULL && (n == sizeof buf || n == 0)) {
-			if (n == 0)
-				break; /* end of file */
-			skip = 1;  /* a line longer than buf: drop it, whole */
-			n = 0;
-			continue;
-		}
+		if (nl == NULL && n == 0)
+			break; /* end of file */
 		size_t len = nl ? (size_t)(nl - buf) : n; /* no newline: the last line */
-		buf[len] = 0;                              /* len < sizeof buf here */
-		if (!skip) {
-			/* name:password:uid:..., the uid compared as a string, as Go's
-			 * os/user does. */
-			char *name = buf, *pw = strchr(name, ':'), *id = pw ? strchr(pw + 1, ':') : NULL;
-			char *idend = id ? strchr(id + 1, ':') : NULL;
-			if (idend && (size_t)(idend - id - 1) == strlen(want) && memcmp(id + 1, want, strlen(want)) == 0)
-				found = xstrndup(name, pw - name);
-		}
-		skip = 0;
+		found = passwd_name(buf, len, want);
 		size_t used = nl ? len + 1 : n;
 		memmove(buf, buf + used, n - used);
 		n -= used;
 	}
 	close(fd);
+	xfree(buf);
 	return found;
 }
 
@@ -1163,10 +1206,11 @@ static enum verdict check(const struct settings *s, struct conn *c, struct spool
 	c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	struct sockaddr_un sa = {.sun_family = AF_UNIX};
 	if (c->fd < 0 || strlen(s->socket) >= sizeof sa.sun_path) {
-		snprintf(why, size, "relay daemon at %s unreachable: %s", s->socket, c->fd < 0 ? strerror(errno) : "socket path too long");
+		/* our own trouble, not a daemon that is not there: defer */
+		snprintf(why, size, "relay daemon at %s: %s", s->socket, c->fd < 0 ? strerror(errno) : "socket path too long");
 		if (c->fd >= 0)
 			close(c->fd);
-		return DOWN;
+		return DEFERRED;
 	}
 	strcpy(sa.sun_path, s->socket);
 	struct timeval tv = {RELAY_QQ_TIMEOUT_MS / 1000, (RELAY_QQ_TIMEOUT_MS % 1000) * 1000};
@@ -1422,6 +1466,10 @@ int main(int argc, char **argv)
 		return EXIT_BAD_ENVELOPE;
 	}
 
+	if (settings_only && getegid() != getgid()) {
+		logf_("--settings is for tests, not for a setgid run");
+		return EXIT_CONFIG_ERROR;
+	}
 	struct settings s = {.config = config, .tmpdir = tmpdir};
 	if (read_settings(config, &s) != SURE) {
 		if (settings_only) {

@@ -5,8 +5,6 @@ import (
 	"io"
 	"os"
 
-	"golang.org/x/sys/unix"
-
 	"relay/config"
 )
 
@@ -40,10 +38,9 @@ func QQCommand(args []string, stderr io.Writer) int {
 	if os.Getegid() != os.Getgid() {
 		qq.TempDir = "/tmp"
 	}
-	// notqmail callers open fd 6 for qmail-queue's error text (exit 82).
-	if _, err := unix.FcntlInt(6, unix.F_GETFD, 0); err == nil {
-		qq.ErrFD = os.NewFile(6, "qq-errors")
-	}
+	// notqmail callers' fd 6 (qmail-queue's error text for exit 82) is
+	// left alone: Main execs the real qmail-queue, which inherits it. An
+	// *os.File for it would close it when collected.
 	return qq.Main()
 }
 

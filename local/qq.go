@@ -49,8 +49,9 @@ type QQ struct {
 	// Stderr gets relay qq's one-line reports and the real qmail-queue's
 	// stderr.
 	Stderr io.Writer
-	// ErrFD, when set, is passed to the real qmail-queue as fd 6, where
-	// notqmail's qmail-queue writes its error text for exit 82.
+	// ErrFD, when set, is passed to the real qmail-queue that Filter runs
+	// as fd 6, where notqmail's qmail-queue writes its error text for exit
+	// 82. (Main execs it, and it inherits the caller's fd 6.)
 	ErrFD *os.File
 }
 

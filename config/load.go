@@ -26,7 +26,8 @@ import (
 //
 // Relative paths in the file (data_dir, local listener sockets,
 // delivery.maildir, admin.token_file, auth.users_file, relay.tcprules,
-// relay.qmail_control_dir, webserver passwd files, tls.cert and tls.key)
+// relay.qmail_control_dir, webserver passwd files, tls.cert, tls.key and
+// signals.qmail_send_log)
 // are taken relative to the directory holding the config file, and Load
 // makes them absolute.
 func Load(path string) (*Config, error) {
@@ -186,9 +187,10 @@ func defaults() *Config {
 		},
 		Admin: Admin{Listen: "127.0.0.1:8025"},
 		Policy: Policy{
-			Mode:         PolicyEnforce,
-			OverLimit:    OverLimitDefer,
-			SuspendAfter: 5,
+			Mode:            PolicyEnforce,
+			OverLimit:       OverLimitDefer,
+			SuspendAfter:    5,
+			RecipientMemory: Duration{DefaultRecipientMemory},
 			Limits: KindLimits{
 				User: &Limits{
 					MaxRcptsPerMsg: 50,
@@ -235,6 +237,7 @@ func (c *Config) resolvePaths(dir string) {
 	abs(&c.Auth.UsersFile)
 	abs(&c.Delivery.Maildir)
 	abs(&c.Admin.TokenFile)
+	abs(&c.Signals.QmailSendLog)
 	for i := range c.Webservers {
 		abs(&c.Webservers[i].Passwd)
 	}
@@ -274,6 +277,8 @@ func friendlyDecodeMessage(msg string) string {
 		want = "true or false"
 	case strings.HasPrefix(want, "int") || strings.HasPrefix(want, "uint"):
 		want = "an integer"
+	case strings.HasPrefix(want, "float"):
+		want = "a number"
 	case want == "config.Duration":
 		want = `a duration string such as "60s"`
 	case want == "config.Rate":

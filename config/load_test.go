@@ -413,3 +413,62 @@ func FuzzLoad(f *testing.F) {
 		}
 	})
 }
+
+// The signals keys of DESIGN.md §12 in a limits section, an allow entry,
+// [policy] and [signals]; durations in days.
+func TestSignalsKeys(t *testing.T) {
+	dir := t.TempDir()
+	path := writeFile(t, filepath.Join(dir, "relay.toml"), `
+[policy]
+recipient_memory = "7d"
+[policy.limits.user]
+new_rcpts = ["50/1h", "200/1d"]
+bounces = ["20/1h"]
+max_bounce_ratio = 0.3
+min_bounce_sample = 40
+[[policy.allow]]
+match = "sender:news@example.com"
+new_rcpts = ["5000/24h"]
+max_bounce_ratio = 0.1
+[signals]
+qmail_send_log = "log/current"
+`)
+	c, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := &Limits{
+		NewRcpts: []Rate{{50, time.Hour}, {200, 24 * time.Hour}}, Bounces: []Rate{{20, time.Hour}},
+		MaxBounceRatio: 0.3, MinBounceSample: 40,
+	}
+	if !reflect.DeepEqual(c.Policy.Limits.User, want) {
+		t.Errorf("user limits = %+v, want %+v", c.Policy.Limits.User, want)
+	}
+	if a := c.Policy.Allow[0]; len(a.NewRcpts) != 1 || a.MaxBounceRatio != 0.1 || a.MinBounceSample != 0 {
+		t.Errorf("allow = %+v", a)
+	}
+	if c.Policy.RecipientMemory.Duration != 7*24*time.Hour {
+		t.Errorf("recipient_memory = %v", c.Policy.RecipientMemory)
+	}
+	if c.Signals.QmailSendLog != filepath.Join(dir, "log/current") {
+		t.Errorf("qmail_send_log = %q, want it relative to the config", c.Signals.QmailSendLog)
+	}
+	if d := Default(); d.Policy.RecipientMemory.Duration != 30*24*time.Hour || d.Signals.QmailSendLog != "" {
+		t.Errorf("defaults: recipient_memory %v, qmail_send_log %q", d.Policy.RecipientMemory, d.Signals.QmailSendLog)
+	}
+}
+
+func TestDurationDays(t *testing.T) {
+	for in, want := range map[string]time.Duration{"30d": 30 * 24 * time.Hour, "0d": 0, "90s": 90 * time.Second, "1h30m": 90 * time.Minute} {
+		var d Duration
+		if err := d.UnmarshalText([]byte(in)); err != nil || d.Duration != want {
+			t.Errorf("%q = %v, %v; want %v", in, d.Duration, err, want)
+		}
+	}
+	for _, in := range []string{"d", "-1d", "1.5d", "1000d", "x30d", "30"} {
+		var d Duration
+		if err := d.UnmarshalText([]byte(in)); err == nil {
+			t.Errorf("%q accepted as %v", in, d.Duration)
+		}
+	}
+}

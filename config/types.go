@@ -13,18 +13,19 @@ import (
 // Config is the whole relay.toml. Names follow DESIGN.md §4; they are a
 // contract that outside tests rely on.
 type Config struct {
-	Hostname   string      `toml:"hostname"`
-	DataDir    string      `toml:"data_dir"`
-	Listen     []Listener  `toml:"listen"`
-	TLS        TLS         `toml:"tls"`
-	Relay      Relay       `toml:"relay"`
-	Auth       Auth        `toml:"auth"`
-	Delivery   Delivery    `toml:"delivery"`
-	Local      Local       `toml:"local"`
-	Admin      Admin       `toml:"admin"`
-	Policy     Policy      `toml:"policy"`
-	Webservers []Webserver `toml:"webserver"`
-	Notify     Notify      `toml:"notify"`
+	Hostname   string        `toml:"hostname"`
+	DataDir    string        `toml:"data_dir"`
+	Listen     []Listener    `toml:"listen"`
+	TLS        TLS           `toml:"tls"`
+	Relay      Relay         `toml:"relay"`
+	Auth       Auth          `toml:"auth"`
+	Delivery   Delivery      `toml:"delivery"`
+	Local      Local         `toml:"local"`
+	Admin      Admin         `toml:"admin"`
+	Policy     Policy        `toml:"policy"`
+	Webservers []Webserver   `toml:"webserver"`
+	Notify     Notify        `toml:"notify"`
+	Signals    SignalsConfig `toml:"signals"`
 
 	// Filled by Load, not by TOML.
 
@@ -131,6 +132,10 @@ type Policy struct {
 	SuspendAfter int         `toml:"suspend_after"`
 	Limits       KindLimits  `toml:"limits"`
 	Allow        []AllowRule `toml:"allow"`
+	// RecipientMemory is how long an identity remembers a recipient it
+	// sent to: new_rcpts counts the recipients it has not written to
+	// within this span. Kept to the day.
+	RecipientMemory Duration `toml:"recipient_memory"`
 }
 
 // Identity kinds (DESIGN.md §3).
@@ -173,6 +178,35 @@ type Limits struct {
 	MaxRcptsPerMsg int    `toml:"max_rcpts_per_msg"`
 	Rcpts          []Rate `toml:"rcpts"`
 	Msgs           []Rate `toml:"msgs"`
+	// The signals of DESIGN.md §12: what the identity's mail tells beyond
+	// counts.
+	//
+	// NewRcpts caps first-time recipients: those the identity has not
+	// sent to within policy.recipient_memory. Bounces caps permanent
+	// delivery failures, one per recipient, from [signals]
+	// qmail_send_log. MaxBounceRatio caps failures / (successes +
+	// failures) in the longest window of the section (0: no cap), once
+	// that window holds MinBounceSample deliveries (0: the default).
+	NewRcpts        []Rate  `toml:"new_rcpts"`
+	Bounces         []Rate  `toml:"bounces"`
+	MaxBounceRatio  float64 `toml:"max_bounce_ratio"`
+	MinBounceSample int     `toml:"min_bounce_sample"`
+}
+
+// Defaults of the signals keys.
+const (
+	// DefaultMinBounceSample is min_bounce_sample when a section leaves it out.
+	DefaultMinBounceSample = 50
+	// DefaultRecipientMemory is policy.recipient_memory.
+	DefaultRecipientMemory = 30 * 24 * time.Hour
+)
+
+// SignalsConfig is the [signals] section: where relay learns what became
+// of the mail it handed off.
+type SignalsConfig struct {
+	// QmailSendLog is qmail-send's log: a multilog "current" (tai64n
+	// stamps) or a syslog file. Empty: bounces are not followed.
+	QmailSendLog string `toml:"qmail_send_log"`
 }
 
 // AllowRule is one [[policy.allow]] entry: the mailing-list allowlist.
@@ -181,7 +215,12 @@ type AllowRule struct {
 	MaxRcptsPerMsg int    `toml:"max_rcpts_per_msg"`
 	Rcpts          []Rate `toml:"rcpts"`
 	Msgs           []Rate `toml:"msgs"`
-	Unlimited      bool   `toml:"unlimited"`
+	// The signals caps, as in Limits.
+	NewRcpts        []Rate  `toml:"new_rcpts"`
+	Bounces         []Rate  `toml:"bounces"`
+	MaxBounceRatio  float64 `toml:"max_bounce_ratio"`
+	MinBounceSample int     `toml:"min_bounce_sample"`
+	Unlimited       bool    `toml:"unlimited"`
 }
 
 // Webserver is one [[webserver]] entry.
@@ -200,12 +239,13 @@ type Notify struct {
 	Webhook string `toml:"webhook"`
 }
 
-// Duration is a time.Duration written as a Go duration string ("60s").
+// Duration is a time.Duration written as a Go duration string ("60s"), or
+// a whole number of days ("30d").
 type Duration struct{ time.Duration }
 
 // UnmarshalText implements encoding.TextUnmarshaler.
 func (d *Duration) UnmarshalText(b []byte) error {
-	v, err := time.ParseDuration(string(b))
+	v, err := parseDuration(string(b))
 	if err != nil {
 		return fmt.Errorf("invalid duration %q (use e.g. \"60s\", \"20m\")", b)
 	}
@@ -218,6 +258,18 @@ func (d *Duration) UnmarshalText(b []byte) error {
 
 // MarshalText implements encoding.TextMarshaler.
 func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+
+// parseDuration is time.ParseDuration, plus "Nd" for N whole days.
+func parseDuration(s string) (time.Duration, error) {
+	if n, ok := strings.CutSuffix(s, "d"); ok {
+		days, err := strconv.ParseInt(n, 10, 64)
+		if err != nil || days < 0 || days > int64(maxWindow/(24*time.Hour)) {
+			return 0, fmt.Errorf("invalid duration %q", s)
+		}
+		return time.Duration(days) * 24 * time.Hour, nil
+	}
+	return time.ParseDuration(s)
+}
 
 // Rate is a limit "N/W": at most N in any interval of length W.
 type Rate struct {

@@ -2,6 +2,7 @@ package config
 
 import (
 	"fmt"
+	"math"
 	"net"
 	"net/netip"
 	"net/url"
@@ -253,12 +254,16 @@ func (v *validator) policy(p *Policy) {
 		v.add("policy.over_limit", "%q: one of defer, reject, hold", p.OverLimit)
 	}
 	v.nonNegative("policy.suspend_after", int64(p.SuspendAfter))
+	if m := p.RecipientMemory.Duration; m < 24*time.Hour || m%(24*time.Hour) != 0 {
+		v.add("policy.recipient_memory", "want a whole number of days, at least \"1d\" (the memory keeps the day a recipient was last sent to)")
+	}
 	for _, kind := range []string{KindUser, KindUID, KindSender, KindDomain, KindIP} {
 		if l := p.Limits.ForKind(kind); l != nil {
 			key := "policy.limits." + kind
 			v.nonNegative(key+".max_rcpts_per_msg", int64(l.MaxRcptsPerMsg))
 			v.rates(key+".rcpts", l.Rcpts)
 			v.rates(key+".msgs", l.Msgs)
+			v.signals(key, l.NewRcpts, l.Bounces, l.MaxBounceRatio, l.MinBounceSample)
 		}
 	}
 	for i, a := range p.Allow {
@@ -269,9 +274,26 @@ func (v *validator) policy(p *Policy) {
 		v.nonNegative(key+".max_rcpts_per_msg", int64(a.MaxRcptsPerMsg))
 		v.rates(key+".rcpts", a.Rcpts)
 		v.rates(key+".msgs", a.Msgs)
+		v.signals(key, a.NewRcpts, a.Bounces, a.MaxBounceRatio, a.MinBounceSample)
 		if a.Unlimited && (a.MaxRcptsPerMsg != 0 || len(a.Rcpts) > 0 || len(a.Msgs) > 0) {
 			v.add(key+".unlimited", "unlimited = true cannot be combined with max_rcpts_per_msg, rcpts or msgs")
 		}
+		if a.Unlimited && (len(a.NewRcpts) > 0 || len(a.Bounces) > 0 || a.MaxBounceRatio != 0 || a.MinBounceSample != 0) {
+			v.add(key+".unlimited", "unlimited = true cannot be combined with new_rcpts, bounces, max_bounce_ratio or min_bounce_sample")
+		}
+	}
+}
+
+// signals checks the signals caps of one limits section or allow entry.
+func (v *validator) signals(key string, newRcpts, bounces []Rate, ratio float64, sample int) {
+	v.rates(key+".new_rcpts", newRcpts)
+	v.rates(key+".bounces", bounces)
+	if ratio < 0 || ratio > 1 || math.IsNaN(ratio) {
+		v.add(key+".max_bounce_ratio", "%v: want a fraction from 0 (no cap) to 1, e.g. 0.3", ratio)
+	}
+	v.nonNegative(key+".min_bounce_sample", int64(sample))
+	if sample != 0 && ratio == 0 && !v.skip[key+".max_bounce_ratio"] {
+		v.add(key+".min_bounce_sample", "needs max_bounce_ratio in the same section")
 	}
 }
 

@@ -69,12 +69,12 @@ func TestWithRealEngineAndSpool(t *testing.T) {
 		if d := tx.Check(); d.Action != policy.Accept {
 			return d
 		}
-		return tx.AddRcpt()
+		return tx.AddRcpt("rcpt@example.net")
 	}
 	// Three recipients against 2/1h: the third is deferred, alice is throttled.
 	for range 2 {
 		tx := engine.Begin(alice)
-		if d := tx.AddRcpt(); d.Action != policy.Accept {
+		if d := tx.AddRcpt("rcpt@example.net"); d.Action != policy.Accept {
 			t.Fatalf("rcpt: %+v", d)
 		}
 		tx.Commit()

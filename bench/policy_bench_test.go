@@ -78,7 +78,7 @@ func decide(eng *policy.Engine, k, domains int) policy.Decision {
 	tx := eng.Begin([]policy.Identity{benchIP, policy.SenderID(addr), dom})
 	d := tx.Check()
 	if d.Action == policy.Accept {
-		d = tx.AddRcpt()
+		d = tx.AddRcpt("rcpt@example.net")
 	}
 	if d.Action == policy.Accept {
 		d = tx.AddIdentities(policy.WebUID("web1", uint32(loadgen.FirstUID+k%9000), "", ""))

@@ -31,7 +31,7 @@ type Suspension struct {
 
 // Usage is one cap of a sender and how much of it is used.
 type Usage struct {
-	Metric string `json:"metric"` // "rcpts" | "msgs"
+	Metric string `json:"metric"` // "rcpts" | "msgs" | "new_rcpts" | "bounces"
 	Window string `json:"window"` // "1h"
 	Limit  int64  `json:"limit"`
 	Used   int64  `json:"used"` // accepted in the window plus open reservations
@@ -50,7 +50,10 @@ type Sender struct {
 	LastSeen       time.Time   `json:"last_seen,omitzero"`
 	Suspension     *Suspension `json:"suspension,omitempty"`
 	LastDecision   string      `json:"last_decision,omitempty"`
-	Events         []Event     `json:"events,omitempty"` // Sender only
+	// Deliveries is what qmail-send's log said of its handed-off mail
+	// (bounces.go); nil when nothing was logged and nothing is capped.
+	Deliveries *Deliveries `json:"deliveries,omitempty"`
+	Events     []Event     `json:"events,omitempty"` // Sender only
 }
 
 // senderEvents is how many recent events Sender returns.
@@ -81,6 +84,9 @@ func (e *Engine) snapshot(st *idState, c *policyConf, now time.Time) Sender {
 			atCap = atCap || used >= r.N
 			s.Usage = append(s.Usage, Usage{Metric: metricName(m), Window: config.FormatWindow(r.Window), Limit: r.N, Used: used})
 		}
+	}
+	if signalUsage(&s, st, lim, ns) {
+		atCap = true
 	}
 	switch {
 	case st.suspension != nil:

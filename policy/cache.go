@@ -81,7 +81,9 @@ func (e *Engine) lockState(id, kind string, create bool) (*idState, int) {
 // then waits on an Update can deadlock on mmap growth).
 func (e *Engine) readStored(id string, now int64) *idState {
 	var st *idState
+	var mem *rcptMemory
 	err := e.db.View(func(btx *bolt.Tx) error {
+		mem = e.readMemory(btx, id)
 		v := btx.Bucket(bucketCounters).Get([]byte(id))
 		if v == nil {
 			return nil
@@ -93,7 +95,14 @@ func (e *Engine) readStored(id string, now int64) *idState {
 	if err != nil {
 		// Unreadable: start afresh; the next flush overwrites the record.
 		e.log.Error("policy: reading counters", "identity", id, "err", err)
-		return nil
+		st = nil
+	}
+	if st == nil && mem != nil {
+		// The counters went idle; the memory outlives them.
+		st = &idState{id: id, kind: kindOf(id)}
+	}
+	if st != nil {
+		st.mem = mem
 	}
 	return st
 }

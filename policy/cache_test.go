@@ -51,7 +51,7 @@ func TestEvictedComesBackExact(t *testing.T) {
 	}
 	// Neither an open transaction nor unflushed counts leave memory.
 	open := e.Begin([]Identity{UserID("open")})
-	open.AddRcpt()
+	open.AddRcpt("rcpt@example.net")
 	send(e.Engine, []Identity{UserID("dirty")}, 1)
 	clk.Add(residentSpan + time.Second)
 	e.sweep()
@@ -130,7 +130,7 @@ func TestMissUnderConcurrency(t *testing.T) {
 					start.Wait()
 					mtx := e.Begin([]Identity{c.id})
 					states[g] = mtx.(*tx).ents[0].st
-					mtx.AddRcpt()
+					mtx.AddRcpt("rcpt@example.net")
 					mtx.Commit()
 				}()
 			}

@@ -3,6 +3,7 @@ package policy
 import (
 	"fmt"
 	"strings"
+	"time"
 
 	"relay/config"
 )
@@ -14,10 +15,16 @@ type limitSet struct {
 	maxRcpts int64  // 0: no per-message cap
 	rcpts    []config.Rate
 	msgs     []config.Rate
+	// Signals caps (recipients.go, bounces.go).
+	newRcpts    []config.Rate
+	bounces     []config.Rate
+	maxRatio    float64       // 0: no cap
+	minSample   int64         // deliveries before maxRatio applies
+	ratioWindow time.Duration // deliveries are shown and ratioed over this
 }
 
 // noLimits applies to identities of a kind without [policy.limits.<kind>].
-var noLimits = &limitSet{rule: "none"}
+var noLimits = &limitSet{rule: "none", ratioWindow: defaultDeliveryWindow}
 
 func (ls *limitSet) rates(metric uint8) []config.Rate {
 	if metric == metricMsgs {
@@ -44,6 +51,7 @@ type policyConf struct {
 	hostname     string
 	notifyEmail  string
 	webhook      string
+	memoryDays   int64 // recipient_memory in whole days
 }
 
 func compileConf(cfg *config.Config) (*policyConf, error) {
@@ -53,6 +61,7 @@ func compileConf(cfg *config.Config) (*policyConf, error) {
 		hostname:     cfg.Hostname,
 		notifyEmail:  cfg.Notify.Email,
 		webhook:      cfg.Notify.Webhook,
+		memoryDays:   int64((p.RecipientMemory.Duration + 24*time.Hour - 1) / (24 * time.Hour)),
 	}
 	switch p.Mode {
 	case "", config.PolicyEnforce:
@@ -81,6 +90,9 @@ func compileConf(cfg *config.Config) (*policyConf, error) {
 			continue
 		}
 		ls, err := newLimitSet("default "+kind, l.MaxRcptsPerMsg, l.Rcpts, l.Msgs)
+		if err == nil {
+			err = ls.setSignals(l.NewRcpts, l.Bounces, l.MaxBounceRatio, l.MinBounceSample)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("policy.limits.%s: %v", kind, err)
 		}
@@ -95,10 +107,13 @@ func compileConf(cfg *config.Config) (*policyConf, error) {
 		if kind == config.KindSender || kind == config.KindDomain {
 			pattern = strings.ToLower(pattern) // those ids are lowercased
 		}
-		ls := &limitSet{rule: "allow " + r.Match}
+		ls := &limitSet{rule: "allow " + r.Match, ratioWindow: defaultDeliveryWindow}
 		if !r.Unlimited {
 			var err error
 			ls, err = newLimitSet("allow "+r.Match, r.MaxRcptsPerMsg, r.Rcpts, r.Msgs)
+			if err == nil {
+				err = ls.setSignals(r.NewRcpts, r.Bounces, r.MaxBounceRatio, r.MinBounceSample)
+			}
 			if err != nil {
 				return nil, fmt.Errorf("policy.allow[%d]: %v", i, err)
 			}

@@ -74,11 +74,25 @@ func FormatRetry(d time.Duration) string {
 	return s
 }
 
-// limitText names a rate the way replies do: "500 recipients/1h".
+// limitText names a rate the way replies do: "500 recipients/1h", "50 new
+// recipients/1h", "20 bounces/1h", "30% bounces/24h" (metricRatio, n in
+// permille).
 func limitText(metric uint8, n int64, w time.Duration) string {
 	var b strings.Builder
-	b.WriteString(strconv.FormatInt(n, 10))
+	if metric == metricRatio {
+		b.WriteString(ratioText(n))
+	} else {
+		b.WriteString(strconv.FormatInt(n, 10))
+	}
 	switch {
+	case metric == metricNewRcpts && n == 1:
+		b.WriteString(" new recipient/")
+	case metric == metricNewRcpts:
+		b.WriteString(" new recipients/")
+	case metric == metricBounces && n == 1:
+		b.WriteString(" bounce/")
+	case metric == metricBounces || metric == metricRatio:
+		b.WriteString(" bounces/")
 	case metric == metricMsgs && n == 1:
 		b.WriteString(" message/")
 	case metric == metricMsgs:

@@ -55,15 +55,17 @@ const (
 // Engine is the policy of one relay process: the identity table with its
 // windows, suspensions and events, backed by bbolt. It implements Checker.
 type Engine struct {
-	db      *bolt.DB
-	now     func() time.Time
-	log     *slog.Logger
-	conf    atomic.Pointer[policyConf]
-	seed    maphash.Seed
-	shards  [numShards]shard
-	events  eventLog
-	notify  *notifier
-	metrics *metrics
+	db   *bolt.DB
+	now  func() time.Time
+	log  *slog.Logger
+	conf atomic.Pointer[policyConf]
+	seed maphash.Seed
+	// rcptSecret keys the recipient hashes of first-time-recipient memories.
+	rcptSecret [rcptKeyLen]byte
+	shards     [numShards]shard
+	events     eventLog
+	notify     *notifier
+	metrics    *metrics
 
 	flushEvery time.Duration
 	flushMu    sync.Mutex // one flush (or Reset) at a time
@@ -103,6 +105,9 @@ type idState struct {
 	sampleID      string
 	sampleSubject string
 	dirty         bool
+	// mem is the first-time-recipient memory (recipients.go); nil when
+	// none is stored. Read with the state, flushed with it when dirty.
+	mem *rcptMemory
 }
 
 // window returns the state's window for (metric, length), adding it when
@@ -218,6 +223,9 @@ func (e *Engine) flushLoop() {
 		if n%(sweepEvery*expireEvery) == 0 {
 			e.flushMu.Lock()
 			err := e.expireStored()
+			if err == nil {
+				err = e.expireMemories()
+			}
 			e.flushMu.Unlock()
 			if err != nil {
 				e.log.Error("policy: expiring idle counters", "err", err)
@@ -278,6 +286,9 @@ func (e *Engine) acquire(id Identity, lim *limitSet) (*idState, int) {
 	}
 	for _, r := range lim.msgs {
 		st.window(metricMsgs, r.Window)
+	}
+	for _, r := range lim.newRcpts {
+		st.window(metricNewRcpts, r.Window)
 	}
 	if id.Account != "" && st.account != id.Account {
 		st.account = id.Account

@@ -23,11 +23,11 @@ func TestDeferTextAndRetry(t *testing.T) {
 
 	tx := e.Begin(bob)
 	for i := range 3 {
-		if d := tx.AddRcpt(); d.Action != Accept {
+		if d := tx.AddRcpt("rcpt@example.net"); d.Action != Accept {
 			t.Fatalf("rcpt %d: %+v", i, d)
 		}
 	}
-	d := tx.AddRcpt()
+	d := tx.AddRcpt("rcpt@example.net")
 	if d.Action != Defer || d.Identity != "user:bob" || d.Limit != "3 recipients/1h" {
 		t.Fatalf("4th rcpt: %+v", d)
 	}
@@ -70,7 +70,7 @@ func TestOverLimitActions(t *testing.T) {
 				t.Fatal(d)
 			}
 			tx := e.Begin(ids)
-			d := tx.AddRcpt()
+			d := tx.AddRcpt("rcpt@example.net")
 			if d.Action != c.action || !strings.HasPrefix(d.Text(), "user:bob is over 2 recipients/1h; try again in ") {
 				t.Fatalf("got %v %q", d.Action, d.Text())
 			}
@@ -79,7 +79,7 @@ func TestOverLimitActions(t *testing.T) {
 				return
 			}
 			// Hold is sticky for the rest of the message and charges nothing.
-			if d2 := tx.AddRcpt(); d2.Action != Hold {
+			if d2 := tx.AddRcpt("rcpt@example.net"); d2.Action != Hold {
 				t.Fatalf("2nd rcpt after hold: %+v", d2)
 			}
 			if d2 := tx.Message(); d2.Action != Hold {
@@ -102,9 +102,9 @@ func TestTooManyRcpts(t *testing.T) {
 	userLimits(t, cfg, 2, "100/1h")
 	e := openTest(t, t.TempDir(), cfg, newClock(), Options{})
 	tx := e.Begin([]Identity{UserID("bob")})
-	tx.AddRcpt()
-	tx.AddRcpt()
-	d := tx.AddRcpt()
+	tx.AddRcpt("rcpt@example.net")
+	tx.AddRcpt("rcpt@example.net")
+	d := tx.AddRcpt("rcpt@example.net")
 	if d.Action != TooManyRcpts || d.Text() != "user:bob is over 2 recipients per message" {
 		t.Fatalf("got %v %q", d.Action, d.Text())
 	}
@@ -128,7 +128,7 @@ func TestAbortReleasesAndRefusedNeverCharged(t *testing.T) {
 	ids := []Identity{UserID("bob"), SenderID("bob@example.com")}
 	tx := e.Begin(ids)
 	for range 5 {
-		tx.AddRcpt()
+		tx.AddRcpt("rcpt@example.net")
 	}
 	tx.Abort()
 	tx.Abort()
@@ -155,7 +155,7 @@ func TestAddIdentities(t *testing.T) {
 
 	tx := e.Begin([]Identity{ip, SenderID("www@example.com")})
 	for range 3 {
-		tx.AddRcpt()
+		tx.AddRcpt("rcpt@example.net")
 	}
 	tx.Message()
 	if d := tx.AddIdentities(web); d.Action != Accept {
@@ -175,8 +175,8 @@ func TestAddIdentities(t *testing.T) {
 
 	// The next message: 2 recipients would make 5 > 4.
 	tx = e.Begin([]Identity{ip})
-	tx.AddRcpt()
-	tx.AddRcpt()
+	tx.AddRcpt("rcpt@example.net")
+	tx.AddRcpt("rcpt@example.net")
 	d := tx.AddIdentities(web)
 	if d.Action != Defer || d.Identity != "uid:web1:1001" || d.Limit != "4 recipients/1h" {
 		t.Fatalf("got %+v", d)
@@ -188,7 +188,7 @@ func TestAddIdentities(t *testing.T) {
 		t.Fatal(err)
 	}
 	tx = e.Begin([]Identity{ip})
-	tx.AddRcpt()
+	tx.AddRcpt("rcpt@example.net")
 	if d := tx.AddIdentities(web); d.Action != Reject || !d.Suspended || d.Text() != "uid:web1:1001 is suspended" {
 		t.Fatalf("suspended at DATA: %+v", d)
 	}
@@ -292,7 +292,7 @@ func TestLastSlotRace(t *testing.T) {
 				tx := e.Begin([]Identity{id})
 				n := int64(0)
 				for range 3 {
-					if tx.AddRcpt().Action == Accept {
+					if tx.AddRcpt("rcpt@example.net").Action == Accept {
 						n++
 					}
 				}
@@ -384,7 +384,7 @@ func TestObserveMode(t *testing.T) {
 	bob := []Identity{UserID("bob")}
 	for i := range 4 {
 		tx := e.Begin(bob)
-		d := tx.AddRcpt()
+		d := tx.AddRcpt("rcpt@example.net")
 		if d.Action != Accept {
 			t.Fatalf("observe blocked message %d: %+v", i, d)
 		}
@@ -569,8 +569,8 @@ func TestAddIdentitiesKnownIDLearnsScript(t *testing.T) {
 	cfg.Policy.Limits.UID = &config.Limits{Rcpts: rates(t, "10/1h")}
 	e := openTest(t, t.TempDir(), cfg, newClock(), Options{})
 	tx := e.Begin([]Identity{LocalUID(1001, "bob"), SenderID("bob@example.com")})
-	tx.AddRcpt()
-	tx.AddRcpt()
+	tx.AddRcpt("rcpt@example.net")
+	tx.AddRcpt("rcpt@example.net")
 	if d := tx.AddIdentities(LocalUID(1001, "bob")); d.Action != Accept {
 		t.Fatalf("same identity again: %+v", d)
 	}
@@ -601,13 +601,13 @@ func TestNullSenderNotCappedAsASender(t *testing.T) {
 	ip := IPID(mustAddr("10.0.0.1"))
 	for i := range 5 {
 		tx := e.Begin([]Identity{SenderID(""), ip})
-		if d := tx.AddRcpt(); d.Action != Accept {
+		if d := tx.AddRcpt("rcpt@example.net"); d.Action != Accept {
 			t.Fatalf("bounce %d: %+v", i, d)
 		}
 		tx.Commit()
 	}
 	tx := e.Begin([]Identity{SenderID(""), ip})
-	if d := tx.AddRcpt(); d.Action != Defer || d.Identity != ip.ID {
+	if d := tx.AddRcpt("rcpt@example.net"); d.Action != Defer || d.Identity != ip.ID {
 		t.Fatalf("6th bounce from one IP: %+v, want the IP's cap", d)
 	}
 	tx.Abort()
@@ -617,12 +617,12 @@ func TestNullSenderNotCappedAsASender(t *testing.T) {
 		t.Fatal(err)
 	}
 	tx = e.Begin([]Identity{SenderID("")})
-	if d := tx.AddRcpt(); d.Action != Accept {
+	if d := tx.AddRcpt("rcpt@example.net"); d.Action != Accept {
 		t.Fatalf("first bounce under the allow rule: %+v", d)
 	}
 	tx.Commit()
 	tx = e.Begin([]Identity{SenderID("")})
-	if d := tx.AddRcpt(); d.Action != Defer || d.Identity != "sender:<>" {
+	if d := tx.AddRcpt("rcpt@example.net"); d.Action != Defer || d.Identity != "sender:<>" {
 		t.Fatalf("an allow rule naming sender:<> caps it: %+v", d)
 	}
 	tx.Abort()

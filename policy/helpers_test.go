@@ -99,7 +99,7 @@ func send(e *Engine, ids []Identity, n int) Decision {
 		return d
 	}
 	for range n {
-		if d := tx.AddRcpt(); d.Action != Accept {
+		if d := tx.AddRcpt("rcpt@example.net"); d.Action != Accept {
 			tx.Abort()
 			return d
 		}

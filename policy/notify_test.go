@@ -69,7 +69,7 @@ func TestNotifications(t *testing.T) {
 	}
 
 	tx := e.Begin(ids)
-	tx.AddRcpt()
+	tx.AddRcpt("rcpt@example.net")
 	tx.SetSample("<1@web1>", "Cheap pills")
 	tx.Commit()
 	send(e.Engine, ids, 1) // throttle start: webhook + email

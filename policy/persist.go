@@ -58,8 +58,12 @@ func (e *Engine) load() error {
 				return err
 			}
 		}
+		var err error
+		if e.rcptSecret, err = loadRcptKey(btx); err != nil {
+			return err
+		}
 		counters := btx.Bucket(bucketCounters)
-		err := btx.Bucket(bucketSuspensions).ForEach(func(k, v []byte) error {
+		err = btx.Bucket(bucketSuspensions).ForEach(func(k, v []byte) error {
 			var s Suspension
 			if err := json.Unmarshal(v, &s); err != nil {
 				return fmt.Errorf("policy suspension of %q: %v", k, err)
@@ -72,7 +76,9 @@ func (e *Engine) load() error {
 				st.lastUsed = now
 				e.shards[e.shardOf(st.id)].states[st.id] = st
 			}
-			e.stateLocked(string(k)).suspension = &s
+			st := e.stateLocked(string(k))
+			st.suspension = &s
+			st.mem = e.readMemory(btx, st.id)
 			return nil
 		})
 		if err != nil {
@@ -113,7 +119,9 @@ func (e *Engine) flush() error {
 	}
 	var puts []put
 	var dels []string
+	var mems []putMemory
 	now := e.now().UnixNano()
+	keepDays := e.conf.Load().memoryKeepDays()
 	for i := range e.shards {
 		sh := &e.shards[i]
 		sh.mu.Lock()
@@ -125,6 +133,9 @@ func (e *Engine) flush() error {
 				continue // dropped (and maybe recreated) since
 			}
 			puts = append(puts, put{st.id, encodeState(st, now)})
+			if m, ok := takeMemory(st, now, keepDays); ok {
+				mems = append(mems, m)
+			}
 		}
 		sh.dirty = sh.dirty[:0]
 		sh.mu.Unlock()
@@ -133,6 +144,7 @@ func (e *Engine) flush() error {
 	if len(puts) == 0 && len(dels) == 0 && len(evs) == 0 {
 		return nil
 	}
+	slices.SortFunc(mems, func(a, b putMemory) int { return strings.Compare(a.key, b.key) })
 	// In key order: bbolt inserts into a leaf with a copy of its tail, so
 	// random order costs quadratic time on a flush of many identities.
 	slices.SortFunc(puts, func(a, b put) int { return strings.Compare(a.key, b.key) })
@@ -149,6 +161,12 @@ func (e *Engine) flush() error {
 				return err
 			}
 		}
+		rb := btx.Bucket(bucketRecipients)
+		for _, m := range mems {
+			if err := rb.Put([]byte(m.key), m.val); err != nil {
+				return err
+			}
+		}
 		return putEvents(btx, evs)
 	})
 	if err != nil {
@@ -158,6 +176,9 @@ func (e *Engine) flush() error {
 			sh.mu.Lock()
 			if st := sh.states[p.key]; st != nil {
 				sh.markDirty(st)
+				if st.mem != nil {
+					st.mem.dirty = true // write it again too
+				}
 			}
 			sh.mu.Unlock()
 		}
@@ -370,7 +391,7 @@ func decodeState(id string, v []byte, now int64) (*idState, error) {
 		metric := r.byte()
 		length := time.Duration(r.varint())
 		width := r.varint()
-		if r.err == nil && (metric > metricMsgs || length <= 0 || width != newWindow(metric, length).width) {
+		if r.err == nil && (metric >= numMetrics || length <= 0 || width != newWindow(metric, length).width) {
 			r.err = errors.New("bad window in record")
 		}
 		w := newWindow(metric, length)

@@ -24,6 +24,7 @@ type overHit struct {
 	metric uint8
 	rate   config.Rate
 	used   int64
+	of     int64 // metricRatio: the deliveries used is a part of
 	retry  time.Duration
 }
 
@@ -45,10 +46,20 @@ type tx struct {
 	shardBuf [8]int
 	hitBuf   [4]overHit
 	rcpts    int64 // recipients accepted so far (reserved, or bound for hold)
-	msg      bool  // Message reserved one message
-	holding  bool  // a Hold decision was given: the rest of the message goes to hold
-	holdDec  Decision
-	done     bool
+	// First-time recipients (recipients.go): the memory keys of the
+	// recipients accepted so far, those being checked now, and the holds
+	// the transaction has on identities' memories.
+	keys    []uint32
+	adding  []uint32
+	holds   []rcptHold
+	today   int64 // the day of the check in progress
+	addBuf  [1]uint32
+	keyBuf  [8]uint32
+	holdBuf [8]rcptHold
+	msg     bool // Message reserved one message
+	holding bool // a Hold decision was given: the rest of the message goes to hold
+	holdDec Decision
+	done    bool
 
 	sampleID, sampleSubject string
 
@@ -149,6 +160,9 @@ func (t *tx) evaluate(from int, now int64, needR, needM, total int64, perMsg Act
 				}
 			}
 		}
+		if needR > 0 || needM > 0 {
+			hits = t.signalHits(i, now, hits)
+		}
 	}
 	switch {
 	case suspended != nil:
@@ -237,7 +251,7 @@ func (t *tx) overEvent(ent *txEnt, h overHit, dec Decision, now time.Time, ns in
 	t.e.shards[ent.shard].markDirty(st)
 
 	limit := limitText(h.metric, h.rate.N, h.rate.Window)
-	detail := "over " + limit + " (used " + strconv.FormatInt(h.used, 10) + ", " + ent.lim.rule + ")"
+	detail := "over " + limit + " (" + hitUsage(h) + ", " + ent.lim.rule + ")"
 	logSpaced := ns-st.lastLogged >= int64(eventLogSpacing)
 	if logSpaced {
 		st.lastLogged = ns
@@ -367,6 +381,7 @@ func (t *tx) release(charge bool, ns int64) {
 			}
 		}
 		ent.rcpts, ent.msgs = 0, 0
+		t.settleNewRcpts(i, charge, ns)
 		st.refs--
 		st.lastUsed = ns
 		if charge {
@@ -377,6 +392,7 @@ func (t *tx) release(charge bool, ns int64) {
 			t.e.shards[ent.shard].markDirty(st)
 		}
 	}
+	t.holds = t.holds[:0]
 	t.done = true
 }
 
@@ -394,7 +410,7 @@ func (t *tx) Check() Decision {
 }
 
 // AddRcpt checks one more recipient against every identity and reserves it.
-func (t *tx) AddRcpt() Decision {
+func (t *tx) AddRcpt(rcpt string) Decision {
 	if t.done {
 		return finished
 	}
@@ -402,11 +418,22 @@ func (t *tx) AddRcpt() Decision {
 		t.rcpts++
 		return t.afterUnlock(t.holdDec)
 	}
+	key := t.e.rcptKey(rcpt)
+	t.addBuf[0] = key
+	t.adding = t.addBuf[:]
 	now := t.e.now()
+	t.today = now.UnixNano() / dayNanos
 	locked := t.lock()
 	dec, hits := t.evaluate(0, now.UnixNano(), 1, 0, t.rcpts+1, TooManyRcpts)
 	dec = t.settle(dec, hits, now)
 	t.accept(dec, 0, 1, 0)
+	if dec.Action == Accept {
+		if t.keys == nil {
+			t.keys = t.keyBuf[:0]
+		}
+		t.keys = append(t.keys, key)
+	}
+	t.adding = nil
 	t.e.unlockShards(locked)
 	return t.afterUnlock(dec)
 }
@@ -417,6 +444,12 @@ func (t *tx) accept(dec Decision, from int, needR, needM int64) {
 	switch dec.Action {
 	case Accept:
 		t.reserve(from, needR, needM)
+		if len(t.adding) > 0 {
+			if t.holds == nil {
+				t.holds = t.holdBuf[:0]
+			}
+			t.holdNewRcpts(from, t.today, t.conf.memoryKeepDays())
+		}
 		if from == 0 {
 			t.rcpts += needR
 			if needM > 0 {
@@ -452,9 +485,11 @@ func (t *tx) AddIdentities(ids ...Identity) Decision {
 	}
 	now := t.e.now()
 	locked := t.lock()
+	t.adding, t.today = t.keys, now.UnixNano()/dayNanos
 	dec, hits := t.evaluate(from, now.UnixNano(), t.rcpts, needM, t.rcpts, t.conf.overAction)
 	dec = t.settle(dec, hits, now)
 	t.accept(dec, from, t.rcpts, needM)
+	t.adding = nil
 	t.e.unlockShards(locked)
 	return t.afterUnlock(dec)
 }

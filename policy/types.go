@@ -49,8 +49,9 @@ type Checker interface {
 type Tx interface {
 	// Check tells whether any identity is suspended (called at MAIL).
 	Check() Decision
-	// AddRcpt checks one more recipient against every identity and reserves it.
-	AddRcpt() Decision
+	// AddRcpt checks one more recipient, rcpt (the address as the client
+	// gave it), against every identity and reserves it.
+	AddRcpt(rcpt string) Decision
 	// AddIdentities adds identities learned from the headers at DATA
 	// (uid:<webserver>:<uid>, script) and checks them for all recipients so far.
 	AddIdentities(ids ...Identity) Decision

@@ -24,8 +24,17 @@ const (
 )
 
 func metricName(m uint8) string {
-	if m == metricMsgs {
+	switch m {
+	case metricMsgs:
 		return "msgs"
+	case metricNewRcpts:
+		return "new_rcpts"
+	case metricBounces:
+		return "bounces"
+	case metricSuccesses:
+		return "successes"
+	case metricDeferrals:
+		return "deferrals"
 	}
 	return "rcpts"
 }

@@ -132,7 +132,7 @@ type fakeTx struct {
 }
 
 func (t *fakeTx) Check() policy.Decision { t.c.record("check"); return t.c.check }
-func (t *fakeTx) AddRcpt() policy.Decision {
+func (t *fakeTx) AddRcpt(string) policy.Decision {
 	t.c.record("rcpt")
 	t.nrcpt++
 	t.c.mu.Lock()

@@ -341,7 +341,7 @@ func (s *session) rcpt(tx *transaction, to string) (*smtp.SMTPError, string) {
 		return replyTooManyRcpts, rcptDeferred
 	}
 	if tx.ptx != nil {
-		d := tx.ptx.AddRcpt()
+		d := tx.ptx.AddRcpt(to)
 		s.observed("rcpt", d)
 		if r := decisionReply(d); r != nil {
 			return r, resultOf(r.Code)

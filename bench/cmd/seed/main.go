@@ -55,7 +55,7 @@ func seed(path string, senders, domains, uids int, webserver string) error {
 	start := time.Now()
 	charge := func(ids ...policy.Identity) error {
 		tx := eng.Begin(ids)
-		for _, d := range []policy.Decision{tx.Check(), tx.AddRcpt(), tx.Message()} {
+		for _, d := range []policy.Decision{tx.Check(), tx.AddRcpt("rcpt@example.net"), tx.Message()} {
 			if d.Action != policy.Accept {
 				tx.Abort()
 				return fmt.Errorf("%v over its cap while seeding (%s): raise the config's limits", ids, d.Limit)

@@ -78,7 +78,7 @@ func BenchmarkFollow1M(b *testing.B) {
 type countSink struct{ n atomic.Int64 }
 
 func (s *countSink) RecordDelivery([]string, string, time.Time) { s.n.Add(1) }
-func (s *countSink) Flush() error                              { return nil }
+func (s *countSink) Flush() error                               { return nil }
 
 func cpuTime() time.Duration {
 	var ru syscall.Rusage

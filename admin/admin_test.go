@@ -66,7 +66,11 @@ func newFixture(t *testing.T) *fixture {
 			Usage: []Usage{
 				{Metric: "rcpts", Window: "1h", Limit: 500, Used: 512},
 				{Metric: "msgs", Window: "1h", Limit: 200, Used: 40},
+				{Metric: "new_rcpts", Window: "1h", Limit: 50, Used: 12},
+				{Metric: "bounces", Window: "1h", Limit: 20, Used: 3},
 			},
+			Deliveries: &Deliveries{Window: "24h", Successes: 40, Failures: 12, Deferrals: 3, BounceRate: 12.0 / 52,
+				MaxBounceRatio: 0.3, MinBounceSample: 50},
 			LastDecision: "uid:web1:1001 is over 500 recipients/1h; try again in 12m"},
 		Sender{ID: bobID, Kind: "user", State: StateOK, Rule: "default user", LastSeen: now.Add(-time.Hour),
 			Usage: []Usage{{Metric: "rcpts", Window: "1m", Limit: 100, Used: 30}}},

@@ -3,6 +3,7 @@ package admin
 import (
 	"fmt"
 	"io"
+	"math"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -41,13 +42,61 @@ func row(w io.Writer, cells ...string) {
 	io.WriteString(w, "\n")
 }
 
-// usageText is "rcpts 120/100 per 1m, msgs 5/200 per 1h".
+// usageText is "rcpts 120/100 per 1m, msgs 5/200 per 1h, new_rcpts 3/50
+// per 1h, bounces 2/20 per 1h".
 func usageText(us []Usage) string {
 	parts := make([]string, 0, len(us))
 	for _, u := range us {
 		parts = append(parts, fmt.Sprintf("%s %d/%d per %s", u.Metric, u.Used, u.Limit, u.Window))
 	}
 	return strings.Join(parts, ", ")
+}
+
+// senderUsage is usageText and the deliveries: what the USAGE column of
+// relay ctl senders shows.
+func senderUsage(s Sender) string {
+	t := usageText(s.Usage)
+	if d := deliveriesText(s.Deliveries); d != "" {
+		if t != "" {
+			t += ", "
+		}
+		t += d
+	}
+	return t
+}
+
+// deliveriesText is "deliveries per 24h: 40 ok, 12 bounced, 3 deferred,
+// bounce ratio 23.1% (cap 30% over 50+)"; "" for nil.
+func deliveriesText(d *Deliveries) string {
+	if d == nil {
+		return ""
+	}
+	s := fmt.Sprintf("deliveries per %s: %d ok, %d bounced, %d deferred, bounce ratio %s",
+		d.Window, d.Successes, d.Failures, d.Deferrals, percent(d.BounceRate))
+	if d.MaxBounceRatio > 0 {
+		s += fmt.Sprintf(" (cap %s over %d+)", percent(d.MaxBounceRatio), d.MinBounceSample)
+	}
+	return s
+}
+
+// percent writes a ratio as a percentage: "23.1%", "30%".
+func percent(r float64) string {
+	return strconv.FormatFloat(math.Round(r*1000)/10, 'f', -1, 64) + "%"
+}
+
+// metricText names a usage metric on the page.
+func metricText(m string) string {
+	switch m {
+	case "rcpts":
+		return "recipients"
+	case "msgs":
+		return "messages"
+	case "new_rcpts":
+		return "first-time recipients"
+	case "bounces":
+		return "bounces"
+	}
+	return m
 }
 
 func fmtTime(t time.Time) string {
@@ -62,7 +111,7 @@ func WriteSenders(w io.Writer, senders []Sender) error {
 	tw := newTable(w)
 	row(tw, "ID", "STATE", "ACCOUNT", "SCRIPTS", "USAGE", "RULE", "LAST SEEN")
 	for _, s := range senders {
-		row(tw, s.ID, s.State, s.Account, strings.Join(s.Scripts, ","), usageText(s.Usage), s.Rule, fmtTime(s.LastSeen))
+		row(tw, s.ID, s.State, s.Account, strings.Join(s.Scripts, ","), senderUsage(s), s.Rule, fmtTime(s.LastSeen))
 	}
 	return tw.Flush()
 }
@@ -85,6 +134,9 @@ func WriteSender(w io.Writer, s Sender) error {
 	}
 	for _, u := range s.Usage {
 		row(tw, "usage:", usageText([]Usage{u}))
+	}
+	if d := deliveriesText(s.Deliveries); d != "" {
+		row(tw, "deliveries:", d)
 	}
 	row(tw, "last seen:", fmtTime(s.LastSeen))
 	if s.Suspension != nil {

@@ -206,7 +206,8 @@ func TestTables(t *testing.T) {
 	var b bytes.Buffer
 	ss := []Sender{
 		{ID: webID, State: StateThrottled, Account: "alice", Scripts: []string{"contact.php"}, Rule: "default uid",
-			Usage: []Usage{{Metric: "rcpts", Window: "1h", Limit: 500, Used: 512}}},
+			Usage:      []Usage{{Metric: "rcpts", Window: "1h", Limit: 500, Used: 512}, {Metric: "new_rcpts", Window: "1h", Limit: 50, Used: 7}},
+			Deliveries: &Deliveries{Window: "24h", Successes: 3, Failures: 1, Deferrals: 2, BounceRate: 0.25}},
 		{ID: "sender:x\x1b[31m@evil\tfoo", State: StateOK, Rule: "none"},
 	}
 	if err := WriteSenders(&b, ss); err != nil {
@@ -220,7 +221,8 @@ func TestTables(t *testing.T) {
 	if col <= 0 || strings.Index(lines[1], "throttled") != col || strings.Index(lines[2], "ok") != col {
 		t.Errorf("STATE column not aligned:\n%s", b.String())
 	}
-	if !strings.Contains(lines[1], "rcpts 512/500 per 1h") || !strings.Contains(lines[1], "contact.php") {
+	if !strings.Contains(lines[1], "rcpts 512/500 per 1h, new_rcpts 7/50 per 1h, deliveries per 24h: 3 ok, 1 bounced, 2 deferred, bounce ratio 25%") ||
+		!strings.Contains(lines[1], "contact.php") {
 		t.Errorf("row: %q", lines[1])
 	}
 	if strings.ContainsAny(b.String(), "\x1b\t") || !strings.Contains(lines[2], "sender:x?[31m@evil?foo") {
@@ -240,8 +242,11 @@ func TestTables(t *testing.T) {
 	}
 	b.Reset()
 	WriteSender(&b, Sender{ID: webID, State: StateSuspended, Suspension: &Suspension{Reason: "spam run"},
-		Events: []Event{{Kind: "suspended"}}})
-	if !strings.Contains(b.String(), "spam run") || !strings.Contains(b.String(), "recent events:") {
+		Usage:      []Usage{{Metric: "bounces", Window: "1h", Limit: 20, Used: 21}},
+		Deliveries: &Deliveries{Window: "1h", Failures: 21, Deferrals: 4, BounceRate: 1},
+		Events:     []Event{{Kind: "suspended"}}})
+	if !strings.Contains(b.String(), "spam run") || !strings.Contains(b.String(), "recent events:") ||
+		!strings.Contains(b.String(), "bounces 21/20 per 1h") || !strings.Contains(b.String(), "4 deferred, bounce ratio 100%") {
 		t.Errorf("sender:\n%s", b.String())
 	}
 }

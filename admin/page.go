@@ -31,6 +31,8 @@ func parsePages() (*template.Template, error) {
 		"stamp":  stamp,
 		"high":   func(limit int64) int64 { return limit * 8 / 10 },
 		"join":   strings.Join,
+		"metric": metricText,
+		"pct":    percent,
 	}).ParseFS(pageFS, "web/page.html")
 }
 

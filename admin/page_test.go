@@ -20,6 +20,8 @@ func TestDashboardRenders(t *testing.T) {
 	for _, want := range []string{
 		webID, "alice", "contact.php", // who, which account, which script
 		`<meter min="0" max="500"`, `value="512"`, "512/500 recipients per 1h", "40/200 messages per 1h", // how much
+		"12/50 first-time recipients per 1h", "3/20 bounces per 1h", // signals (issue 16)
+		"deliveries per 24h: 40 delivered, 12 bounced, 3 deferred; bounce ratio 23.1% (cap 30% over 50+)",
 		"default uid", "2m ago", "2026-01-01 09:50:00", // rule, last seen, since (throttle_start)
 		"try again in 12m",                                      // last decision
 		`action="/ui/senders/uid:web1:1001/suspend"`, "Suspend", // buttons

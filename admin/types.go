@@ -23,6 +23,7 @@ const (
 type (
 	Sender      = policy.Sender
 	Usage       = policy.Usage
+	Deliveries  = policy.Deliveries
 	Suspension  = policy.Suspension
 	Event       = policy.Event
 	EventFilter = policy.EventFilter

@@ -384,6 +384,11 @@ func TestQQBuildsDecideAlike(t *testing.T) {
 					if s.committed != tc.wantCommit {
 						t.Errorf("committed = %v, want %v", s.committed, tc.wantCommit)
 					}
+					// The commit names the pid the exec keeps: the qp
+					// qmail-send logs for the message (issue 16).
+					if tc.wantCommit && s.commitPID != strconv.Itoa(pid) {
+						t.Errorf("commit with %q, want the pid %d", s.commitPID, pid)
+					}
 					if s.helo != CheckHelo || s.uid != os.Getuid() {
 						t.Errorf("session helo %q uid %d", s.helo, s.uid)
 					}

@@ -45,6 +45,7 @@ type fakeSession struct {
 	data      []byte
 	resets    int
 	committed bool
+	commitPID string // the commit's initial response: relay qq's pid
 }
 
 func reply(code int, enh smtp.EnhancedCode, msg string) *smtp.SMTPError {
@@ -203,12 +204,13 @@ func (ds *daemonSession) Auth(mech string) (sasl.Server, error) {
 
 type commitServer struct{ ds *daemonSession }
 
-func (c commitServer) Next([]byte) ([]byte, bool, error) {
+func (c commitServer) Next(resp []byte) ([]byte, bool, error) {
 	if c.ds.d.script.commitFail {
 		return nil, false, errors.New("no reservation")
 	}
 	c.ds.d.mu.Lock()
 	c.ds.s.committed = true
+	c.ds.s.commitPID = string(resp)
 	c.ds.d.mu.Unlock()
 	return nil, true, nil
 }

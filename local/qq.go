@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -505,9 +506,13 @@ func (q *QQ) spoolMemory() int64 {
 	return DefaultSpoolMemory
 }
 
-// commitAuth is the SASL client for AUTH X-RELAY-COMMIT: no initial
-// response, and an empty answer to any challenge.
+// commitAuth is the SASL client for AUTH X-RELAY-COMMIT: the initial
+// response is this process's pid in decimal, which the exec of the real
+// qmail-queue keeps: the qp qmail-send logs for the message, which the
+// daemon joins to its identities. Any challenge gets an empty answer.
 type commitAuth struct{}
 
-func (commitAuth) Start() (string, []byte, error) { return CommitMechanism, nil, nil }
-func (commitAuth) Next([]byte) ([]byte, error)    { return []byte{}, nil }
+func (commitAuth) Start() (string, []byte, error) {
+	return CommitMechanism, strconv.AppendInt(nil, int64(os.Getpid()), 10), nil
+}
+func (commitAuth) Next([]byte) ([]byte, error) { return []byte{}, nil }

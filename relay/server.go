@@ -38,9 +38,19 @@ type HoldSpool interface {
 	Put(meta queue.HeldMeta, msg io.Reader) (queue.HeldMeta, error)
 }
 
+// HandoffRecorder learns which qmail-queue run carried which identities'
+// message, so that what qmail-send logs about it can be counted against
+// them (package signals; DESIGN.md §12). qp is the pid of the qmail-queue
+// process that took the message (as in "250 ok ... qp N"), from the
+// envelope sender, at when the hand-off began.
+type HandoffRecorder interface {
+	HandedOff(qp int, from string, ids []string, at time.Time)
+}
+
 // Deps are the Server's collaborators.
 type Deps struct {
 	Policy     policy.Checker        // nil: no policy, nothing counted
+	Handoffs   HandoffRecorder       // nil: hand-offs are not recorded
 	Handoff    queue.Handoff         // required
 	Hold       HoldSpool             // nil: a hold decision defers instead
 	Auth       Authenticator         // nil: no AUTH offered

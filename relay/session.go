@@ -116,7 +116,9 @@ type session struct {
 	// X-RELAY-COMMIT commits it or RSET, MAIL or the end of the session
 	// aborts it.
 	pending     policy.Tx
-	keepPending bool // the next Reset is go-smtp's after DATA: keep pending and exemptDone
+	pendingFrom string   // its envelope sender
+	pendingIDs  []string // its identities
+	keepPending bool     // the next Reset is go-smtp's after DATA: keep pending and exemptDone
 	// exemptDone: the check session answered "250 ok exempt"; a commit is
 	// then a no-op.
 	exemptDone bool
@@ -236,11 +238,13 @@ func (s *session) authenticate(login, password string) error {
 
 // commitServer is the SASL "mechanism" X-RELAY-COMMIT: `relay qq` sends it
 // just before it execs the real qmail-queue, and the reservation is
-// charged. An empty initial response ("AUTH X-RELAY-COMMIT =") saves the
-// 334 round trip.
+// charged. The initial response is relay qq's pid in decimal: the exec
+// keeps it, so it is the qp qmail-send logs for the message; an empty one
+// ("AUTH X-RELAY-COMMIT =") commits without it. The initial response saves
+// the 334 round trip.
 type commitServer struct{ s *session }
 
-func (c commitServer) Next([]byte) ([]byte, bool, error) {
+func (c commitServer) Next(resp []byte) ([]byte, bool, error) {
 	s := c.s
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -248,7 +252,11 @@ func (c commitServer) Next([]byte) ([]byte, bool, error) {
 	case s.pending != nil:
 		s.pending.Commit()
 		s.pending = nil
-		s.log.Info("check committed", "uid", s.uid)
+		qp := commitPID(resp)
+		if qp > 0 && s.srv.deps.Handoffs != nil {
+			s.srv.deps.Handoffs.HandedOff(qp, s.pendingFrom, s.pendingIDs, s.srv.now())
+		}
+		s.log.Info("check committed", "uid", s.uid, "qp", qp)
 	case s.exemptDone:
 		s.exemptDone = false
 	default:
@@ -354,6 +362,34 @@ func (s *session) rcpt(tx *transaction, to string) (*smtp.SMTPError, string) {
 	return nil, rcptAccepted
 }
 
+// idStrings lists the ids of identities.
+func idStrings(ids []policy.Identity) []string {
+	out := make([]string, len(ids))
+	for i, id := range ids {
+		out[i] = id.ID
+	}
+	return out
+}
+
+// commitPID reads the pid in a commit's initial response: decimal, 0 when
+// absent or not a pid.
+func commitPID(resp []byte) int {
+	if len(resp) == 0 || len(resp) > 10 {
+		return 0
+	}
+	n := 0
+	for _, c := range resp {
+		if c < '0' || c > '9' {
+			return 0
+		}
+		n = n*10 + int(c-'0')
+	}
+	if n > 1<<31-1 {
+		return 0
+	}
+	return n
+}
+
 // resultOf names a refused recipient for metrics: 4xx deferred, 5xx
 // rejected.
 func resultOf(code int) string {
@@ -449,10 +485,12 @@ func (s *session) data(tx *transaction, msg *storeReader, headBuf []byte) *smtp.
 			return s.storeFailure(msg)
 		}
 		s.pending, tx.ptx = tx.ptx, nil
+		s.pendingFrom, s.pendingIDs = tx.from, idStrings(tx.ids)
 		s.keepPending = true
 		tx.result = txAccepted
 		return okReply("ok reserved")
 	}
+	handoffStart := s.srv.now()
 	receipt, err := s.srv.deps.Handoff.Deliver(s.srv.ctx, queue.Envelope{From: tx.from, To: tx.rcpts}, body)
 	if msg.Err() != nil {
 		tx.abort()
@@ -470,6 +508,9 @@ func (s *session) data(tx *transaction, msg *storeReader, headBuf []byte) *smtp.
 	if tx.ptx != nil {
 		tx.ptx.Commit()
 		tx.ptx = nil
+		if receipt.QP > 0 && s.srv.deps.Handoffs != nil {
+			s.srv.deps.Handoffs.HandedOff(receipt.QP, tx.from, idStrings(tx.ids), handoffStart)
+		}
 	}
 	tx.qp = receipt.QP
 	tx.result = txAccepted

@@ -1319,11 +1319,29 @@ static void quit(struct conn *c)
 }
 
 /* commit tells the daemon that the real qmail-queue queued the message:
- * AUTH X-RELAY-COMMIT with an empty initial response (RFC 4954 "="), and
- * QUIT behind it; only the AUTH reply is read. */
+ * AUTH X-RELAY-COMMIT with this process's pid in decimal as the initial
+ * response (base64), and QUIT behind it; only the AUTH reply is read.
+ * The exec keeps the pid, so it is the qp qmail-send logs for the
+ * message: the daemon joins that log's lines to the message's identities. */
 static int commit(struct conn *c, struct reply *r)
 {
-	if (queue_command(c, r, "AUTH X-RELAY-COMMIT =") < 0 || queue_command(c, r, "QUIT") < 0 ||
+	static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+	char pid[24], cmd[64] = "AUTH X-RELAY-COMMIT ";
+	size_t n = (size_t)snprintf(pid, sizeof pid, "%ld", (long)getpid());
+	size_t o = strlen(cmd);
+	for (size_t i = 0; i < n; i += 3) {
+		unsigned v = (unsigned char)pid[i] << 16;
+		if (i + 1 < n)
+			v |= (unsigned char)pid[i + 1] << 8;
+		if (i + 2 < n)
+			v |= (unsigned char)pid[i + 2];
+		cmd[o++] = b64[v >> 18 & 63];
+		cmd[o++] = b64[v >> 12 & 63];
+		cmd[o++] = i + 1 < n ? b64[v >> 6 & 63] : '=';
+		cmd[o++] = i + 2 < n ? b64[v & 63] : '=';
+	}
+	cmd[o] = 0;
+	if (queue_command(c, r, cmd) < 0 || queue_command(c, r, "QUIT") < 0 ||
 	    send_and_read(c, r) < 0)
 		return -1;
 	return r->code == 235 ? 0 : -1;

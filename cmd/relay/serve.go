@@ -22,6 +22,7 @@ import (
 	"relay/policy"
 	"relay/queue"
 	"relay/relay"
+	"relay/signals"
 )
 
 // runServe wires config, policy, queue, the SMTP front end and the admin
@@ -97,6 +98,7 @@ type daemon struct {
 	cfg     *config.Config
 	log     *slog.Logger
 	policy  *policy.Engine
+	signals *signals.Follower // nil without [signals] qmail_send_log
 	handoff queue.Handoff
 	hold    *queue.HoldSpool
 	smtp    *relay.Server
@@ -138,8 +140,23 @@ func startDaemon(cfg *config.Config, log *slog.Logger) (*daemon, error) {
 	if err != nil {
 		return fail(err)
 	}
+	var handoffs relay.HandoffRecorder
+	if cfg.Signals.QmailSendLog != "" {
+		if d.signals, err = signals.New(cfg, d.policy, signals.Options{Logger: log}); err != nil {
+			d.policy.Close()
+			return fail(err)
+		}
+		d.signals.Start()
+		handoffs = d.signals
+	}
+	stopSignals := func() {
+		if d.signals != nil {
+			d.signals.Close()
+		}
+	}
 	d.smtp, err = relay.New(cfg, relay.Deps{
 		Policy:     d.policy,
+		Handoffs:   handoffs,
 		Handoff:    d.handoff,
 		Hold:       d.hold,
 		Auth:       relay.NewAuthenticator(cfg.Auth, relay.AuthOptions{}),
@@ -147,16 +164,19 @@ func startDaemon(cfg *config.Config, log *slog.Logger) (*daemon, error) {
 		Registerer: reg,
 	})
 	if err != nil {
+		stopSignals()
 		d.policy.Close()
 		return fail(err)
 	}
 	if err := d.smtp.Start(); err != nil {
+		stopSignals()
 		d.policy.Close()
 		return fail(err)
 	}
 	token, tokenPath, created, err := admin.LoadOrCreateToken(cfg.Admin.TokenFile, cfg.DataDir)
 	if err != nil {
 		d.smtp.Shutdown(context.Background())
+		stopSignals()
 		d.policy.Close()
 		return fail(err)
 	}
@@ -166,6 +186,7 @@ func startDaemon(cfg *config.Config, log *slog.Logger) (*daemon, error) {
 	held := heldActions{HoldSpool: d.hold, handoff: d.handoff}
 	if err := admin.RegisterHeldGauge(reg, held); err != nil {
 		d.smtp.Shutdown(context.Background())
+		stopSignals()
 		d.policy.Close()
 		return fail(err)
 	}
@@ -184,6 +205,7 @@ func startDaemon(cfg *config.Config, log *slog.Logger) (*daemon, error) {
 	}
 	if err != nil {
 		d.smtp.Shutdown(context.Background())
+		stopSignals()
 		d.policy.Close()
 		return fail(err)
 	}
@@ -235,18 +257,26 @@ func restartOnly(old, cur *config.Config) []string {
 	if old.Admin != cur.Admin {
 		keys = append(keys, "admin")
 	}
+	if old.Signals != cur.Signals {
+		keys = append(keys, "signals")
+	}
 	return keys
 }
 
 // shutdown stops the admin API first (a release in flight finishes), then
-// the SMTP front end (transactions in flight finish within ctx), and only
-// then flushes policy and closes the database they both write to.
+// the SMTP front end (transactions in flight finish within ctx), then the
+// log follower (which saves its place once policy has its counts), and
+// only then flushes policy and closes the database they all write to.
 func (d *daemon) shutdown(ctx context.Context) error {
 	errAdmin := d.admin.Shutdown(ctx)
 	errSMTP := d.smtp.Shutdown(ctx)
+	var errSignals error
+	if d.signals != nil {
+		errSignals = d.signals.Close()
+	}
 	errPolicy := d.policy.Close()
 	errDB := d.closeDB()
-	return errors.Join(errAdmin, errSMTP, errPolicy, errDB)
+	return errors.Join(errAdmin, errSMTP, errSignals, errPolicy, errDB)
 }
 
 // heldActions gives the admin API the hold spool with the daemon's own

@@ -1,0 +1,126 @@
+package relay
+
+import (
+	"encoding/base64"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"relay/config"
+	"relay/policy"
+	"relay/queue"
+)
+
+// fakeRecorder records hand-offs as package signals would get them.
+type fakeRecorder struct {
+	mu    sync.Mutex
+	calls []handedOff
+}
+
+type handedOff struct {
+	qp   int
+	from string
+	ids  string
+	at   time.Time
+}
+
+func (r *fakeRecorder) HandedOff(qp int, from string, ids []string, at time.Time) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.calls = append(r.calls, handedOff{qp, from, strings.Join(ids, ","), at})
+}
+
+func (r *fakeRecorder) got() []handedOff {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]handedOff(nil), r.calls...)
+}
+
+// Every counted message relay hands off is recorded with the qp of its
+// reply; uncounted, failed and held ones are not.
+func TestHandoffRecorded(t *testing.T) {
+	cfg := testConfig()
+	cfg.Relay.RelayNetworks = []string{"127.0.0.2/32"}
+	rec := &fakeRecorder{}
+	h := &fakeHandoff{}
+	hold := &fakeHold{}
+	ck := &fakeChecker{}
+	s := testServer(t, cfg, Deps{Policy: ck, Handoff: h, Hold: hold, Handoffs: rec}, nil)
+	addr := tcpAddr(s, 0)
+
+	c := dialRawFrom(t, "tcp", addr, "127.0.0.2")
+	c.hello("client")
+	if got := c.mail("bob@example.com", []string{"x@far.test"}, "Subject: s\r\n\r\nb\r\n.\r\n"); !strings.HasPrefix(got, "250 ok 1795833709 qp 4242") {
+		t.Fatal(got)
+	}
+	want := handedOff{qp: 4242, from: "bob@example.com", ids: "ip:127.0.0.2,sender:bob@example.com,domain:example.com", at: fixedNow}
+	if got := rec.got(); len(got) != 1 || got[0] != want {
+		t.Fatalf("recorded %+v, want %+v", got, want)
+	}
+	// Held: nothing handed off.
+	ck.msg = policy.Decision{Action: policy.Hold, Identity: "ip:127.0.0.2", Limit: "1 message/1h"}
+	if got := c.mail("bob@example.com", []string{"x@far.test"}, "Subject: s\r\n\r\nb\r\n.\r\n"); !strings.HasPrefix(got, "250 ok held") {
+		t.Fatal(got)
+	}
+	ck.msg = policy.Decision{}
+	// A failed hand-off.
+	h.mu.Lock()
+	h.err = &queue.Error{Code: 451, Text: "qq trouble"}
+	h.mu.Unlock()
+	if got := c.mail("bob@example.com", []string{"x@far.test"}, "Subject: s\r\n\r\nb\r\n.\r\n"); !strings.HasPrefix(got, "451") {
+		t.Fatal(got)
+	}
+	h.mu.Lock()
+	h.err = nil
+	h.mu.Unlock()
+	// Mail from the internet to a local domain is not counted, so not recorded.
+	c2 := dialRawFrom(t, "tcp", addr, "127.0.0.3")
+	c2.hello("mx")
+	if got := c2.mail("someone@far.test", []string{"u@example.test"}, "Subject: s\r\n\r\nb\r\n.\r\n"); !strings.HasPrefix(got, "250 ok") {
+		t.Fatal(got)
+	}
+	if got := rec.got(); len(got) != 1 {
+		t.Fatalf("recorded %+v", got)
+	}
+}
+
+// The commit of a check session carries relay qq's pid: the qp of the
+// qmail-queue it execs.
+func TestCheckCommitRecordsPID(t *testing.T) {
+	path := sockPath(t)
+	cfg := testConfig(config.Listener{Addr: path, Mode: config.ModeLocal})
+	rec := &fakeRecorder{}
+	ck := &fakeChecker{}
+	testServer(t, cfg, Deps{Policy: ck, Handoffs: rec}, nil)
+	msg := "Subject: s\r\n\r\nb\r\n.\r\n"
+	for _, c := range []struct {
+		resp string
+		qp   int
+	}{{"31337", 31337}, {"", 0}, {"12a", 0}, {"99999999999", 0}, {"-5", 0}} {
+		cl := checkSession(t, path, msg)
+		if got := cl.reply(); got != "250 ok reserved\r\n" {
+			t.Fatal(got)
+		}
+		ir := "="
+		if c.resp != "" {
+			ir = base64.StdEncoding.EncodeToString([]byte(c.resp))
+		}
+		cl.expect("AUTH X-RELAY-COMMIT "+ir, "235")
+		cl.expect("QUIT", "221")
+		got := rec.got()
+		if c.qp == 0 {
+			if len(got) != 1 {
+				t.Fatalf("%q recorded: %+v", c.resp, got)
+			}
+			continue
+		}
+		want := handedOff{qp: c.qp, from: "www@example.test", ids: "uid:local:" + uidString() + ",sender:www@example.test,domain:example.test", at: fixedNow}
+		if len(got) != 1 || got[0] != want {
+			t.Fatalf("recorded %+v, want %+v", got, want)
+		}
+	}
+	if strings.Count(ck.log(), "commit") != 5 {
+		t.Fatalf("a commit without a usable pid must still charge: %q", ck.log())
+	}
+}

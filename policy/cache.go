@@ -101,8 +101,8 @@ func (e *Engine) readStored(id string, now int64) *idState {
 		// The counters went idle; the memory outlives them.
 		st = &idState{id: id, kind: kindOf(id)}
 	}
-	if st != nil {
-		st.mem = mem
+	if st != nil && mem != nil {
+		st.mem = *mem
 	}
 	return st
 }

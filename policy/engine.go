@@ -105,9 +105,11 @@ type idState struct {
 	sampleID      string
 	sampleSubject string
 	dirty         bool
-	// mem is the first-time-recipient memory (recipients.go); nil when
+	// mem is the first-time-recipient memory (recipients.go), empty when
 	// none is stored. Read with the state, flushed with it when dirty.
-	mem *rcptMemory
+	// Kept in the state, not behind a pointer: one cache miss less on
+	// every recipient.
+	mem rcptMemory
 }
 
 // window returns the state's window for (metric, length), adding it when

@@ -78,7 +78,9 @@ func (e *Engine) load() error {
 			}
 			st := e.stateLocked(string(k))
 			st.suspension = &s
-			st.mem = e.readMemory(btx, st.id)
+			if m := e.readMemory(btx, st.id); m != nil {
+				st.mem = *m
+			}
 			return nil
 		})
 		if err != nil {
@@ -176,7 +178,7 @@ func (e *Engine) flush() error {
 			sh.mu.Lock()
 			if st := sh.states[p.key]; st != nil {
 				sh.markDirty(st)
-				if st.mem != nil {
+				if st.mem.slots != nil {
 					st.mem.dirty = true // write it again too
 				}
 			}

@@ -74,17 +74,73 @@ const rcptKeyLen = 16
 // miss the cache about ten times: the check runs for every identity of
 // every recipient.
 type rcptMemory struct {
-	slots     []uint64 // len a power of two, at most 3/4 used; nil when empty
-	n         int      // entries in slots
-	pending   map[uint32]pendingRcpt
-	reservedN int64 // pending keys holding a slot on the new_rcpts windows
-	dirty     bool  // changed since the last flush
+	slots     []uint64         // len a power of two, at most 3/4 used; nil when empty
+	n         int              // entries in slots
+	pending   []pendingRcpt    // recipients open transactions hold
+	pendIdx   map[uint32]int32 // key -> index in pending, once it is long
+	reservedN int64            // pending keys holding a slot on the new_rcpts windows
+	dirty     bool             // changed since the last flush
 }
 
 // pendingRcpt is a recipient held by open transactions, not yet known.
 type pendingRcpt struct {
+	key      uint32
 	refs     int32 // holds by open transactions
 	reserved bool  // holds a slot on the new_rcpts windows
+}
+
+// pendIndexAt is how many pending recipients a memory searches in order
+// before it keeps an index of them (a message to thousands).
+const pendIndexAt = 32
+
+// findPending returns the index of key in pending, or -1.
+func (m *rcptMemory) findPending(key uint32) int {
+	if m.pendIdx != nil {
+		if i, ok := m.pendIdx[key]; ok {
+			return int(i)
+		}
+		return -1
+	}
+	for i := range m.pending {
+		if m.pending[i].key == key {
+			return i
+		}
+	}
+	return -1
+}
+
+// addPending appends a pending recipient and returns its index.
+func (m *rcptMemory) addPending(key uint32) int {
+	m.pending = append(m.pending, pendingRcpt{key: key})
+	i := len(m.pending) - 1
+	switch {
+	case m.pendIdx != nil:
+		m.pendIdx[key] = int32(i)
+	case len(m.pending) > pendIndexAt:
+		m.pendIdx = make(map[uint32]int32, 2*len(m.pending))
+		for j, p := range m.pending {
+			m.pendIdx[p.key] = int32(j)
+		}
+	}
+	return i
+}
+
+// removePending drops pending[i] (the last one takes its place).
+func (m *rcptMemory) removePending(i int) {
+	last := len(m.pending) - 1
+	key := m.pending[i].key
+	m.pending[i] = m.pending[last]
+	m.pending = m.pending[:last]
+	if m.pendIdx == nil {
+		return
+	}
+	delete(m.pendIdx, key)
+	if i < last {
+		m.pendIdx[m.pending[i].key] = int32(i)
+	}
+	if len(m.pending) == 0 {
+		m.pendIdx = nil
+	}
 }
 
 // rcptHold is one first-time recipient a transaction holds in one of its
@@ -176,7 +232,7 @@ func (m *rcptMemory) find(key uint32) (int, bool) {
 
 // day returns the day key was last sent to, and whether it is there.
 func (m *rcptMemory) day(key uint32) (int64, bool) {
-	if m == nil || m.n == 0 {
+	if m.n == 0 {
 		return 0, false
 	}
 	i, ok := m.find(slotKey(key))
@@ -192,17 +248,15 @@ func (m *rcptMemory) known(key uint32, today, keepDays int64) bool {
 
 // reservedFor reports whether key already holds a new_rcpts slot.
 func (m *rcptMemory) reservedFor(key uint32) bool {
-	if m == nil {
+	if len(m.pending) == 0 {
 		return false
 	}
-	return m.pending[key].reserved
+	i := m.findPending(key)
+	return i >= 0 && m.pending[i].reserved
 }
 
 // reserved is how many slots pending keys hold on every new_rcpts window.
 func (m *rcptMemory) reserved() int64 {
-	if m == nil {
-		return 0
-	}
 	return m.reservedN
 }
 
@@ -276,30 +330,29 @@ func (m *rcptMemory) forgetOldest(today, keepDays int64) {
 // hold takes a transaction's hold on key, unknown to the identity; the
 // first hold reserves a slot.
 func (m *rcptMemory) hold(key uint32) {
-	if m.pending == nil {
-		m.pending = make(map[uint32]pendingRcpt)
+	i := m.findPending(key)
+	if i < 0 {
+		i = m.addPending(key)
 	}
-	p := m.pending[key]
+	p := &m.pending[i]
 	p.refs++
 	if !p.reserved {
 		p.reserved = true
 		m.reservedN++
 	}
-	m.pending[key] = p
 }
 
 // commitHold ends a hold of a handed-off message: key becomes known. It
 // reports whether key was first known now, and so counts as new.
 func (m *rcptMemory) commitHold(key uint32, today, keepDays int64) bool {
-	if p, ok := m.pending[key]; ok {
+	if i := m.findPending(key); i >= 0 {
+		p := &m.pending[i]
 		if p.reserved {
 			p.reserved = false
 			m.reservedN--
 		}
 		if p.refs--; p.refs <= 0 {
-			delete(m.pending, key)
-		} else {
-			m.pending[key] = p
+			m.removePending(i)
 		}
 	}
 	isNew := !m.known(key, today, keepDays)
@@ -309,18 +362,18 @@ func (m *rcptMemory) commitHold(key uint32, today, keepDays int64) bool {
 
 // releaseHold ends a hold without a hand-off; the last one frees the slot.
 func (m *rcptMemory) releaseHold(key uint32) {
-	p, ok := m.pending[key]
-	if !ok {
+	i := m.findPending(key)
+	if i < 0 {
 		return
 	}
+	p := &m.pending[i]
 	if p.refs--; p.refs > 0 {
-		m.pending[key] = p
 		return
 	}
 	if p.reserved {
 		m.reservedN--
 	}
-	delete(m.pending, key)
+	m.removePending(i)
 }
 
 // newestDay is the newest last-seen day in the memory (0 when empty).
@@ -422,8 +475,8 @@ type putMemory struct {
 // takeMemory returns st's memory record when it changed since the last
 // flush. The shard lock is held.
 func takeMemory(st *idState, now int64, keepDays int64) (putMemory, bool) {
-	m := st.mem
-	if m == nil || !m.dirty {
+	m := &st.mem
+	if !m.dirty {
 		return putMemory{}, false
 	}
 	m.dirty = false
@@ -472,7 +525,7 @@ func (e *Engine) expireMemories() error {
 // recipients t.adding: the distinct ones unknown to the identity that do
 // not already hold a slot. The shard locks are held.
 func (t *tx) needNewRcpts(ent *txEnt, today, keepDays int64) int64 {
-	m := ent.st.mem
+	m := &ent.st.mem
 	var n int64
 	for i, k := range t.adding {
 		if m.known(k, today, keepDays) || m.reservedFor(k) || repeats(t.adding[:i], k) {
@@ -481,6 +534,21 @@ func (t *tx) needNewRcpts(ent *txEnt, today, keepDays int64) int64 {
 		n++
 	}
 	return n
+}
+
+// warm loads, for each identity that keeps a memory, the slot where key
+// would be, one after the other without waiting for any: the cache misses
+// of the identities' memories overlap instead of following each other.
+// The shard locks are held.
+func (t *tx) warm(key uint32) {
+	key = slotKey(key)
+	var sum uint64
+	for i := range t.ents {
+		if s := t.ents[i].st.mem.slots; len(s) > 0 {
+			sum += s[int(key)&(len(s)-1)]
+		}
+	}
+	t.warmed = sum
 }
 
 // repeats reports whether k is in ks.
@@ -506,9 +574,6 @@ func (t *tx) holdNewRcpts(from int, today, keepDays int64) {
 			if ent.st.mem.known(k, today, keepDays) {
 				continue
 			}
-			if ent.st.mem == nil {
-				ent.st.mem = &rcptMemory{}
-			}
 			ent.st.mem.hold(k)
 			t.holds = append(t.holds, rcptHold{st: ent.st, key: k})
 		}
@@ -521,7 +586,7 @@ func (t *tx) holdNewRcpts(from int, today, keepDays int64) {
 // whether the memory changed. The shard locks are held.
 func (t *tx) settleNewRcpts(idx int, charge bool, ns int64) {
 	ent := &t.ents[idx]
-	m := ent.st.mem
+	m := &ent.st.mem
 	today, keep := ns/dayNanos, t.conf.memoryKeepDays()
 	var fresh int64
 	for _, h := range t.holds {
@@ -537,12 +602,11 @@ func (t *tx) settleNewRcpts(idx int, charge bool, ns int64) {
 	if !charge || len(ent.lim.newRcpts) == 0 {
 		return
 	}
-	if m == nil {
-		m = &rcptMemory{}
-		ent.st.mem = m
-	}
 	for _, k := range t.keys {
 		m.touch(k, today, keep)
+	}
+	if fresh == 0 {
+		return
 	}
 	for _, r := range ent.lim.newRcpts {
 		ent.st.window(metricNewRcpts, r.Window).add(ns, fresh)

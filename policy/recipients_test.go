@@ -423,3 +423,39 @@ func TestRcptKeyIsKeyed(t *testing.T) {
 		t.Fatal("long addresses")
 	}
 }
+
+// A message to many recipients: the pending recipients get an index, and
+// it goes again once they are settled.
+func TestNewRcptsManyInOneMessage(t *testing.T) {
+	cfg := newRcptsConfig(t, "150/1h")
+	e := openTest(t, t.TempDir(), cfg, newClock(), Options{})
+	many := addrs("m", 100)
+	tx1, tx2 := e.Begin(bobIDs), e.Begin(bobIDs)
+	for _, r := range append(many, many[:10]...) {
+		if d := tx1.AddRcpt(r); d.Action != Accept {
+			t.Fatal(d)
+		}
+	}
+	for _, r := range many {
+		if d := tx2.AddRcpt(strings.ToUpper(r)); d.Action != Accept {
+			t.Fatalf("the same recipients again: %+v", d)
+		}
+	}
+	if got := usage(t, e.Engine, "user:bob", "new_rcpts", "1h"); got != 100 {
+		t.Fatalf("reserved %d, want 100", got)
+	}
+	tx1.Abort()
+	tx2.Message()
+	tx2.Commit()
+	sh := &e.shards[e.shardOf("user:bob")]
+	sh.mu.Lock()
+	m := &sh.states["user:bob"].mem
+	n, pend, idx, res := m.n, len(m.pending), m.pendIdx, m.reservedN
+	sh.mu.Unlock()
+	if n != 100 || pend != 0 || idx != nil || res != 0 {
+		t.Fatalf("memory: %d known, %d pending, index %v, %d reserved", n, pend, idx, res)
+	}
+	if got := usage(t, e.Engine, "user:bob", "new_rcpts", "1h"); got != 100 {
+		t.Fatalf("charged %d, want 100", got)
+	}
+}

@@ -52,7 +52,8 @@ type tx struct {
 	keys    []uint32
 	adding  []uint32
 	holds   []rcptHold
-	today   int64 // the day of the check in progress
+	today   int64  // the day of the check in progress
+	warmed  uint64 // what warm read, kept so the reads are not dropped
 	addBuf  [1]uint32
 	keyBuf  [8]uint32
 	holdBuf [8]rcptHold
@@ -424,6 +425,7 @@ func (t *tx) AddRcpt(rcpt string) Decision {
 	now := t.e.now()
 	t.today = now.UnixNano() / dayNanos
 	locked := t.lock()
+	t.warm(key)
 	dec, hits := t.evaluate(0, now.UnixNano(), 1, 0, t.rcpts+1, TooManyRcpts)
 	dec = t.settle(dec, hits, now)
 	t.accept(dec, 0, 1, 0)

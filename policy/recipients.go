@@ -2,10 +2,10 @@ package policy
 
 import (
 	"crypto/rand"
-	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math/bits"
 	"slices"
 	"time"
 
@@ -175,7 +175,7 @@ func loadRcptKey(btx *bolt.Tx) ([rcptKeyLen]byte, error) {
 
 // rcptKey is the memory's key of a recipient address: a keyed hash of its
 // normal form (ASCII letters lowercased, a trailing dot of the domain
-// dropped, as identity ids are).
+// dropped, as identity ids are). The key is SipHash-2-4 under the secret.
 func (e *Engine) rcptKey(addr string) uint32 {
 	var buf [256]byte
 	n := len(addr)
@@ -183,21 +183,66 @@ func (e *Engine) rcptKey(addr string) uint32 {
 		n--
 	}
 	var b []byte
-	if rcptKeyLen+n <= len(buf) {
-		b = buf[:rcptKeyLen+n]
+	if n <= len(buf) {
+		b = buf[:n]
 	} else {
-		b = make([]byte, rcptKeyLen+n)
+		b = make([]byte, n)
 	}
-	copy(b, e.rcptSecret[:])
-	for i := 0; i < n; i++ {
+	for i := range b {
 		c := addr[i]
 		if 'A' <= c && c <= 'Z' {
 			c += 'a' - 'A'
 		}
-		b[rcptKeyLen+i] = c
+		b[i] = c
 	}
-	sum := sha256.Sum256(b)
-	return binary.BigEndian.Uint32(sum[:4])
+	k0 := binary.LittleEndian.Uint64(e.rcptSecret[:8])
+	k1 := binary.LittleEndian.Uint64(e.rcptSecret[8:])
+	return uint32(sipHash24(k0, k1, b))
+}
+
+// sipHash24 is SipHash-2-4 (Aumasson and Bernstein, 2012), a keyed hash
+// made for short inputs: a sender that does not know the key cannot find
+// addresses that collide. About ten times cheaper than SHA-256 here.
+func sipHash24(k0, k1 uint64, b []byte) uint64 {
+	v0 := k0 ^ 0x736f6d6570736575
+	v1 := k1 ^ 0x646f72616e646f6d
+	v2 := k0 ^ 0x6c7967656e657261
+	v3 := k1 ^ 0x7465646279746573
+	n := len(b)
+	for ; len(b) >= 8; b = b[8:] {
+		m := binary.LittleEndian.Uint64(b)
+		v3 ^= m
+		v0, v1, v2, v3 = sipRound(v0, v1, v2, v3)
+		v0, v1, v2, v3 = sipRound(v0, v1, v2, v3)
+		v0 ^= m
+	}
+	m := uint64(n) << 56
+	for i, c := range b {
+		m |= uint64(c) << (8 * i)
+	}
+	v3 ^= m
+	v0, v1, v2, v3 = sipRound(v0, v1, v2, v3)
+	v0, v1, v2, v3 = sipRound(v0, v1, v2, v3)
+	v0 ^= m
+	v2 ^= 0xff
+	for range 4 {
+		v0, v1, v2, v3 = sipRound(v0, v1, v2, v3)
+	}
+	return v0 ^ v1 ^ v2 ^ v3
+}
+
+func sipRound(v0, v1, v2, v3 uint64) (uint64, uint64, uint64, uint64) {
+	v0 += v1
+	v1 = bits.RotateLeft64(v1, 13) ^ v0
+	v0 = bits.RotateLeft64(v0, 32)
+	v2 += v3
+	v3 = bits.RotateLeft64(v3, 16) ^ v2
+	v0 += v3
+	v3 = bits.RotateLeft64(v3, 21) ^ v0
+	v2 += v1
+	v1 = bits.RotateLeft64(v1, 17) ^ v2
+	v2 = bits.RotateLeft64(v2, 32)
+	return v0, v1, v2, v3
 }
 
 // memoryDays is recipient_memory in whole days.

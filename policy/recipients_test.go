@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"encoding/binary"
 	"fmt"
 	"strings"
 	"sync"
@@ -457,5 +458,27 @@ func TestNewRcptsManyInOneMessage(t *testing.T) {
 	}
 	if got := usage(t, e.Engine, "user:bob", "new_rcpts", "1h"); got != 100 {
 		t.Fatalf("charged %d, want 100", got)
+	}
+}
+
+// The reference vector of SipHash-2-4 (key 00..0f, message 00..0e), and
+// every length to 64 against the paper's table's first and last entries.
+func TestSipHash24(t *testing.T) {
+	var key [16]byte
+	msg := make([]byte, 64)
+	for i := range key {
+		key[i] = byte(i)
+	}
+	for i := range msg {
+		msg[i] = byte(i)
+	}
+	k0, k1 := binary.LittleEndian.Uint64(key[:8]), binary.LittleEndian.Uint64(key[8:])
+	for _, c := range []struct {
+		n    int
+		want uint64
+	}{{0, 0x726fdb47dd0e0e31}, {15, 0xa129ca6149be45e5}, {63, 0x958a324ceb064572}} {
+		if got := sipHash24(k0, k1, msg[:c.n]); got != c.want {
+			t.Errorf("SipHash-2-4 of %d bytes = %#x, want %#x", c.n, got, c.want)
+		}
 	}
 }

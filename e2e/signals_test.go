@@ -138,7 +138,7 @@ func TestBouncesFromMultilog(t *testing.T) {
 	current := filepath.Join(logDir, "current")
 	os.WriteFile(current, nil, 0o644)
 	d := newDaemon(t, daemonOpts{
-		policy: policyWith("defer", 0, "[policy.limits.sender]\nrcpts = [\"1000/1h\"]\nbounces = [\"3/1h\"]\n"),
+		policy:    policyWith("defer", 0, "[policy.limits.sender]\nrcpts = [\"1000/1h\"]\nbounces = [\"3/1h\"]\n"),
 		extraTOML: fmt.Sprintf("[signals]\nqmail_send_log = %q\n", logDir),
 	})
 	lg := &qmailLog{t: t, path: current}
@@ -215,7 +215,7 @@ func TestBouncesFromSyslogAndRelayQQ(t *testing.T) {
 	maillog := filepath.Join(logDir, "mail.log")
 	os.WriteFile(maillog, []byte("Mar  2 09:00:00 mail sshd[1]: session opened\n"), 0o644)
 	d := newDaemon(t, daemonOpts{
-		policy: policyWith("defer", 0, "[policy.limits.uid]\nrcpts = [\"1000/1h\"]\nmax_bounce_ratio = 0.5\nmin_bounce_sample = 4\n"),
+		policy:    policyWith("defer", 0, "[policy.limits.uid]\nrcpts = [\"1000/1h\"]\nmax_bounce_ratio = 0.5\nmin_bounce_sample = 4\n"),
 		extraTOML: fmt.Sprintf("[signals]\nqmail_send_log = %q\n", maillog),
 	})
 	lg := &qmailLog{t: t, path: maillog, syslog: true}

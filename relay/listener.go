@@ -44,6 +44,9 @@ func connInfoOf(c net.Conn) (connInfo, bool) {
 	if tc, ok := c.(*tls.Conn); ok {
 		c = tc.NetConn()
 	}
+	if sn, ok := c.(*checkSniffer); ok {
+		c = sn.trackedConn
+	}
 	t, ok := c.(*trackedConn)
 	if !ok {
 		return connInfo{}, false
@@ -55,7 +58,8 @@ func connInfoOf(c net.Conn) (connInfo, bool) {
 // banner: tcprules deny (closed without a word, as tcpserver does),
 // max_connections and max_connections_per_ip ("421 4.7.0 too many
 // connections", then closed), and it reads the peer's uid on the local
-// socket.
+// socket, whose connections may carry a check instead of SMTP
+// (checkSniffer).
 type gateListener struct {
 	net.Listener
 	srv   *Server
@@ -69,7 +73,12 @@ func (l *gateListener) Accept() (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		if tc := l.srv.admit(c, l.local, l.tls); tc != nil {
+		tc := l.srv.admit(c, l.local, l.tls)
+		switch {
+		case tc == nil:
+		case l.local:
+			return &checkSniffer{trackedConn: tc, srv: l.srv}, nil
+		default:
 			return tc, nil
 		}
 	}

@@ -34,7 +34,6 @@ var (
 	replyAuthTemporary = reply(454, smtp.EnhancedCode{4, 7, 0}, "temporary authentication failure (#4.3.0)")
 	replyAuthLocked    = reply(454, smtp.EnhancedCode{4, 7, 0}, "too many failed authentications, try again later (#4.7.0)")
 	replyAuthMismatch  = reply(535, smtp.EnhancedCode{5, 7, 8}, "authorization identity must be the login (#5.7.1)")
-	replyNothingToDo   = reply(503, smtp.EnhancedCode{5, 5, 1}, "no reserved message to commit (#5.5.1)")
 	replyShuttingDown  = reply(421, smtp.EnhancedCode{4, 3, 2}, "service shutting down, try again later (#4.3.2)")
 	replyInternal      = reply(451, smtp.EnhancedCode{4, 3, 0}, "temporary local problem, try again later (#4.3.0)")
 )

@@ -4,8 +4,9 @@
 // open relay (rcpthosts, relay_networks, tcprules, AUTH), attributes each
 // message to its identities (login, uid, web server uid and script, sender,
 // domain, client IP), asks package policy about them, and hands accepted
-// mail to package queue in qmail's stored form. It also answers the check
-// sessions of `relay qq` on the local socket.
+// mail to package queue in qmail's stored form. On the local socket it also
+// answers `relay qq`'s checks, in their own protocol (check.go,
+// docs/local-check.md).
 package relay
 
 import (
@@ -59,9 +60,6 @@ const (
 	maxLineLength = 64 << 10
 	// maxLocalLineLength is the line limit on mode = "local" sockets.
 	maxLocalLineLength = 1 << 20
-	// checkHelo is the EHLO name with which `relay qq` opens a check session
-	// on the local socket.
-	checkHelo = "relay-qq"
 )
 
 // Server is the SMTP front end. Build it with New, then Start it.
@@ -256,9 +254,8 @@ func (s *Server) listen(lc config.Listener, st *settings, tlsConf *tls.Config) (
 	if local {
 		// go-smtp's line limit also applies inside DATA, and scripts do put
 		// a whole HTML body on one line: the local socket takes far longer
-		// lines than the network (qmail-queue takes any), yet still a
-		// bounded number of bytes per line from any local user. A message
-		// over it is deferred by relay qq, never passed on uncounted.
+		// lines than the network, yet still a bounded number of bytes per
+		// line from any local user.
 		srv.MaxLineLength = maxLocalLineLength
 	}
 	// databytes is enforced on the stored size in Data, not on the wire
@@ -304,7 +301,7 @@ func (s *Server) Addrs() []net.Addr {
 
 // Shutdown stops accepting connections, refuses new transactions (421), and
 // waits until every transaction in flight has had its final reply (and every
-// check session its commit or abort) or ctx ends. Then it closes all
+// check its commit or abort) or ctx ends. Then it closes all
 // connections, killing hand-offs still running, and removes the unix
 // sockets. It returns ctx's error when it had to cut transactions short.
 func (s *Server) Shutdown(ctx context.Context) error {
@@ -515,6 +512,13 @@ func (st *settings) relayNetwork(a netip.Addr) bool {
 		}
 	}
 	return false
+}
+
+// localAccount returns the passwd name of a local uid and whether it is in
+// local.exempt_users.
+func (st *settings) localAccount(uid uint32) (name string, exempt bool) {
+	name = st.accounts[uid]
+	return name, name != "" && st.exempt[name]
 }
 
 // webserverAt returns the [[webserver]] whose address a is.

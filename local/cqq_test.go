@@ -350,6 +350,22 @@ func testCQQEdges(t *testing.T, b cqqBuild) {
 			t.Errorf("spool left %d files behind", len(left))
 		}
 	})
+	t.Run("large message held", func(t *testing.T) {
+		d := startDaemon(t, daemonScript{verdict: 'Q'})
+		calls := worldDir(t)
+		var msg bytes.Buffer
+		msg.WriteString("Subject: big\n\n")
+		for i := 0; msg.Len() < 300<<10; i++ {
+			fmt.Fprintf(&msg, ".line %d of a large message\n", i)
+		}
+		code, _, stderr := runProcess(t, qqCmd(b.bin, writeConfig(t, d.socket, "defer", nil), calls), msg.Bytes(), testEnvelope)
+		if code != 0 || len(fakeqq.Calls(t, calls)) != 0 {
+			t.Fatalf("exit %d, stderr %s; want 0 and the real qmail-queue not run", code, stderr)
+		}
+		if s := d.session(t); !bytes.Equal(s.data, msg.Bytes()) || string(s.head) != "Subject: big\n\n" {
+			t.Errorf("daemon got %d bytes to hold (want %d), header %q", len(s.data), msg.Len(), s.head)
+		}
+	})
 	t.Run("arguments", func(t *testing.T) {
 		code, _, stderr := runProcess(t, exec.Command(b.bin, "--config", "/nonexistent", "extra"), testMessage, testEnvelope)
 		if code != ExitBadEnvelope || !strings.Contains(stderr, "takes no arguments") {
@@ -377,43 +393,54 @@ func TestCQQReadsSettings(t *testing.T) {
 	replace := func(old, new string) func(string) string {
 		return func(doc string) string { return strings.Replace(doc, old, new, 1) }
 	}
+	// The sanitized build runs the same files as FuzzCQQSettingsFile's
+	// seeds.
+	bin := testCQQ(t).bin
 	for _, tc := range cqqSettingsCases(valid, replace, a.socket, uid) {
-		for _, bin := range cBinaries(t) {
-			t.Run(filepath.Base(bin)+"/"+tc.name, func(t *testing.T) {
-				settings := filepath.Join(worldDir(t), "qq.settings")
-				if tc.doc == "<dir>" {
-					os.Mkdir(settings, 0o755)
-				} else if tc.doc != "<missing>" {
-					os.WriteFile(settings, []byte(tc.doc), 0o644)
+		t.Run(tc.name, func(t *testing.T) {
+			settings := filepath.Join(worldDir(t), "qq.settings")
+			if tc.doc == "<dir>" {
+				os.Mkdir(settings, 0o755)
+			} else if tc.doc != "<missing>" {
+				os.WriteFile(settings, []byte(tc.doc), 0o644)
+			}
+			calls := worldDir(t)
+			cmd := qqCmd(bin, cfg, calls)
+			cmd.Env = append(cmd.Env, "RELAY_QQ_SETTINGS="+settings)
+			code, _, stderr := runProcess(t, cmd, testMessage, testEnvelope)
+			if n := len(fakeqq.Calls(t, calls)); code != 0 || n != 1 {
+				t.Fatalf("exit %d with %d runs; stderr %s", code, n, stderr)
+			}
+			switch tc.want {
+			case "a", "b":
+				asked, other := a, b
+				if tc.want == "b" {
+					asked, other = b, a
 				}
-				calls := worldDir(t)
-				cmd := qqCmd(bin, cfg, calls)
-				cmd.Env = append(cmd.Env, "RELAY_QQ_SETTINGS="+settings)
-				code, _, stderr := runProcess(t, cmd, testMessage, testEnvelope)
-				if n := len(fakeqq.Calls(t, calls)); code != 0 || n != 1 {
-					t.Fatalf("exit %d with %d runs; stderr %s", code, n, stderr)
+				if s := asked.session(t); !s.committed {
+					t.Errorf("daemon %s: not committed", tc.want)
 				}
-				switch tc.want {
-				case "a", "b":
-					asked, other := a, b
-					if tc.want == "b" {
-						asked, other = b, a
-					}
-					if s := asked.session(t); !s.committed {
-						t.Errorf("daemon %s: not committed", tc.want)
-					}
-					if n := other.connections(); n != 0 {
-						t.Errorf("the other daemon was asked too")
-					}
-				case "exempt":
-					if a.connections()+b.connections() != 0 {
-						t.Error("an exempt caller's message was checked")
-					}
+				if n := other.connections(); n != 0 {
+					t.Errorf("the other daemon was asked too")
 				}
-				a.reset()
-				b.reset()
-			})
-		}
+			case "exempt":
+				if a.connections()+b.connections() != 0 {
+					t.Error("an exempt caller's message was checked")
+				}
+			}
+			a.reset()
+			b.reset()
+		})
+	}
+
+	// relay-local reads the whole config: one the daemon would refuse is
+	// refused (55, naming the key).
+	broken := filepath.Join(worldDir(t), "relay.toml")
+	os.WriteFile(broken, []byte("[local]\non_daemon_down = \"maybe\"\n"), 0o644)
+	cmd := qqCmd(bin, broken, worldDir(t))
+	cmd.Env = append(cmd.Env, "RELAY_QQ_SETTINGS=/nonexistent/qq.settings")
+	if code, _, stderr := runProcess(t, cmd, testMessage, testEnvelope); code != ExitConfigError || !strings.Contains(stderr, "on_daemon_down") {
+		t.Errorf("exit %d, stderr %q; want 55 naming the bad key", code, stderr)
 	}
 
 	alone, err := compileCQQ(t, worldDir(t), `RELAY_LOCAL_PATH="/nonexistent/relay-local"`, `RELAY_QQ_SETTINGS="/nonexistent/qq.settings"`)

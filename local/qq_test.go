@@ -317,6 +317,24 @@ func TestQQSpoolsLargeMessages(t *testing.T) {
 	}
 }
 
+// A held message goes to the daemon whole, from the spool file.
+func TestQQHoldsLargeMessages(t *testing.T) {
+	d := startDaemon(t, daemonScript{verdict: 'Q'})
+	q, stderr, calls := newTestQQ(t, d.socket)
+	q.SpoolMemory = 1024
+	q.TempDir = t.TempDir()
+	msg := "Subject: big\n\n" + strings.Repeat("a line of a large held message\n", 10000)
+	if code := q.Filter(strings.NewReader(msg), bytes.NewReader(testEnvelope)); code != 0 {
+		t.Fatalf("exit %d; stderr %s", code, stderr)
+	}
+	if n := len(fakeqq.Calls(t, calls)); n != 0 {
+		t.Fatalf("the real qmail-queue ran %d times for a held message", n)
+	}
+	if s := d.session(t); string(s.data) != msg || s.committed {
+		t.Errorf("daemon got %d bytes to hold (want %d), committed %v", len(s.data), len(msg), s.committed)
+	}
+}
+
 func TestReadEnvelope(t *testing.T) {
 	addr1002 := strings.Repeat("y", 1002)
 	env, err := ReadEnvelope(strings.NewReader("F\x00T" + addr1002 + "\x00Tx@y\x00\x00trailing"))

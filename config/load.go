@@ -3,6 +3,7 @@ package config
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -115,11 +116,35 @@ func decode(path string, doc []byte) (*loaded, Errors, bool) {
 		}
 		doc, blanked[key] = blank, true
 	}
+	fileDefaults(cfg, pos)
 	v := &validator{file: path, pos: pos, skip: blanked}
 	v.config(cfg)
 	errs = append(errs, v.errs...)
 	sortErrors(errs)
 	return &loaded{cfg: cfg, pos: pos}, errs, false
+}
+
+// fileDefaults sets the defaults that depend on what the file writes:
+//   - [[webserver]] require_uid is true unless the entry says otherwise;
+//   - with relay.qmail_control_dir set, control/rcpthosts and
+//     morercpthosts are the whole list of local domains unless the file
+//     writes relay.local_domains too (the built-in "example.com" would
+//     otherwise be accepted from anyone);
+//   - with relay.tcprules set, relay rights are what tcprules says unless
+//     the file writes relay.relay_networks too (the built-in 127.0.0.0/8
+//     would otherwise relay as well).
+func fileDefaults(cfg *Config, pos *positions) {
+	for i := range cfg.Webservers {
+		if !pos.has(fmt.Sprintf("webserver[%d].require_uid", i)) {
+			cfg.Webservers[i].RequireUID = true
+		}
+	}
+	if cfg.Relay.QmailControlDir != "" && !pos.has("relay.local_domains") {
+		cfg.Relay.LocalDomains = nil
+	}
+	if cfg.Relay.TCPRules != "" && !pos.has("relay.relay_networks") {
+		cfg.Relay.RelayNetworks = nil
+	}
 }
 
 // maxDecodeRetries bounds how many bad values decode reports one by one.
@@ -168,6 +193,7 @@ func defaults() *Config {
 			MaxConnections:      1000,
 			MaxConnectionsPerIP: 20,
 			Timeout:             Duration{1200 * time.Second},
+			MaxSession:          Duration{30 * time.Minute},
 		},
 		Auth: Auth{
 			RequireTLS: true,
@@ -180,15 +206,18 @@ func defaults() *Config {
 			Timeout: Duration{60 * time.Second},
 		},
 		Local: Local{
-			QmailQueue:   "/var/qmail/bin/qmail-queue.orig",
-			OnDaemonDown: "accept",
-			ExemptUsers:  []string{"alias", "qmaild", "qmaill", "qmailp", "qmailq", "qmailr", "qmails"},
+			QmailQueue:     "/var/qmail/bin/qmail-queue.orig",
+			OnDaemonDown:   "accept",
+			ExemptUsers:    []string{"alias", "qmaild", "qmaill", "qmailp", "qmailq", "qmailr", "qmails"},
+			MaxConnections: 200,
 		},
 		Admin: Admin{Listen: "127.0.0.1:8025"},
 		Policy: Policy{
-			Mode:         PolicyEnforce,
-			OverLimit:    OverLimitDefer,
-			SuspendAfter: 5,
+			Mode:           PolicyEnforce,
+			OverLimit:      OverLimitDefer,
+			SuspendAfter:   5,
+			SuspendKinds:   DefaultSuspendKinds(),
+			ReserveTimeout: Duration{60 * time.Second},
 			Limits: KindLimits{
 				User: &Limits{
 					MaxRcptsPerMsg: 50,
@@ -199,6 +228,11 @@ func defaults() *Config {
 					MaxRcptsPerMsg: 50,
 					Rcpts:          []Rate{{100, time.Minute}, {500, time.Hour}, {2000, 24 * time.Hour}},
 					Msgs:           []Rate{{200, time.Hour}},
+				},
+				Script: &Limits{
+					MaxRcptsPerMsg: 50,
+					Rcpts:          []Rate{{50, time.Minute}, {250, time.Hour}, {1000, 24 * time.Hour}},
+					Msgs:           []Rate{{100, time.Hour}},
 				},
 				Sender: &Limits{
 					Rcpts: []Rate{{1000, time.Hour}, {5000, 24 * time.Hour}},

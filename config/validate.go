@@ -145,6 +145,7 @@ func (v *validator) relay(r *Relay) {
 	v.nonNegative("relay.max_connections", int64(r.MaxConnections))
 	v.nonNegative("relay.max_connections_per_ip", int64(r.MaxConnectionsPerIP))
 	v.positive("relay.timeout", r.Timeout.Duration)
+	v.positive("relay.max_session", r.MaxSession.Duration)
 }
 
 // ParseNetwork parses a relay_networks entry: a CIDR prefix ("10.0.0.0/8",
@@ -216,6 +217,7 @@ func (v *validator) local(l *Local) {
 			v.add(fmt.Sprintf("local.exempt_users[%d]", i), "%q is not a user name", u)
 		}
 	}
+	v.nonNegative("local.max_connections", int64(l.MaxConnections))
 }
 
 func (v *validator) admin(a *Admin) {
@@ -253,7 +255,19 @@ func (v *validator) policy(p *Policy) {
 		v.add("policy.over_limit", "%q: one of defer, reject, hold", p.OverLimit)
 	}
 	v.nonNegative("policy.suspend_after", int64(p.SuspendAfter))
-	for _, kind := range []string{KindUser, KindUID, KindSender, KindDomain, KindIP} {
+	seenKind := map[string]int{}
+	for i, kind := range p.SuspendKinds {
+		key := fmt.Sprintf("policy.suspend_kinds[%d]", i)
+		if KindRank(kind) == NumKinds {
+			v.add(key, "%q is not an identity kind; one of %s", kind, strings.Join(IdentityKinds(), ", "))
+		} else if j, dup := seenKind[kind]; dup {
+			v.add(key, "%q repeats policy.suspend_kinds[%d]", kind, j)
+		} else {
+			seenKind[kind] = i
+		}
+	}
+	v.positive("policy.reserve_timeout", p.ReserveTimeout.Duration)
+	for _, kind := range IdentityKinds() {
 		if l := p.Limits.ForKind(kind); l != nil {
 			key := "policy.limits." + kind
 			v.nonNegative(key+".max_rcpts_per_msg", int64(l.MaxRcptsPerMsg))
@@ -282,10 +296,8 @@ func checkAllowMatch(m string) error {
 	if m == "" {
 		return fmt.Errorf("missing; an identity such as \"sender:news@example.com\"")
 	}
-	switch kind {
-	case KindUser, KindUID, KindSender, KindDomain, KindIP:
-	default:
-		return fmt.Errorf("%q must start with a kind: user, uid, sender, domain or ip, then ':'", m)
+	if KindRank(kind) == NumKinds {
+		return fmt.Errorf("%q must start with a kind: %s, then ':'", m, strings.Join(IdentityKinds(), ", "))
 	}
 	if !ok || rest == "" {
 		return fmt.Errorf("%q: nothing after the kind %q", m, kind)

@@ -61,6 +61,7 @@ type Engine struct {
 	conf    atomic.Pointer[policyConf]
 	seed    maphash.Seed
 	shards  [numShards]shard
+	lapses  [numLapseLists]lapseList // transactions holding reservations (lapse.go)
 	events  eventLog
 	notify  *notifier
 	metrics *metrics
@@ -120,6 +121,10 @@ func (st *idState) window(metric uint8, length time.Duration) *window {
 // idle reports whether the state carries nothing worth keeping at now.
 func (st *idState) idle(now int64) bool {
 	if st.refs > 0 || st.suspension != nil || now-st.lastSeen < int64(idleSpan) || now-st.lastOver < int64(suspendSpan) {
+		return false
+	}
+	// Over-limit attempts of others' caps counted towards its suspension.
+	if n := len(st.overTimes); n > 0 && now-st.overTimes[n-1] < int64(suspendSpan) {
 		return false
 	}
 	for i := range st.windows {
@@ -223,6 +228,7 @@ func (e *Engine) flushLoop() {
 				e.log.Error("policy: expiring idle counters", "err", err)
 			}
 		}
+		e.sweepLapsed()
 		if err := e.flush(); err != nil {
 			e.log.Error("policy: writing counters", "err", err)
 		}

@@ -1,6 +1,10 @@
 package policy
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"relay/config"
+)
 
 // numActions is the number of Action values.
 const numActions = int(Reject) + 1
@@ -25,6 +29,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Help: "Identities currently suspended.",
 		}),
 	}
+	kindNames := config.IdentityKinds()
 	for obs := range 2 {
 		for a := range numActions {
 			action := Action(a).String()

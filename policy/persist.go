@@ -96,7 +96,7 @@ func (e *Engine) stateLocked(id string) *idState {
 	sh := &e.shards[e.shardOf(id)]
 	st := sh.states[id]
 	if st == nil {
-		st = &idState{id: id, kind: kindOf(id), lastUsed: e.now().UnixNano()}
+		st = &idState{id: id, kind: KindOf(id), lastUsed: e.now().UnixNano()}
 		sh.states[id] = st
 	}
 	return st
@@ -346,7 +346,7 @@ func decodeState(id string, v []byte, now int64) (*idState, error) {
 		return nil, errors.New("unknown record version")
 	}
 	r := &stateReader{b: v[1:]}
-	st := &idState{id: id, kind: kindOf(id)}
+	st := &idState{id: id, kind: KindOf(id)}
 	st.lastSeen = r.varint()
 	st.lastOver = r.varint()
 	st.lastLogged = r.varint()

@@ -24,12 +24,51 @@ type connInfo struct {
 }
 
 // trackedConn is an accepted connection that gives its slot back when it is
-// closed.
+// closed. On TCP it also ends the session at relay.max_session: every
+// deadline go-smtp sets (per command, from relay.timeout) is cut to end,
+// so a client that drips a byte at a time is still cut off.
 type trackedConn struct {
 	net.Conn
 	info    connInfo
 	release func()
 	once    sync.Once
+	end     time.Time // zero: no session limit (the local socket)
+}
+
+// sessionEndGrace lets the reply go out that go-smtp writes when a read
+// hits the session's end ("421 4.4.2 Idle timeout").
+const sessionEndGrace = time.Second
+
+func (c *trackedConn) SetDeadline(t time.Time) error {
+	if c.end.IsZero() {
+		return c.Conn.SetDeadline(t)
+	}
+	if err := c.Conn.SetReadDeadline(capTime(t, c.end)); err != nil {
+		return err
+	}
+	return c.Conn.SetWriteDeadline(capTime(t, c.end.Add(sessionEndGrace)))
+}
+
+func (c *trackedConn) SetReadDeadline(t time.Time) error {
+	if c.end.IsZero() {
+		return c.Conn.SetReadDeadline(t)
+	}
+	return c.Conn.SetReadDeadline(capTime(t, c.end))
+}
+
+func (c *trackedConn) SetWriteDeadline(t time.Time) error {
+	if c.end.IsZero() {
+		return c.Conn.SetWriteDeadline(t)
+	}
+	return c.Conn.SetWriteDeadline(capTime(t, c.end.Add(sessionEndGrace)))
+}
+
+// capTime is t, or limit when t is later or zero (no deadline).
+func capTime(t, limit time.Time) time.Time {
+	if t.IsZero() || t.After(limit) {
+		return limit
+	}
+	return t
 }
 
 func (c *trackedConn) Close() error {
@@ -55,7 +94,8 @@ func connInfoOf(c net.Conn) (connInfo, bool) {
 // banner: tcprules deny (closed without a word, as tcpserver does),
 // max_connections and max_connections_per_ip ("421 4.7.0 too many
 // connections", then closed), and it reads the peer's uid on the local
-// socket.
+// socket. The local socket has its own budget, local.max_connections:
+// however many TCP clients hold their slots, local scripts still get in.
 type gateListener struct {
 	net.Listener
 	srv   *Server
@@ -108,11 +148,15 @@ func (s *Server) admit(c net.Conn, local, isTLS bool) *trackedConn {
 		}
 	}
 	key := clientKeyOf(info)
+	total, limit := &s.connTotal, st.maxConns
+	if local {
+		total, limit = &s.localTotal, st.maxLocalConns
+	}
 	s.connMu.Lock()
-	over := (st.maxConns > 0 && s.connTotal >= st.maxConns) ||
+	over := (limit > 0 && *total >= limit) ||
 		(st.maxConnsPerIP > 0 && s.connPerClient[key] >= st.maxConnsPerIP)
 	if !over {
-		s.connTotal++
+		*total++
 		s.connPerClient[key]++
 	}
 	s.connMu.Unlock()
@@ -127,11 +171,15 @@ func (s *Server) admit(c net.Conn, local, isTLS bool) *trackedConn {
 	}
 	s.metrics.connectionsOpen.Inc()
 	tc := &trackedConn{Conn: c, info: info}
+	if !local && st.maxSession > 0 {
+		tc.end = time.Now().Add(st.maxSession)
+		tc.SetDeadline(time.Time{})
+	}
 	tc.release = func() {
 		s.metrics.connectionsOpen.Dec()
 		s.connMu.Lock()
 		delete(s.conns, tc)
-		s.connTotal--
+		*total--
 		if s.connPerClient[key]--; s.connPerClient[key] <= 0 {
 			delete(s.connPerClient, key)
 		}

@@ -80,7 +80,8 @@ type Server struct {
 
 	nextConnID    atomic.Uint64
 	connMu        sync.Mutex
-	connTotal     int
+	connTotal     int                       // TCP connections (relay.max_connections)
+	localTotal    int                       // local socket connections (local.max_connections)
 	connPerClient map[connKey]int           // per IP (IPv6 /64) or local uid
 	conns         map[*trackedConn]struct{} // open connections, for Shutdown
 
@@ -395,13 +396,15 @@ type settings struct {
 	maxRcpts      int
 	maxConns      int
 	maxConnsPerIP int
+	maxLocalConns int
+	maxSession    time.Duration // 0: none
 
 	rcptHostAllowed func(domain string) bool
 	badMailFrom     func(sender string) bool
 	tcpRules        func(netip.Addr) (config.TCPRule, bool) // nil: no tcprules file
 
 	relayNets  []netip.Prefix
-	webservers []webserver
+	webservers []*webserver
 	accounts   map[uint32]string // /etc/passwd uid -> name
 	exempt     map[string]bool
 	cert       *tls.Certificate
@@ -409,9 +412,11 @@ type settings struct {
 
 // webserver is one [[webserver]] entry.
 type webserver struct {
-	name     string
-	addr     netip.Addr
-	accounts map[uint32]string // its passwd file (config.Load reads it); nil when none is set
+	name       string
+	addr       netip.Addr
+	accounts   map[uint32]string // its passwd file (config.Load reads it); nil when none is set
+	requireUID bool
+	lastEvent  atomic.Int64 // unix ns of its last EventRefused
 }
 
 // passwdFile names the local accounts for uid:local identities and
@@ -450,6 +455,8 @@ func newSettings(cfg *config.Config, log *slog.Logger) (*settings, error) {
 		maxRcpts:        cfg.Relay.MaxRecipients,
 		maxConns:        cfg.Relay.MaxConnections,
 		maxConnsPerIP:   cfg.Relay.MaxConnectionsPerIP,
+		maxLocalConns:   cfg.Local.MaxConnections,
+		maxSession:      cfg.Relay.MaxSession.Duration,
 		rcptHostAllowed: ctl.RcptHostAllowed,
 		badMailFrom:     ctl.BadMailFrom,
 		exempt:          map[string]bool{},
@@ -482,7 +489,7 @@ func newSettings(cfg *config.Config, log *slog.Logger) (*settings, error) {
 		if err != nil {
 			return nil, fmt.Errorf("webserver %s: %w", w.Name, err)
 		}
-		st.webservers = append(st.webservers, webserver{name: w.Name, addr: a.Unmap().WithZone(""), accounts: w.Accounts})
+		st.webservers = append(st.webservers, &webserver{name: w.Name, addr: a.Unmap().WithZone(""), accounts: w.Accounts, requireUID: w.RequireUID})
 	}
 	st.accounts = readAccounts(passwdFile, log)
 	for _, u := range cfg.Local.ExemptUsers {
@@ -519,9 +526,9 @@ func (st *settings) relayNetwork(a netip.Addr) bool {
 
 // webserverAt returns the [[webserver]] whose address a is.
 func (st *settings) webserverAt(a netip.Addr) *webserver {
-	for i := range st.webservers {
-		if st.webservers[i].addr == a {
-			return &st.webservers[i]
+	for _, ws := range st.webservers {
+		if ws.addr == a {
+			return ws
 		}
 	}
 	return nil

@@ -275,6 +275,9 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	if !addressAcceptable(from) {
 		return replyBadSender
 	}
+	if _, ok := policy.NormalAddress(from); !ok {
+		return replyBadSender // a domain literal that is not an IP address
+	}
 	// RFC 1870 §6.1: a declared size over the limit is refused at once.
 	if s.databytes > 0 && !s.check && opts != nil && opts.Size > s.databytes {
 		return replyDatabytes
@@ -415,7 +418,12 @@ func (s *session) data(tx *transaction, msg *storeReader, headBuf []byte) *smtp.
 		tx.abort()
 		return s.storeFailure(msg)
 	}
-	if extra := s.headerIdentities(head); len(extra) > 0 {
+	extra, refusal := s.headerIdentities(head)
+	if refusal != nil {
+		tx.abort()
+		return refusal
+	}
+	if len(extra) > 0 {
 		tx.ids = append(tx.ids, extra...)
 		if tx.ptx != nil {
 			if r := s.decide(tx, "data", tx.ptx.AddIdentities(extra...)); r != nil {
@@ -429,6 +437,7 @@ func (s *session) data(tx *transaction, msg *storeReader, headBuf []byte) *smtp.
 			return r
 		}
 		tx.ids = tx.ptx.Identities()
+		msg.atEOF = func() error { return s.recheck(tx) }
 	}
 	if s.check && (s.exempt || tx.ptx == nil) {
 		// Nothing is counted: `relay qq` runs the real qmail-queue.
@@ -530,7 +539,10 @@ func (s *session) holdMessage(tx *transaction, head []byte, msg *storeReader, bo
 
 // storeFailure is the reply for a message that could not be stored.
 func (s *session) storeFailure(msg *storeReader) *smtp.SMTPError {
+	var refused *policyRefusal
 	switch err := msg.Err(); {
+	case errors.As(err, &refused):
+		return refused.reply
 	case errors.Is(err, errBareNewline):
 		return replyBareNewline
 	case errors.Is(err, errTooBig):
@@ -562,40 +574,6 @@ func readHead(msg *storeReader, head []byte) ([]byte, error) {
 		}
 	}
 	return head, nil
-}
-
-// headerIdentities are the identities the header adds. On a connection
-// from a [[webserver]]: uid:<name>:<uid> from the first Received field if
-// qmail-queue wrote it there ("invoked by uid U"), else from the first
-// X-PHP-Originating-Script, with that header's script when its uid agrees.
-// On the local socket the script of an X-PHP-Originating-Script whose uid
-// is the peer's own is recorded on uid:local:<uid>. Headers anywhere else
-// change nothing.
-func (s *session) headerIdentities(head []byte) []policy.Identity {
-	switch {
-	case s.webserver != nil:
-		uid, ok := firstReceivedUID(head)
-		phpUID, script, phpOK := phpOriginatingScript(head)
-		if !ok && phpOK {
-			uid, ok = phpUID, true
-		}
-		if !ok {
-			return nil
-		}
-		if !phpOK || phpUID != uid {
-			script = ""
-		}
-		return []policy.Identity{policy.WebUID(s.webserver.name, uid, s.webserver.accounts[uid], script)}
-	case s.local:
-		phpUID, script, ok := phpOriginatingScript(head)
-		if !ok || phpUID != s.uid || script == "" {
-			return nil
-		}
-		id := policy.LocalUID(s.uid, s.account)
-		id.Script = script
-		return []policy.Identity{id}
-	}
-	return nil
 }
 
 // traceHeaders are the header lines relay prepends: Received, and

@@ -48,6 +48,37 @@ func ScriptID(origin string, uid uint32, account, path string) Identity {
 	}
 }
 
+// ScriptOfUID is the script identity of path under a uid identity
+// ("uid:web1:1001", "form.php" -> "script:web1:1001:form.php"); ok is
+// false when uidID is not a uid identity.
+func ScriptOfUID(uidID, path string) (string, bool) {
+	rest, ok := strings.CutPrefix(uidID, config.KindUID+":")
+	if !ok || rest == "" {
+		return "", false
+	}
+	return config.KindScript + ":" + rest + ":" + path, true
+}
+
+// UIDOfScript is the uid identity a script identity belongs to
+// ("script:web1:1001:form.php" -> "uid:web1:1001"); ok is false when
+// scriptID is not a script identity. Origins hold no ':' (web server names
+// are letters, digits, '_', '.', '-'), so the path may.
+func UIDOfScript(scriptID string) (string, bool) {
+	rest, ok := strings.CutPrefix(scriptID, config.KindScript+":")
+	if !ok {
+		return "", false
+	}
+	origin, rest, ok := strings.Cut(rest, ":")
+	if !ok || origin == "" {
+		return "", false
+	}
+	uid, _, ok := strings.Cut(rest, ":")
+	if !ok || uid == "" {
+		return "", false
+	}
+	return config.KindUID + ":" + origin + ":" + uid, true
+}
+
 // SenderID is the identity of an envelope sender (MAIL FROM) in normal
 // form (NormalAddress); the null sender is "sender:<>".
 func SenderID(addr string) Identity {

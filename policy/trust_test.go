@@ -64,6 +64,20 @@ func TestScriptID(t *testing.T) {
 	if id := ScriptID("local", 33, "", "/var/www/a b.php"); id.ID != "script:local:33:/var/www/a b.php" {
 		t.Fatalf("local ScriptID: %+v", id)
 	}
+	if u, ok := UIDOfScript("script:web1:1001:dir:with:colons.php"); !ok || u != "uid:web1:1001" {
+		t.Errorf("UIDOfScript = %q %v", u, ok)
+	}
+	if s, ok := ScriptOfUID("uid:local:33", "a:b.php"); !ok || s != "script:local:33:a:b.php" {
+		t.Errorf("ScriptOfUID = %q %v", s, ok)
+	}
+	for _, bad := range []string{"uid:web1:1", "script:web1", "script::1:x"} {
+		if _, ok := UIDOfScript(bad); ok {
+			t.Errorf("UIDOfScript(%q) ok", bad)
+		}
+	}
+	if _, ok := ScriptOfUID("user:bob", "x"); ok {
+		t.Error("ScriptOfUID of a user")
+	}
 	for id, ok := range map[string]bool{"script:web1:1:x.php": true, "script:": false, "mailbox:x": false, "uid": false} {
 		if ValidID(id) != ok {
 			t.Errorf("ValidID(%q) = %v", id, !ok)

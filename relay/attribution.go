@@ -23,7 +23,7 @@ const eventSpacing = time.Minute
 
 // maxScriptPath bounds the path of a script: identity. A longer one, or one
 // with control characters, names no script (the uid still counts).
-const maxScriptPath = 1024
+const maxScriptPath = 512
 
 // headerIdentities are the identities the header adds, or the refusal of
 // a web server's mail that cannot be attributed:

@@ -371,3 +371,50 @@ func TestLapseSweepRaces(t *testing.T) {
 		t.Fatalf("used %d (reservations left or lost), want 2000", s.Usage[0].Used)
 	}
 }
+
+// The normal form is stable: normalizing twice changes nothing, and an
+// address it accepts gives ids with no upper-case ASCII and no trailing
+// dot in the domain.
+func FuzzNormalAddress(f *testing.F) {
+	for _, s := range []string{"spam@x.org.", "SPAM@X.ORG.", "a@[x.org]", "a@[IPv6:2001:DB8::1]", "a@[1.2.3.4]", "a@b@c.", "@", "", "x@..", "a@[", "a@]"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, addr string) {
+		norm, ok := NormalAddress(addr)
+		again, ok2 := NormalAddress(norm)
+		if ok && (!ok2 || again != norm) {
+			t.Fatalf("NormalAddress(%q) = %q, then %q %v", addr, norm, again, ok2)
+		}
+		if !ok {
+			return
+		}
+		if strings.ContainsAny(norm, "ABCDEFGHIJKLMNOPQRSTUVWXYZ") {
+			t.Fatalf("upper case left in %q", norm)
+		}
+		if at := strings.LastIndexByte(norm, '@'); at >= 0 && at < len(norm)-1 && strings.HasSuffix(norm, ".") && strings.Trim(norm[at+1:], ".") != "" {
+			t.Fatalf("trailing dot left in %q", norm)
+		}
+		if d, ok := DomainID(addr); ok && !strings.HasPrefix(SenderID(addr).ID, "sender:") {
+			t.Fatalf("DomainID %q without a sender id", d.ID)
+		}
+	})
+}
+
+// A script id and its uid find each other whatever the path holds.
+func FuzzScriptID(f *testing.F) {
+	f.Add("web1", uint32(1001), "form.php")
+	f.Add("local", uint32(0), "/var/www/a:b c.php")
+	f.Fuzz(func(t *testing.T, origin string, uid uint32, path string) {
+		if origin == "" || strings.Contains(origin, ":") {
+			return // web server names hold no ':' (config checks them)
+		}
+		id := ScriptID(origin, uid, "", path)
+		u, ok := UIDOfScript(id.ID)
+		if !ok || u != WebUID(origin, uid, "", "").ID {
+			t.Fatalf("UIDOfScript(%q) = %q %v", id.ID, u, ok)
+		}
+		if s, ok := ScriptOfUID(u, path); !ok || s != id.ID {
+			t.Fatalf("ScriptOfUID(%q, %q) = %q %v, want %q", u, path, s, ok, id.ID)
+		}
+	})
+}

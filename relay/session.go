@@ -37,7 +37,7 @@ func (b *backend) NewSession(c *smtp.Conn) (smtp.Session, error) {
 		s.log.Error("connection without relay's connection info")
 		return nil, replyInternal
 	}
-	st := s.settings.Load()
+	st := info.st
 	_, isTLS := c.TLSConnectionState()
 	ss := &session{
 		srv:       s,
@@ -50,7 +50,7 @@ func (b *backend) NewSession(c *smtp.Conn) (smtp.Session, error) {
 		uid:       info.uid,
 		helo:      c.Hostname(),
 		tls:       isTLS,
-		databytes: st.databytes,
+		databytes: info.databytes,
 	}
 	if info.local {
 		ss.account = st.accounts[info.uid]
@@ -65,11 +65,6 @@ func (b *backend) NewSession(c *smtp.Conn) (smtp.Session, error) {
 			if v, ok := info.rule.Env["RELAYCLIENT"]; ok {
 				ss.relayClient = true
 				ss.rcptSuffix = v
-			}
-			if v, ok := info.rule.Env["DATABYTES"]; ok {
-				if n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64); err == nil && n >= 0 {
-					ss.databytes = n
-				}
 			}
 		}
 		if ws := st.webserverAt(info.remote); ws != nil {
@@ -533,7 +528,7 @@ func (s *session) storeFailure(msg *storeReader) *smtp.SMTPError {
 	switch err := msg.Err(); {
 	case errors.Is(err, errBareNewline):
 		return replyBareNewline
-	case errors.Is(err, errTooBig):
+	case errors.Is(err, errTooBig), errors.Is(err, smtp.ErrDataTooLarge):
 		return replyDatabytes
 	case errors.Is(err, errTooManyHops):
 		return replyHops

@@ -33,7 +33,13 @@ var (
 	replyAuthFailed    = reply(535, smtp.EnhancedCode{5, 7, 8}, "authentication failed (#5.7.1)")
 	replyAuthTemporary = reply(454, smtp.EnhancedCode{4, 7, 0}, "temporary authentication failure (#4.3.0)")
 	replyAuthLocked    = reply(454, smtp.EnhancedCode{4, 7, 0}, "too many failed authentications, try again later (#4.7.0)")
-	replyAuthMismatch  = reply(535, smtp.EnhancedCode{5, 7, 8}, "authorization identity must be the login (#5.7.1)")
+	// replyAuthMalformed answers an AUTH response relay cannot use (a
+	// PLAIN response without exactly three fields, an empty login or
+	// password), as qmail's AUTH patch does.
+	replyAuthMalformed = reply(501, smtp.EnhancedCode{5, 5, 4}, "malformed auth input (#5.5.4)")
+	// replyAuthzid refuses a PLAIN authorization identity other than the
+	// login: RFC 4616 §2 lets a server refuse to act as another identity.
+	replyAuthzid = reply(535, smtp.EnhancedCode{5, 7, 8}, "authorization identity must be empty or the login (#5.7.1)")
 	replyNothingToDo   = reply(503, smtp.EnhancedCode{5, 5, 1}, "no reserved message to commit (#5.5.1)")
 	replyShuttingDown  = reply(421, smtp.EnhancedCode{4, 3, 2}, "service shutting down, try again later (#4.3.2)")
 	replyInternal      = reply(451, smtp.EnhancedCode{4, 3, 0}, "temporary local problem, try again later (#4.3.0)")

@@ -192,12 +192,7 @@ func (s *session) Auth(mech string) (sasl.Server, error) {
 	case s.check || s.local || s.srv.deps.Auth == nil || !s.srv.deps.Auth.Enabled():
 		return nil, smtp.ErrAuthUnknownMechanism
 	case mech == sasl.Plain:
-		return sasl.NewPlainServer(func(identity, login, password string) error {
-			if identity != "" && identity != login {
-				return replyAuthMismatch
-			}
-			return s.authenticate(login, password)
-		}), nil
+		return NewPlainServer(s.authenticate), nil
 	case mech == sasl.Login:
 		return NewLoginServer(s.authenticate), nil
 	}

@@ -42,16 +42,19 @@ func Load(path string) (*Config, error) {
 }
 
 // LoadFile decodes and validates path like Load but reads none of the
-// files it names: qmail control files, tcprules, users_file, passwd files
-// and TLS keys are left alone (cfg.Control is then derived from the TOML
-// alone, cfg.TCPRules is nil). It is for `relay qq` and `relay sendmail`,
-// which run as arbitrary users who may not be allowed to read those.
+// files it names but control/me: tcprules, users_file, passwd files, TLS
+// keys and the other control files are left alone (cfg.Control is then
+// derived from the TOML alone, cfg.TCPRules is nil). It is for `relay qq`
+// and `relay sendmail`, which run as arbitrary users who may not be
+// allowed to read those. An empty hostname is taken from control/me, as
+// Load takes it (world-readable in qmail; when it cannot be read, from
+// the system).
 func LoadFile(path string) (*Config, error) {
 	cfg, errs, _ := load(path)
 	if len(errs) > 0 {
 		return nil, errs
 	}
-	resolveHostname(cfg.cfg, "")
+	resolveHostname(cfg.cfg, readControlMe(cfg.cfg.Relay.QmailControlDir))
 	cfg.cfg.Control = NewControl(cfg.cfg)
 	return cfg.cfg, nil
 }

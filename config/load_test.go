@@ -413,3 +413,30 @@ func FuzzLoad(f *testing.F) {
 		}
 	})
 }
+
+// TestLoadFileTakesMe: relay qq and relay sendmail qualify bare user names
+// with the hostname, which with an empty hostname is control/me, as for
+// the daemon; an unreadable control/me falls back to the system's name.
+func TestLoadFileTakesMe(t *testing.T) {
+	dir := t.TempDir()
+	ctl := filepath.Join(dir, "control")
+	writeFile(t, filepath.Join(ctl, "me"), "me.example.test \n")
+	writeFile(t, filepath.Join(ctl, "databytes"), "lots\n") // never read by LoadFile
+	path := writeFile(t, filepath.Join(dir, "relay.toml"), "[relay]\nqmail_control_dir = \"control\"\n")
+	c, err := LoadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Hostname != "me.example.test" || c.Control.Me != "me.example.test" {
+		t.Errorf("hostname %q, Control.Me %q; want control/me", c.Hostname, c.Control.Me)
+	}
+	named := writeFile(t, filepath.Join(dir, "named.toml"), "hostname = \"relay.example.test\"\n[relay]\nqmail_control_dir = \"control\"\n")
+	if c, err = LoadFile(named); err != nil || c.Hostname != "relay.example.test" {
+		t.Errorf("explicit hostname: %v %v", c, err)
+	}
+	os.Remove(filepath.Join(ctl, "me"))
+	host, _ := os.Hostname()
+	if c, err = LoadFile(path); err != nil || c.Hostname != host {
+		t.Errorf("without control/me: hostname %q, want the system's %q (%v)", c.Hostname, host, err)
+	}
+}

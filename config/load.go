@@ -122,6 +122,8 @@ func decode(path string, doc []byte) (*loaded, Errors, bool) {
 	v.config(cfg)
 	errs = append(errs, v.errs...)
 	sortErrors(errs)
+	sortErrors(v.warns)
+	cfg.Warnings = v.warns
 	return &loaded{cfg: cfg, pos: pos}, errs, false
 }
 
@@ -160,7 +162,6 @@ func defaults() *Config {
 		DataDir:  "./relay-data",
 		Listen: []Listener{
 			{Addr: "127.0.0.1:2525", Mode: ModeSMTP},
-			{Addr: "127.0.0.1:2587", Mode: ModeSubmission},
 			{Addr: "./relay-data/submit.sock", Mode: ModeLocal},
 		},
 		Relay: Relay{

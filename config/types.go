@@ -35,6 +35,9 @@ type Config struct {
 	Control *Control `toml:"-"`
 	// TCPRules is the parsed relay.tcprules file, nil when none is set.
 	TCPRules *TCPRules `toml:"-"`
+	// Warnings are problems that do not stop relay (a submission listener
+	// that can never offer AUTH), each at its file:line:col.
+	Warnings Errors `toml:"-"`
 }
 
 // Listener modes.

@@ -362,3 +362,18 @@ qmail_control_dir = %q
 		t.Fatalf("after SIGHUP: greeting %q, %q", g, size)
 	}
 }
+
+// TestSubmissionWithoutAUTHWarned: a submission listener that can never
+// offer AUTH (auth.require_tls without a certificate, and no login
+// backend) is named, at its line, by check-config and in serve's log.
+func TestSubmissionWithoutAUTHWarned(t *testing.T) {
+	d := newDaemon(t, daemonOpts{}) // the harness's submission listener has neither
+	out, err := exec.Command(bins.relay, "check-config", "--config", d.config).CombinedOutput()
+	line := regexp.MustCompile(`warning: \S*relay\.toml:\d+:1: listen\[1\]\.mode: submission listener \S+ can never offer AUTH.*no \[tls\] certificate for STARTTLS`)
+	if err != nil || !line.Match(out) {
+		t.Errorf("check-config: %v\n%s", err, out)
+	}
+	if logs := d.logs(); !strings.Contains(logs, "level=WARN") || !strings.Contains(logs, "listen[1].mode: submission listener "+d.sub+" can never offer AUTH") {
+		t.Errorf("serve did not log the warning:\n%s", logs)
+	}
+}

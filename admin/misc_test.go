@@ -101,31 +101,6 @@ func TestLoadOrCreateToken(t *testing.T) {
 	}
 }
 
-func TestCheckListen(t *testing.T) {
-	for _, c := range []struct {
-		listen, tokenFile string
-		ok                bool
-	}{
-		{"127.0.0.1:8025", "", true},
-		{"[::1]:8025", "", true},
-		{"localhost:8025", "", true},
-		{"127.1.2.3:8025", "", true},
-		{"", "", true}, // admin API off
-		{"0.0.0.0:8025", "", false},
-		{":8025", "", false},
-		{"[::]:8025", "", false},
-		{"10.0.0.5:8025", "", false},
-		{"[::ffff:10.0.0.5]:8025", "", false},
-		{"admin.example.com:8025", "", false},
-		{"0.0.0.0:8025", "/etc/relay/admin.token", true},
-		{"10.0.0.5:8025", "/etc/relay/admin.token", true},
-	} {
-		if err := CheckListen(c.listen, c.tokenFile); (err == nil) != c.ok {
-			t.Errorf("CheckListen(%q, %q) = %v, want ok=%v", c.listen, c.tokenFile, err, c.ok)
-		}
-	}
-}
-
 func TestClient(t *testing.T) {
 	f := newFixture(t)
 	c := &Client{BaseURL: f.ts.URL, Token: testToken, HTTP: http.DefaultClient}
@@ -192,12 +167,12 @@ func TestNewClientAddress(t *testing.T) {
 		"[::]:8025":      "http://[::1]:8025",
 		"[::1]:9":        "http://[::1]:9",
 	} {
-		c, err := NewClient(listen, "t")
+		c, err := NewClient(listen, "t", "")
 		if err != nil || c.BaseURL != want {
 			t.Errorf("NewClient(%q): %v %v, want %s", listen, c, err, want)
 		}
 	}
-	if _, err := NewClient("8025", "t"); err == nil {
+	if _, err := NewClient("8025", "t", ""); err == nil {
 		t.Error("a listen without a port was accepted")
 	}
 }

@@ -26,7 +26,8 @@ import (
 //
 // Relative paths in the file (data_dir, local listener sockets,
 // delivery.maildir, admin.token_file, auth.users_file, relay.tcprules,
-// relay.qmail_control_dir, webserver passwd files, tls.cert and tls.key)
+// relay.qmail_control_dir, webserver passwd files, tls.cert and tls.key,
+// admin.tls_cert and admin.tls_key)
 // are taken relative to the directory holding the config file, and Load
 // makes them absolute.
 func Load(path string) (*Config, error) {
@@ -239,6 +240,8 @@ func (c *Config) resolvePaths(dir string) {
 	abs(&c.Auth.UsersFile)
 	abs(&c.Delivery.Maildir)
 	abs(&c.Admin.TokenFile)
+	abs(&c.Admin.TLSCert)
+	abs(&c.Admin.TLSKey)
 	for i := range c.Webservers {
 		abs(&c.Webservers[i].Passwd)
 	}

@@ -485,3 +485,33 @@ func TestLoadFileTakesMe(t *testing.T) {
 		t.Errorf("without control/me: hostname %q, want the system's %q (%v)", c.Hostname, host, err)
 	}
 }
+
+// TestAdminListenRules: a non-loopback admin listen needs the admin's own
+// token_file, and HTTPS (tls_cert, tls_key) or insecure_plain_http.
+func TestAdminListenRules(t *testing.T) {
+	for _, c := range []struct {
+		admin string
+		ok    bool
+	}{
+		{`listen = "127.0.0.1:8025"`, true},
+		{`listen = "[::1]:8025"`, true},
+		{`listen = "localhost:8025"`, true},
+		{`listen = "127.1.2.3:8025"`, true},
+		{`listen = "0.0.0.0:8025"`, false},
+		{`listen = ":8025"`, false},
+		{`listen = "[::]:8025"`, false},
+		{`listen = "[::ffff:10.0.0.5]:8025"`, false},
+		{`listen = "admin.example.com:8025"`, false},
+		{"listen = \"10.0.0.5:8025\"\ntoken_file = \"/etc/relay/admin.token\"", false},
+		{"listen = \"10.0.0.5:8025\"\ninsecure_plain_http = true", false},
+		{"listen = \"10.0.0.5:8025\"\ntoken_file = \"/t\"\ninsecure_plain_http = true", true},
+		{"listen = \"0.0.0.0:8025\"\ntoken_file = \"/t\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"", true},
+		{"listen = \"0.0.0.0:8025\"\ntoken_file = \"/t\"\ntls_cert = \"/c.pem\"", false},
+		{"listen = \"127.0.0.1:8025\"\ntls_key = \"/k.pem\"", false},
+	} {
+		_, errs, fatal := decode("relay.toml", []byte("[admin]\n"+c.admin+"\n"))
+		if fatal || (len(errs) == 0) != c.ok {
+			t.Errorf("[admin] %q: %v, want ok=%v", c.admin, errs, c.ok)
+		}
+	}
+}

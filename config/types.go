@@ -115,6 +115,11 @@ type Admin struct {
 	Listen    string `toml:"listen"`
 	TokenFile string `toml:"token_file"`
 	Pprof     bool   `toml:"pprof"` // serve /debug/pprof/ behind the token
+	// TLSCert and TLSKey (PEM) make the admin listener HTTPS only.
+	TLSCert string `toml:"tls_cert"`
+	TLSKey  string `toml:"tls_key"`
+	// InsecurePlainHTTP lets a non-loopback listener serve plain HTTP.
+	InsecurePlainHTTP bool `toml:"insecure_plain_http"`
 }
 
 // Policy modes and over-limit actions.

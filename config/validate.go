@@ -257,8 +257,20 @@ func (v *validator) admin(a *Admin) {
 		v.add("admin.listen", "%v", err)
 		return
 	}
-	if a.TokenFile == "" && !IsLoopbackListen(a.Listen) {
+	switch {
+	case a.TLSCert != "" && a.TLSKey == "":
+		v.add("admin.tls_key", "admin.tls_cert is set but admin.tls_key is not")
+	case a.TLSKey != "" && a.TLSCert == "":
+		v.add("admin.tls_cert", "admin.tls_key is set but admin.tls_cert is not")
+	}
+	if IsLoopbackListen(a.Listen) {
+		return
+	}
+	if a.TokenFile == "" {
 		v.add("admin.listen", "non-loopback admin listen needs token_file")
+	}
+	if a.TLSCert == "" && a.TLSKey == "" && !a.InsecurePlainHTTP {
+		v.add("admin.listen", "non-loopback admin listen needs tls_cert and tls_key (HTTPS), or insecure_plain_http = true to send the token in clear on purpose")
 	}
 }
 

@@ -106,9 +106,6 @@ type daemon struct {
 }
 
 func startDaemon(cfg *config.Config, log *slog.Logger) (*daemon, error) {
-	if err := admin.CheckListen(cfg.Admin.Listen, cfg.Admin.TokenFile); err != nil {
-		return nil, err
-	}
 	db, err := policy.OpenDB(cfg.DataDir)
 	if err != nil {
 		return nil, err
@@ -179,6 +176,8 @@ func startDaemon(cfg *config.Config, log *slog.Logger) (*daemon, error) {
 		Gatherer: reg,
 		Logger:   log,
 		Pprof:    cfg.Admin.Pprof,
+		TLSCert:  cfg.Admin.TLSCert,
+		TLSKey:   cfg.Admin.TLSKey,
 	})
 	if err == nil {
 		err = d.admin.Start()

@@ -220,3 +220,25 @@ func TestTables(t *testing.T) {
 		t.Errorf("sender:\n%s", b.String())
 	}
 }
+
+// TestHealthzSaysWhatFails: /healthz is 200 "ok" until Health reports a
+// problem, then 503 with its text (no token needed either way).
+func TestHealthzSaysWhatFails(t *testing.T) {
+	var problem error
+	srv, err := New(Options{Token: testToken, Policy: newFakePolicy(time.Now), Health: func() error { return problem }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	get := func() (int, string) {
+		rec := httptest.NewRecorder()
+		srv.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/healthz", nil))
+		return rec.Code, rec.Body.String()
+	}
+	if code, body := get(); code != 200 || body != "ok\n" {
+		t.Errorf("healthy: %d %q", code, body)
+	}
+	problem = errors.New("counters cannot be written to relay.db since 2026-03-02T10:00:00Z: file too large")
+	if code, body := get(); code != 503 || !strings.Contains(body, "counters cannot be written") {
+		t.Errorf("while writes fail: %d %q", code, body)
+	}
+}

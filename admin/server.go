@@ -41,6 +41,9 @@ type Options struct {
 	Logger   *slog.Logger        // nil: discard
 	Pprof    bool                // serve /debug/pprof/ behind the token
 	Now      func() time.Time    // nil: time.Now
+	// Health reports what is wrong now (relay.db cannot be written or is
+	// damaged); /healthz answers 503 with its text. nil: always ok.
+	Health func() error
 	// TLSCert and TLSKey (PEM files): Start serves HTTPS only. Empty:
 	// plain HTTP (config refuses that on a non-loopback listen unless
 	// admin.insecure_plain_http says so).
@@ -227,7 +230,16 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	return s.srv.Shutdown(ctx)
 }
 
+// healthz answers 200 "ok", or 503 with one line per problem Health
+// reports (mail still flows then; what it says needs the admin).
 func (s *Server) healthz(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	if s.opts.Health != nil {
+		if err := s.opts.Health(); err != nil {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintln(w, err)
+			return
+		}
+	}
 	fmt.Fprintln(w, "ok")
 }

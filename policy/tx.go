@@ -49,6 +49,9 @@ type tx struct {
 	holding  bool  // a Hold decision was given: the rest of the message goes to hold
 	holdDec  Decision
 	done     bool
+	// err: the counters of an identity could not be read (a damaged
+	// file); every check then answers storeFailure.
+	err error
 
 	sampleID, sampleSubject string
 
@@ -60,6 +63,14 @@ type tx struct {
 
 // finished answers calls on a transaction that already ended.
 var finished = Decision{Action: Defer, Limit: "policy transaction already finished"}
+
+// storeFailure is the decision while an identity's counters cannot be
+// read: defer, with the error for the front end (451 4.3.0, not a cap).
+func (t *tx) storeFailure() Decision {
+	d := Decision{Action: Defer, Limit: "counters unavailable", Err: t.err}
+	t.e.metrics.decision(d, "")
+	return d
+}
 
 // add resolves and references new identities, appending them to ents.
 func (t *tx) add(ids []Identity) {
@@ -81,7 +92,13 @@ func (t *tx) add(ids []Identity) {
 			continue
 		}
 		lim := t.conf.limitsFor(id.ID, id.Kind)
-		st, si := t.e.acquire(id, lim)
+		st, si, err := t.e.acquire(id, lim)
+		if err != nil {
+			if t.err == nil {
+				t.err = err
+			}
+			continue
+		}
 		t.ents = append(t.ents, txEnt{id: id, st: st, shard: si, lim: lim})
 	}
 }
@@ -385,6 +402,9 @@ func (t *tx) Check() Decision {
 	if t.done {
 		return finished
 	}
+	if t.err != nil {
+		return t.storeFailure()
+	}
 	now := t.e.now()
 	locked := t.lock()
 	dec, hits := t.evaluate(0, now.UnixNano(), 0, 0, 0, Accept)
@@ -397,6 +417,9 @@ func (t *tx) Check() Decision {
 func (t *tx) AddRcpt() Decision {
 	if t.done {
 		return finished
+	}
+	if t.err != nil {
+		return t.storeFailure()
 	}
 	if t.holding {
 		t.rcpts++
@@ -440,6 +463,9 @@ func (t *tx) AddIdentities(ids ...Identity) Decision {
 	from := len(t.ents)
 	t.add(ids)
 	defer t.sortEnts() // after the new ones, at ents[from:], are settled
+	if t.err != nil {
+		return t.storeFailure()
+	}
 	if len(t.ents) == from {
 		return Decision{Action: Accept}
 	}
@@ -463,6 +489,9 @@ func (t *tx) AddIdentities(ids ...Identity) Decision {
 func (t *tx) Message() Decision {
 	if t.done {
 		return finished
+	}
+	if t.err != nil {
+		return t.storeFailure()
 	}
 	if t.msg {
 		return Decision{Action: Accept}

@@ -36,6 +36,10 @@ type Decision struct {
 	Suspended bool          // the identity is suspended
 	Observed  bool          // observe mode: Action is Accept, WouldBe is what enforce would have done
 	WouldBe   Action
+	// Err is set when policy could not decide because its counters could
+	// not be read (a damaged relay.db); Action is then Defer, and the
+	// front end answers its own temporary error, not a cap's text.
+	Err error
 }
 
 // Checker starts policy transactions; *Engine implements it.

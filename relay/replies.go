@@ -106,6 +106,11 @@ func enhancedFromText(text string) smtp.EnhancedCode {
 // decisionReply maps a policy decision that stops a command to its reply
 // (DESIGN.md §5); nil for Accept and Hold, which go on.
 func decisionReply(d policy.Decision) *smtp.SMTPError {
+	if d.Err != nil {
+		// Policy could not read its counters (it logged why): a temporary
+		// local problem, not a cap.
+		return replyInternal
+	}
 	text := safeHeaderValue(d.Text())
 	switch d.Action {
 	case policy.TooManyRcpts:

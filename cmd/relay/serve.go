@@ -176,6 +176,7 @@ func startDaemon(cfg *config.Config, log *slog.Logger) (*daemon, error) {
 		Gatherer: reg,
 		Logger:   log,
 		Pprof:    cfg.Admin.Pprof,
+		Health:   d.policy.Health,
 		TLSCert:  cfg.Admin.TLSCert,
 		TLSKey:   cfg.Admin.TLSKey,
 	})

@@ -26,7 +26,7 @@ const (
 	maxHeaderBlock    = 256 << 10
 )
 
-// identityKinds are the id prefixes of DESIGN.md §3.
+// identityKinds are the id prefixes of docs/design.md §3.
 var identityKinds = []string{"user", "uid", "sender", "domain", "ip"}
 
 // validIdentity reports whether id looks like "<kind>:<something>" with no

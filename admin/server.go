@@ -1,6 +1,6 @@
 // Package admin serves relay's admin HTTP API, the dashboard page the mail
 // admin opens when a complaint comes in, and the Prometheus metrics
-// (DESIGN.md §6). It also holds the client side used by "relay ctl".
+// (docs/design.md §6). It also holds the client side used by "relay ctl".
 //
 // Every path but /healthz and /login needs the bearer token, or the session
 // cookie the page gets by logging in with the token once (until it logs

@@ -10,7 +10,7 @@ import (
 	"time"
 )
 
-// Config is the whole relay.toml. Names follow DESIGN.md §4; they are a
+// Config is the whole relay.toml. Names follow docs/design.md §4; they are a
 // contract that outside tests rely on.
 type Config struct {
 	Hostname   string      `toml:"hostname"`
@@ -141,7 +141,7 @@ type Policy struct {
 	Allow        []AllowRule `toml:"allow"`
 }
 
-// Identity kinds (DESIGN.md §3).
+// Identity kinds (docs/design.md §3).
 const (
 	KindUser   = "user"
 	KindUID    = "uid"

@@ -322,7 +322,7 @@ func (v *validator) policy(p *Policy) {
 }
 
 // checkAllowMatch checks a [[policy.allow]] match: an identity id
-// (DESIGN.md §3) with a known kind and something after the colon.
+// (docs/design.md §3) with a known kind and something after the colon.
 func checkAllowMatch(m string) error {
 	kind, rest, ok := strings.Cut(m, ":")
 	if m == "" {

@@ -20,7 +20,7 @@ import (
 	"relay/internal/testcert"
 )
 
-// The admin API's paths (DESIGN.md §6) through the real daemon.
+// The admin API's paths (docs/design.md §6) through the real daemon.
 
 // senderPolicy is a [policy] block capping only sender: identities at
 // rcpts = [rate], so the ip: and domain: identities every test shares never
@@ -37,7 +37,7 @@ rcpts = [%q]
 }
 
 // pathID percent-encodes an identity as one path segment, ':' included, as
-// DESIGN.md §6 writes it (uid%3Aweb1%3A1001).
+// docs/design.md §6 writes it (uid%3Aweb1%3A1001).
 func pathID(id string) string {
 	return strings.ReplaceAll(url.PathEscape(id), ":", "%3A")
 }

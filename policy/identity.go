@@ -8,7 +8,7 @@ import (
 	"relay/config"
 )
 
-// Identity ids are "<kind>:<address part>" (DESIGN.md §3).
+// Identity ids are "<kind>:<address part>" (docs/design.md §3).
 
 // UserID is the identity of an SMTP AUTH login.
 func UserID(login string) Identity {

@@ -7,7 +7,7 @@ package policy
 
 import "time"
 
-// Identity is one sender identity of a message (DESIGN.md §3).
+// Identity is one sender identity of a message (docs/design.md §3).
 type Identity struct {
 	ID      string // "user:alice", "uid:local:1001", "uid:web1:33", "sender:a@b", "domain:b", "ip:1.2.3.4"
 	Kind    string // config.KindUser, KindUID, KindSender, KindDomain, KindIP

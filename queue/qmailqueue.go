@@ -14,7 +14,7 @@ import (
 // QmailQueue hands messages to qmail-queue (or anything speaking its
 // protocol) exactly as qmail-smtpd does (qmail.c): the message on fd 0, the
 // envelope on fd 1 once fd 0 is closed, and the exit code mapped to qmail's
-// reply texts (qmail-queue(8); reference/qmail.md §3.3, §9.4).
+// reply texts (qmail-queue(8); docs/qmail.md §1.5, §2.3).
 type QmailQueue struct {
 	Path    string        // the program, e.g. /var/qmail/bin/qmail-queue
 	Args    []string      // arguments after Path (none for qmail-queue itself)

@@ -16,7 +16,7 @@ func reply(code int, enhanced smtp.EnhancedCode, text string) *smtp.SMTPError {
 	return &smtp.SMTPError{Code: code, EnhancedCode: enhanced, Message: text}
 }
 
-// Replies with qmail-smtpd's texts (qmail.md §2.4, §9.2) and RFC 3463 codes.
+// Replies with qmail-smtpd's texts (docs/qmail.md §1.3) and RFC 3463 codes.
 var (
 	replyRcptHosts   = reply(553, smtp.EnhancedCode{5, 7, 1}, "sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)")
 	replyBadMailFrom = reply(553, smtp.EnhancedCode{5, 7, 1}, "sorry, your envelope sender is in my badmailfrom list (#5.7.1)")
@@ -104,7 +104,7 @@ func enhancedFromText(text string) smtp.EnhancedCode {
 }
 
 // decisionReply maps a policy decision that stops a command to its reply
-// (DESIGN.md §5); nil for Accept and Hold, which go on.
+// (docs/design.md §5); nil for Accept and Hold, which go on.
 func decisionReply(d policy.Decision) *smtp.SMTPError {
 	if d.Err != nil {
 		// Policy could not read its counters (it logged why): a temporary

@@ -137,12 +137,12 @@ type transaction struct {
 
 // trusted reports whether mail from this session is counted by policy:
 // authenticated, relay clients (relay_networks, tcprules RELAYCLIENT),
-// configured web servers and the local socket (DESIGN.md §3). Mail from the
+// configured web servers and the local socket (docs/design.md §3). Mail from the
 // internet to local domains is not.
 func (s *session) trusted() bool { return s.relayClient || s.user != "" }
 
 // identities lists what the envelope tells about the sender, strongest
-// first (DESIGN.md §3).
+// first (docs/design.md §3).
 func (s *session) identities(from string) []policy.Identity {
 	var ids []policy.Identity
 	if s.user != "" {

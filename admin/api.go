@@ -28,7 +28,7 @@ const (
 )
 
 // validIdentity reports whether id looks like "<kind>:<something>" (one
-// of policy's kinds) with no control characters. Ids may hold ':' '/' '@'
+// of policy's kinds, docs/design.md §3) with no control characters. Ids may hold ':' '/' '@'
 // and spaces (uid:web1:33, ip:2001:db8::/64, script:local:33:/var/www/a b.php).
 func validIdentity(id string) bool {
 	if len(id) > maxIDLen || !policy.ValidID(id) || !utf8.ValidString(id) {

@@ -150,6 +150,24 @@ func ReadControl(cfg *Config) (*Control, error) {
 	return c, nil
 }
 
+// readControlMe returns the first line of dir/me, or "" when dir is empty
+// or the file cannot be read.
+func readControlMe(dir string) string {
+	if dir == "" {
+		return ""
+	}
+	f, err := os.Open(filepath.Join(dir, "me"))
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	me, err := readControlLine(f)
+	if err != nil {
+		return ""
+	}
+	return me
+}
+
 // parseControlInt reads a qmail control integer (databytes, timeoutsmtpd).
 func parseControlInt(s string) (int64, error) {
 	n, err := strconv.ParseInt(strings.TrimSpace(s), 10, 64)

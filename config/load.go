@@ -27,7 +27,8 @@ import (
 //
 // Relative paths in the file (data_dir, local listener sockets,
 // delivery.maildir, admin.token_file, auth.users_file, relay.tcprules,
-// relay.qmail_control_dir, webserver passwd files, tls.cert and tls.key)
+// relay.qmail_control_dir, webserver passwd files, tls.cert and tls.key,
+// admin.tls_cert and admin.tls_key)
 // are taken relative to the directory holding the config file, and Load
 // makes them absolute.
 func Load(path string) (*Config, error) {
@@ -43,16 +44,19 @@ func Load(path string) (*Config, error) {
 }
 
 // LoadFile decodes and validates path like Load but reads none of the
-// files it names: qmail control files, tcprules, users_file, passwd files
-// and TLS keys are left alone (cfg.Control is then derived from the TOML
-// alone, cfg.TCPRules is nil). It is for `relay qq` and `relay sendmail`,
-// which run as arbitrary users who may not be allowed to read those.
+// files it names but control/me: tcprules, users_file, passwd files, TLS
+// keys and the other control files are left alone (cfg.Control is then
+// derived from the TOML alone, cfg.TCPRules is nil). It is for `relay qq`
+// and `relay sendmail`, which run as arbitrary users who may not be
+// allowed to read those. An empty hostname is taken from control/me, as
+// Load takes it (world-readable in qmail; when it cannot be read, from
+// the system).
 func LoadFile(path string) (*Config, error) {
 	cfg, errs, _ := load(path)
 	if len(errs) > 0 {
 		return nil, errs
 	}
-	resolveHostname(cfg.cfg, "")
+	resolveHostname(cfg.cfg, readControlMe(cfg.cfg.Relay.QmailControlDir))
 	cfg.cfg.Control = NewControl(cfg.cfg)
 	return cfg.cfg, nil
 }
@@ -121,6 +125,8 @@ func decode(path string, doc []byte) (*loaded, Errors, bool) {
 	v.config(cfg)
 	errs = append(errs, v.errs...)
 	sortErrors(errs)
+	sortErrors(v.warns)
+	cfg.Warnings = v.warns
 	return &loaded{cfg: cfg, pos: pos}, errs, false
 }
 
@@ -182,7 +188,6 @@ func defaults() *Config {
 		DataDir:  "./relay-data",
 		Listen: []Listener{
 			{Addr: "127.0.0.1:2525", Mode: ModeSMTP},
-			{Addr: "127.0.0.1:2587", Mode: ModeSubmission},
 			{Addr: "./relay-data/submit.sock", Mode: ModeLocal},
 		},
 		Relay: Relay{
@@ -269,6 +274,8 @@ func (c *Config) resolvePaths(dir string) {
 	abs(&c.Auth.UsersFile)
 	abs(&c.Delivery.Maildir)
 	abs(&c.Admin.TokenFile)
+	abs(&c.Admin.TLSCert)
+	abs(&c.Admin.TLSKey)
 	for i := range c.Webservers {
 		abs(&c.Webservers[i].Passwd)
 	}

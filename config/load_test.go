@@ -60,8 +60,53 @@ func TestBadConfigs(t *testing.T) {
 // Control, TCPRules) so two configs can be compared field by field.
 func tomlFields(c *Config) Config {
 	out := *c
-	out.Path, out.Control, out.TCPRules = "", nil, nil
+	out.Path, out.Control, out.TCPRules, out.Warnings = "", nil, nil, nil
 	return out
+}
+
+// TestWarnings: configs that load but hold a setting that can never work
+// (a submission listener that can never offer AUTH) get warnings at the
+// listener's line, golden files in testdata/warn; a good one gets none.
+func TestWarnings(t *testing.T) {
+	files, err := filepath.Glob("testdata/warn/*.toml")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no golden files: %v", err)
+	}
+	wd, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, file := range files {
+		name := strings.TrimSuffix(filepath.Base(file), ".toml")
+		t.Run(name, func(t *testing.T) {
+			c, err := Load(file)
+			if err != nil {
+				t.Fatalf("Load(%s): %v", file, err)
+			}
+			if len(c.Warnings) == 0 {
+				t.Fatal("no warning")
+			}
+			got := strings.ReplaceAll(c.Warnings.Error(), wd+string(filepath.Separator), "./") + "\n"
+			golden := strings.TrimSuffix(file, ".toml") + ".warn"
+			if *update {
+				if err := os.WriteFile(golden, []byte(got), 0o644); err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			want, err := os.ReadFile(golden)
+			if err != nil {
+				t.Fatalf("%v (run go test ./config -run TestWarnings -update)", err)
+			}
+			if got != string(want) {
+				t.Errorf("Load(%s) warnings:\n%s\nwant:\n%s", file, got, want)
+			}
+		})
+	}
+	path := writeFile(t, filepath.Join(t.TempDir(), "relay.toml"), "[[listen]]\naddr = \"127.0.0.1:587\"\nmode = \"submission\"\n[auth]\nrequire_tls = false\ncheckpassword = \"/bin/false\"\n")
+	if c, err := Load(path); err != nil || len(c.Warnings) != 0 {
+		t.Errorf("a submission listener that can offer AUTH: %v, warnings %v", err, c.Warnings)
+	}
 }
 
 func TestExampleEqualsDefault(t *testing.T) {
@@ -127,8 +172,8 @@ func TestDefaultIsValid(t *testing.T) {
 		t.Fatalf("defaults do not validate:\n%v", v.errs)
 	}
 	d := Default()
-	if !filepath.IsAbs(d.DataDir) || !filepath.IsAbs(d.Listen[2].Addr) || d.Listen[0].Addr != "127.0.0.1:2525" {
-		t.Errorf("Default paths not resolved: %q %q %q", d.DataDir, d.Listen[2].Addr, d.Listen[0].Addr)
+	if !filepath.IsAbs(d.DataDir) || !filepath.IsAbs(d.Listen[1].Addr) || d.Listen[0].Addr != "127.0.0.1:2525" {
+		t.Errorf("Default paths not resolved: %q %q %q", d.DataDir, d.Listen[1].Addr, d.Listen[0].Addr)
 	}
 	if d.Hostname == "" || d.Control == nil || d.Control.Me != d.Hostname {
 		t.Errorf("Default hostname %q control %+v", d.Hostname, d.Control)
@@ -164,7 +209,7 @@ relay_networks = ["10.0.0.0/8"]
 	if !reflect.DeepEqual(c.Relay.RelayNetworks, []string{"10.0.0.0/8"}) {
 		t.Errorf("relay_networks = %v, want the file's list only", c.Relay.RelayNetworks)
 	}
-	if c.Policy.Limits.User == nil || c.Policy.Limits.IP == nil || len(c.Listen) != 3 {
+	if c.Policy.Limits.User == nil || c.Policy.Limits.IP == nil || len(c.Listen) != 2 {
 		t.Errorf("default limits or listeners lost: %+v %d", c.Policy.Limits, len(c.Listen))
 	}
 	if c.Hostname != "mail.example.net" || c.Control.Me != "mail.example.net" || c.Control.Greeting != "mail.example.net" {
@@ -412,6 +457,63 @@ func FuzzLoad(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestLoadFileTakesMe: relay qq and relay sendmail qualify bare user names
+// with the hostname, which with an empty hostname is control/me, as for
+// the daemon; an unreadable control/me falls back to the system's name.
+func TestLoadFileTakesMe(t *testing.T) {
+	dir := t.TempDir()
+	ctl := filepath.Join(dir, "control")
+	writeFile(t, filepath.Join(ctl, "me"), "me.example.test \n")
+	writeFile(t, filepath.Join(ctl, "databytes"), "lots\n") // never read by LoadFile
+	path := writeFile(t, filepath.Join(dir, "relay.toml"), "[relay]\nqmail_control_dir = \"control\"\n")
+	c, err := LoadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Hostname != "me.example.test" || c.Control.Me != "me.example.test" {
+		t.Errorf("hostname %q, Control.Me %q; want control/me", c.Hostname, c.Control.Me)
+	}
+	named := writeFile(t, filepath.Join(dir, "named.toml"), "hostname = \"relay.example.test\"\n[relay]\nqmail_control_dir = \"control\"\n")
+	if c, err = LoadFile(named); err != nil || c.Hostname != "relay.example.test" {
+		t.Errorf("explicit hostname: %v %v", c, err)
+	}
+	os.Remove(filepath.Join(ctl, "me"))
+	host, _ := os.Hostname()
+	if c, err = LoadFile(path); err != nil || c.Hostname != host {
+		t.Errorf("without control/me: hostname %q, want the system's %q (%v)", c.Hostname, host, err)
+	}
+}
+
+// TestAdminListenRules: a non-loopback admin listen needs the admin's own
+// token_file, and HTTPS (tls_cert, tls_key) or insecure_plain_http.
+func TestAdminListenRules(t *testing.T) {
+	for _, c := range []struct {
+		admin string
+		ok    bool
+	}{
+		{`listen = "127.0.0.1:8025"`, true},
+		{`listen = "[::1]:8025"`, true},
+		{`listen = "localhost:8025"`, true},
+		{`listen = "127.1.2.3:8025"`, true},
+		{`listen = "0.0.0.0:8025"`, false},
+		{`listen = ":8025"`, false},
+		{`listen = "[::]:8025"`, false},
+		{`listen = "[::ffff:10.0.0.5]:8025"`, false},
+		{`listen = "admin.example.com:8025"`, false},
+		{"listen = \"10.0.0.5:8025\"\ntoken_file = \"/etc/relay/admin.token\"", false},
+		{"listen = \"10.0.0.5:8025\"\ninsecure_plain_http = true", false},
+		{"listen = \"10.0.0.5:8025\"\ntoken_file = \"/t\"\ninsecure_plain_http = true", true},
+		{"listen = \"0.0.0.0:8025\"\ntoken_file = \"/t\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"", true},
+		{"listen = \"0.0.0.0:8025\"\ntoken_file = \"/t\"\ntls_cert = \"/c.pem\"", false},
+		{"listen = \"127.0.0.1:8025\"\ntls_key = \"/k.pem\"", false},
+	} {
+		_, errs, fatal := decode("relay.toml", []byte("[admin]\n"+c.admin+"\n"))
+		if fatal || (len(errs) == 0) != c.ok {
+			t.Errorf("[admin] %q: %v, want ok=%v", c.admin, errs, c.ok)
+		}
+	}
 }
 
 // Issue 12's relay hole: with qmail's control files named, the built-in

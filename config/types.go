@@ -10,7 +10,7 @@ import (
 	"time"
 )
 
-// Config is the whole relay.toml. Names follow DESIGN.md §4; they are a
+// Config is the whole relay.toml. Names follow docs/design.md §4; they are a
 // contract that outside tests rely on.
 type Config struct {
 	Hostname   string      `toml:"hostname"`
@@ -35,6 +35,9 @@ type Config struct {
 	Control *Control `toml:"-"`
 	// TCPRules is the parsed relay.tcprules file, nil when none is set.
 	TCPRules *TCPRules `toml:"-"`
+	// Warnings are problems that do not stop relay (a submission listener
+	// that can never offer AUTH), each at its file:line:col.
+	Warnings Errors `toml:"-"`
 }
 
 // Listener modes.
@@ -118,6 +121,11 @@ type Admin struct {
 	Listen    string `toml:"listen"`
 	TokenFile string `toml:"token_file"`
 	Pprof     bool   `toml:"pprof"` // serve /debug/pprof/ behind the token
+	// TLSCert and TLSKey (PEM) make the admin listener HTTPS only.
+	TLSCert string `toml:"tls_cert"`
+	TLSKey  string `toml:"tls_key"`
+	// InsecurePlainHTTP lets a non-loopback listener serve plain HTTP.
+	InsecurePlainHTTP bool `toml:"insecure_plain_http"`
 }
 
 // Policy modes and over-limit actions.
@@ -146,7 +154,7 @@ type Policy struct {
 	Allow          []AllowRule `toml:"allow"`
 }
 
-// Identity kinds (DESIGN.md §3). IdentityKinds lists them in order.
+// Identity kinds (docs/design.md §3). IdentityKinds lists them in order.
 const (
 	KindUser   = "user"
 	KindUID    = "uid"
@@ -190,7 +198,7 @@ const NumKinds = 6
 // StrongKind reports whether ids of kind come from something the sender
 // cannot choose (a login, the kernel's uid, a web server's qmail, the
 // client's address) rather than from what the client writes (the envelope
-// sender and its domain): DESIGN.md §3's trust column.
+// sender and its domain): docs/design.md §3's trust column.
 func StrongKind(kind string) bool {
 	r := KindRank(kind)
 	return r <= KindRank(KindIP)

@@ -18,6 +18,9 @@ type validator struct {
 	file string
 	pos  *positions
 	errs Errors
+	// warns are problems that do not stop relay: a setting that can
+	// never take effect as written.
+	warns Errors
 	// skip holds keys already reported as undecodable, whose defaults
 	// stand in for them: problems under them would only repeat those.
 	skip map[string]bool
@@ -38,6 +41,12 @@ func (v *validator) add(key, format string, args ...any) {
 	v.errs = append(v.errs, Error{File: v.file, Line: line, Col: col, Key: key, Msg: fmt.Sprintf(format, args...)})
 }
 
+// warn records a problem that does not stop relay, at key's position.
+func (v *validator) warn(key, format string, args ...any) {
+	line, col := v.pos.pos(key)
+	v.warns = append(v.warns, Error{File: v.file, Line: line, Col: col, Key: key, Msg: fmt.Sprintf(format, args...)})
+}
+
 func (v *validator) config(c *Config) {
 	if strings.ContainsFunc(c.Hostname, isSpaceOrControl) {
 		v.add("hostname", "must not contain spaces or control characters")
@@ -47,6 +56,7 @@ func (v *validator) config(c *Config) {
 	}
 	v.listeners(c)
 	v.tls(c)
+	v.submissionAuth(c)
 	v.relay(&c.Relay)
 	v.positive("auth.timeout", c.Auth.Timeout.Duration)
 	v.delivery(&c.Delivery)
@@ -125,6 +135,30 @@ func (v *validator) tls(c *Config) {
 			if l.Mode == ModeSMTPS {
 				v.add(fmt.Sprintf("listen[%d].mode", i), "smtps needs tls.cert and tls.key")
 			}
+		}
+	}
+}
+
+// submissionAuth warns about a submission listener that can never offer
+// AUTH, where every MAIL is refused (530): AUTH waits for STARTTLS when
+// auth.require_tls is set, and STARTTLS needs a certificate; and without a
+// checkpassword or users_file there is nothing to log in against. (smtps
+// without a certificate is an error, in tls.)
+func (v *validator) submissionAuth(c *Config) {
+	noTLS := c.Auth.RequireTLS && c.TLS.Cert == ""
+	noBackend := c.Auth.Checkpassword == "" && c.Auth.UsersFile == ""
+	for i, l := range c.Listen {
+		if l.Mode != ModeSubmission {
+			continue
+		}
+		key := fmt.Sprintf("listen[%d].mode", i)
+		switch {
+		case noTLS && noBackend:
+			v.warn(key, "submission listener %s can never offer AUTH, so it refuses all mail: auth.require_tls = true and no [tls] certificate for STARTTLS, and neither auth.checkpassword nor auth.users_file is set", l.Addr)
+		case noTLS:
+			v.warn(key, "submission listener %s can never offer AUTH, so it refuses all mail: auth.require_tls = true and no [tls] certificate for STARTTLS (set tls.cert and tls.key, or auth.require_tls = false)", l.Addr)
+		case noBackend:
+			v.warn(key, "submission listener %s can never offer AUTH, so it refuses all mail: neither auth.checkpassword nor auth.users_file is set", l.Addr)
 		}
 	}
 }
@@ -225,8 +259,20 @@ func (v *validator) admin(a *Admin) {
 		v.add("admin.listen", "%v", err)
 		return
 	}
-	if a.TokenFile == "" && !IsLoopbackListen(a.Listen) {
+	switch {
+	case a.TLSCert != "" && a.TLSKey == "":
+		v.add("admin.tls_key", "admin.tls_cert is set but admin.tls_key is not")
+	case a.TLSKey != "" && a.TLSCert == "":
+		v.add("admin.tls_cert", "admin.tls_key is set but admin.tls_cert is not")
+	}
+	if IsLoopbackListen(a.Listen) {
+		return
+	}
+	if a.TokenFile == "" {
 		v.add("admin.listen", "non-loopback admin listen needs token_file")
+	}
+	if a.TLSCert == "" && a.TLSKey == "" && !a.InsecurePlainHTTP {
+		v.add("admin.listen", "non-loopback admin listen needs tls_cert and tls_key (HTTPS), or insecure_plain_http = true to send the token in clear on purpose")
 	}
 }
 
@@ -290,7 +336,7 @@ func (v *validator) policy(p *Policy) {
 }
 
 // checkAllowMatch checks a [[policy.allow]] match: an identity id
-// (DESIGN.md §3) with a known kind and something after the colon.
+// (docs/design.md §3) with a known kind and something after the colon.
 func checkAllowMatch(m string) error {
 	kind, rest, ok := strings.Cut(m, ":")
 	if m == "" {

@@ -27,7 +27,7 @@ import (
 	"golang.org/x/crypto/bcrypt"
 )
 
-// The admin API's JSON, as much of it as these tests read (DESIGN.md §6).
+// The admin API's JSON, as much of it as these tests read (docs/design.md §6).
 type apiUsage struct {
 	Metric string `json:"metric"`
 	Window string `json:"window"`
@@ -159,7 +159,7 @@ func (s *smtpConn) mustSend(from string, to []string, body string) {
 }
 
 // overReply matches the reply to a recipient or message over a rate cap
-// (DESIGN.md §5): "451 4.7.1 <id> is over N recipients/W; try again in …".
+// (docs/design.md §5): "451 4.7.1 <id> is over N recipients/W; try again in …".
 func overReply(code, id string, n int, window string) *regexp.Regexp {
 	enh := "4.7.1"
 	if code == "550" {

@@ -163,7 +163,10 @@ func (e *Engine) Suspend(id, reason string) error {
 	}
 	now := e.now()
 	s := &Suspension{Reason: reason, At: now}
-	st, si := e.lockState(id, KindOf(id), true)
+	st, si, err := e.lockState(id, KindOf(id), true)
+	if err != nil {
+		return err
+	}
 	sh := &e.shards[si]
 	st.lastUsed = now.UnixNano()
 	was := st.suspension != nil
@@ -183,7 +186,10 @@ func (e *Engine) Suspend(id, reason string) error {
 // is durable when it returns.
 func (e *Engine) Unsuspend(id string) error {
 	now := e.now()
-	st, si := e.lockState(id, KindOf(id), false)
+	st, si, err := e.lockState(id, KindOf(id), false)
+	if err != nil {
+		return err
+	}
 	sh := &e.shards[si]
 	if st == nil || st.suspension == nil {
 		sh.mu.Unlock()
@@ -208,7 +214,10 @@ func (e *Engine) Reset(id string) error {
 	e.flushMu.Lock()
 	defer e.flushMu.Unlock()
 	now := e.now()
-	st, si := e.lockState(id, KindOf(id), false)
+	st, si, err := e.lockState(id, KindOf(id), false)
+	if err != nil {
+		return err
+	}
 	sh := &e.shards[si]
 	if st == nil {
 		sh.mu.Unlock()
@@ -226,7 +235,7 @@ func (e *Engine) Reset(id string) error {
 	ev := e.events.add(Event{Time: now, Kind: EventReset, Identity: id, Account: acct}, false)
 	// Written at once, not at the next flush: admin actions are durable
 	// when they return.
-	return e.db.Update(func(btx *bolt.Tx) error {
+	return e.update(func(btx *bolt.Tx) error {
 		if err := btx.Bucket(bucketCounters).Put([]byte(id), val); err != nil {
 			return err
 		}
@@ -254,7 +263,7 @@ func (e *Engine) RecordEvent(ev Event) error {
 		ev.Time = e.now()
 	}
 	ev = e.events.add(ev, false)
-	return e.db.Update(func(btx *bolt.Tx) error { return putEvents(btx, []Event{ev}) })
+	return e.update(func(btx *bolt.Tx) error { return putEvents(btx, []Event{ev}) })
 }
 
 func (e *Engine) countSuspended() int {

@@ -8,7 +8,7 @@ import (
 	"relay/config"
 )
 
-// Identity ids are "<kind>:<address part>" (DESIGN.md §3).
+// Identity ids are "<kind>:<address part>" (docs/design.md §3).
 
 // UserID is the identity of an SMTP AUTH login.
 func UserID(login string) Identity {
@@ -38,7 +38,7 @@ func WebUID(server string, uid uint32, account, script string) Identity {
 // "script:<origin>:<uid>:<path>", origin "local" for the local socket or a
 // web server's name, path exactly as X-PHP-Originating-Script gives it
 // after "U:". Only a script whose U is the message's proven uid gets one
-// (DESIGN.md §10), so it is as strong as that uid.
+// (docs/design.md §10), so it is as strong as that uid.
 func ScriptID(origin string, uid uint32, account, path string) Identity {
 	return Identity{
 		ID:      "script:" + origin + ":" + strconv.FormatUint(uint64(uid), 10) + ":" + path,
@@ -100,7 +100,7 @@ func DomainID(addr string) (Identity, bool) {
 	return Identity{ID: "domain:" + norm[at+1:], Kind: config.KindDomain}, true
 }
 
-// NormalAddress is an address as identities name it (DESIGN.md §10):
+// NormalAddress is an address as identities name it (docs/design.md §10):
 // lowercased, with the trailing dots of its domain dropped
 // ("SPAM@X.ORG." is "spam@x.org"), and a domain literal written the one
 // way ("[IPv6:2001:DB8:0::1]" is "[ipv6:2001:db8::1]"). ok is false for a

@@ -5,7 +5,7 @@ import (
 	"time"
 )
 
-// reserve_timeout (DESIGN.md §10). A transaction reserves recipients at
+// reserve_timeout (docs/design.md §10). A transaction reserves recipients at
 // RCPT so that parallel sessions cannot together pass a cap; a session
 // that reserves and then idles would hold them against everyone sharing
 // the identity (one customer squatting a domain's or a web server's

@@ -55,6 +55,9 @@ type tx struct {
 	holding  bool  // a Hold decision was given: the rest of the message goes to hold
 	holdDec  Decision
 	done     bool
+	// err: the counters of an identity could not be read (a damaged
+	// file); every check then answers storeFailure.
+	err error
 
 	// reservedAt is when the reservations now held were taken (unix ns),
 	// 0 while none are; lapsed says reserve_timeout released them, so the
@@ -74,6 +77,14 @@ type tx struct {
 
 // finished answers calls on a transaction that already ended.
 var finished = Decision{Action: Defer, Limit: "policy transaction already finished"}
+
+// storeFailure is the decision while an identity's counters cannot be
+// read: defer, with the error for the front end (451 4.3.0, not a cap).
+func (t *tx) storeFailure() Decision {
+	d := Decision{Action: Defer, Limit: "counters unavailable", Err: t.err}
+	t.e.metrics.decision(d, "")
+	return d
+}
 
 // add resolves and references new identities, appending them to ents.
 func (t *tx) add(ids []Identity) {
@@ -95,7 +106,13 @@ func (t *tx) add(ids []Identity) {
 			continue
 		}
 		lim := t.conf.limitsFor(id.ID, id.Kind)
-		st, si := t.e.acquire(id, lim)
+		st, si, err := t.e.acquire(id, lim)
+		if err != nil {
+			if t.err == nil {
+				t.err = err
+			}
+			continue
+		}
 		t.ents = append(t.ents, txEnt{id: id, st: st, shard: si, lim: lim})
 	}
 }
@@ -270,7 +287,7 @@ func (t *tx) overEvent(ent *txEnt, h overHit, now time.Time, ns int64) string {
 }
 
 // suspendTarget is the identity of the transaction towards whose
-// suspension an over-limit attempt on hit counts (DESIGN.md §10), or nil.
+// suspension an over-limit attempt on hit counts (docs/design.md §10), or nil.
 // An identity of a kind in suspend_kinds counts for itself. One of a weak
 // kind (sender, domain: anyone can write them in MAIL FROM) that is not
 // in suspend_kinds counts for the most specific strong identity of the
@@ -461,6 +478,9 @@ func (t *tx) Check() Decision {
 	if t.done {
 		return finished
 	}
+	if t.err != nil {
+		return t.storeFailure()
+	}
 	now := t.e.now()
 	locked := t.lock()
 	dec, hits := t.evaluate(0, now.UnixNano(), 0, 0, 0, Accept)
@@ -488,6 +508,9 @@ func (t *tx) AddRcpt() Decision {
 	defer t.mu.Unlock()
 	if t.done {
 		return finished
+	}
+	if t.err != nil {
+		return t.storeFailure()
 	}
 	if t.holding {
 		t.rcpts++
@@ -537,6 +560,9 @@ func (t *tx) AddIdentities(ids ...Identity) Decision {
 	from := len(t.ents)
 	t.add(ids)
 	defer t.sortEnts() // after the new ones, at ents[from:], are settled
+	if t.err != nil {
+		return t.storeFailure()
+	}
 	if len(t.ents) == from {
 		return Decision{Action: Accept}
 	}
@@ -567,6 +593,9 @@ func (t *tx) Message() Decision {
 	if t.done {
 		return finished
 	}
+	if t.err != nil {
+		return t.storeFailure()
+	}
 	if t.holding {
 		return t.afterUnlock(t.holdDec)
 	}
@@ -594,6 +623,9 @@ func (t *tx) Recheck() Decision {
 	defer t.mu.Unlock()
 	if t.done {
 		return finished
+	}
+	if t.err != nil {
+		return t.storeFailure()
 	}
 	if t.holding {
 		return Decision{Action: Accept}

@@ -7,7 +7,7 @@ package policy
 
 import "time"
 
-// Identity is one sender identity of a message (DESIGN.md §3).
+// Identity is one sender identity of a message (docs/design.md §3).
 type Identity struct {
 	ID      string // "user:alice", "uid:local:1001", "uid:web1:33", "script:web1:33:form.php", "ip:1.2.3.4", "sender:a@b", "domain:b"
 	Kind    string // one of config.IdentityKinds
@@ -36,6 +36,10 @@ type Decision struct {
 	Suspended bool          // the identity is suspended
 	Observed  bool          // observe mode: Action is Accept, WouldBe is what enforce would have done
 	WouldBe   Action
+	// Err is set when policy could not decide because its counters could
+	// not be read (a damaged relay.db); Action is then Defer, and the
+	// front end answers its own temporary error, not a cap's text.
+	Err error
 }
 
 // Checker starts policy transactions; *Engine implements it.

@@ -8,7 +8,7 @@ import (
 	"relay/policy"
 )
 
-// Attribution from the header (DESIGN.md §3, §10). On a connection from a
+// Attribution from the header (docs/design.md §3, §10). On a connection from a
 // [[webserver]] the uid is the one in the first Received field when qmail
 // wrote it there ("(qmail N invoked by uid U)"): with the web server's
 // firewall letting only qmail-remote reach port 25 here (`relay scan

@@ -5,9 +5,12 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
+	"github.com/emersion/go-smtp"
 	"golang.org/x/sys/unix"
 
 	"relay/config"
@@ -15,12 +18,14 @@ import (
 
 // connInfo is what relay learns about a connection when it accepts it.
 type connInfo struct {
-	id     uint64
-	remote netip.Addr // client address, unmapped; invalid on the local socket
-	uid    uint32     // peer uid from SO_PEERCRED, local socket only
-	local  bool
-	rule   config.TCPRule // tcprules line that matched
-	ruled  bool           // rule is set
+	id        uint64
+	st        *settings  // the configuration the connection was accepted under
+	remote    netip.Addr // client address, unmapped; invalid on the local socket
+	uid       uint32     // peer uid from SO_PEERCRED, local socket only
+	local     bool
+	rule      config.TCPRule // tcprules line that matched
+	ruled     bool           // rule is set
+	databytes int64          // databytes, or the tcprules DATABYTES of this client
 }
 
 // trackedConn is an accepted connection that gives its slot back when it is
@@ -32,7 +37,8 @@ type trackedConn struct {
 	info    connInfo
 	release func()
 	once    sync.Once
-	end     time.Time // zero: no session limit (the local socket)
+	smtp    *smtp.Server // its go-smtp server; set under Server.connMu
+	end     time.Time    // zero: no session limit (the local socket)
 }
 
 // sessionEndGrace lets the reply go out that go-smtp writes when a read
@@ -77,13 +83,19 @@ func (c *trackedConn) Close() error {
 	return err
 }
 
-// connInfoOf finds relay's connInfo under what go-smtp hands a session
+// trackedConnOf finds relay's trackedConn under a connection go-smtp has
 // (a *tls.Conn after STARTTLS or on smtps).
-func connInfoOf(c net.Conn) (connInfo, bool) {
+func trackedConnOf(c net.Conn) (*trackedConn, bool) {
 	if tc, ok := c.(*tls.Conn); ok {
 		c = tc.NetConn()
 	}
 	t, ok := c.(*trackedConn)
+	return t, ok
+}
+
+// connInfoOf finds relay's connInfo under what go-smtp hands a session.
+func connInfoOf(c net.Conn) (connInfo, bool) {
+	t, ok := trackedConnOf(c)
 	if !ok {
 		return connInfo{}, false
 	}
@@ -122,7 +134,7 @@ const tooManyConnections = "421 4.7.0 too many connections\r\n"
 // admit decides on one new connection; it returns nil after closing it.
 func (s *Server) admit(c net.Conn, local, isTLS bool) *trackedConn {
 	st := s.settings.Load()
-	info := connInfo{id: s.nextConnID.Add(1), local: local}
+	info := connInfo{id: s.nextConnID.Add(1), st: st, local: local, databytes: st.databytes}
 	if local {
 		uid, err := peerUID(c)
 		if err != nil {
@@ -144,6 +156,11 @@ func (s *Server) admit(c net.Conn, local, isTLS bool) *trackedConn {
 				s.log.Info("tcprules deny", "remote", info.remote.String())
 				c.Close()
 				return nil
+			}
+			if v, ok := info.rule.Env["DATABYTES"]; ok && info.ruled {
+				if n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64); err == nil && n >= 0 {
+					info.databytes = n
+				}
 			}
 		}
 	}

@@ -37,7 +37,7 @@ func (b *backend) NewSession(c *smtp.Conn) (smtp.Session, error) {
 		s.log.Error("connection without relay's connection info")
 		return nil, replyInternal
 	}
-	st := s.settings.Load()
+	st := info.st
 	_, isTLS := c.TLSConnectionState()
 	ss := &session{
 		srv:       s,
@@ -50,7 +50,7 @@ func (b *backend) NewSession(c *smtp.Conn) (smtp.Session, error) {
 		uid:       info.uid,
 		helo:      c.Hostname(),
 		tls:       isTLS,
-		databytes: st.databytes,
+		databytes: info.databytes,
 	}
 	if info.local {
 		ss.account = st.accounts[info.uid]
@@ -65,11 +65,6 @@ func (b *backend) NewSession(c *smtp.Conn) (smtp.Session, error) {
 			if v, ok := info.rule.Env["RELAYCLIENT"]; ok {
 				ss.relayClient = true
 				ss.rcptSuffix = v
-			}
-			if v, ok := info.rule.Env["DATABYTES"]; ok {
-				if n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64); err == nil && n >= 0 {
-					ss.databytes = n
-				}
 			}
 		}
 		if ws := st.webserverAt(info.remote); ws != nil {
@@ -142,12 +137,12 @@ type transaction struct {
 
 // trusted reports whether mail from this session is counted by policy:
 // authenticated, relay clients (relay_networks, tcprules RELAYCLIENT),
-// configured web servers and the local socket (DESIGN.md §3). Mail from the
+// configured web servers and the local socket (docs/design.md §3). Mail from the
 // internet to local domains is not.
 func (s *session) trusted() bool { return s.relayClient || s.user != "" }
 
 // identities lists what the envelope tells about the sender, strongest
-// first (DESIGN.md §3).
+// first (docs/design.md §3).
 func (s *session) identities(from string) []policy.Identity {
 	var ids []policy.Identity
 	if s.user != "" {
@@ -197,12 +192,7 @@ func (s *session) Auth(mech string) (sasl.Server, error) {
 	case s.check || s.local || s.srv.deps.Auth == nil || !s.srv.deps.Auth.Enabled():
 		return nil, smtp.ErrAuthUnknownMechanism
 	case mech == sasl.Plain:
-		return sasl.NewPlainServer(func(identity, login, password string) error {
-			if identity != "" && identity != login {
-				return replyAuthMismatch
-			}
-			return s.authenticate(login, password)
-		}), nil
+		return NewPlainServer(s.authenticate), nil
 	case mech == sasl.Login:
 		return NewLoginServer(s.authenticate), nil
 	}
@@ -545,7 +535,7 @@ func (s *session) storeFailure(msg *storeReader) *smtp.SMTPError {
 		return refused.reply
 	case errors.Is(err, errBareNewline):
 		return replyBareNewline
-	case errors.Is(err, errTooBig):
+	case errors.Is(err, errTooBig), errors.Is(err, smtp.ErrDataTooLarge):
 		return replyDatabytes
 	case errors.Is(err, errTooManyHops):
 		return replyHops

@@ -3,6 +3,7 @@ package relay
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -64,7 +65,7 @@ type check struct {
 // sniffer has already read. A request that breaks the protocol ends the
 // connection without a verdict (relay qq then defers).
 func (s *Server) serveCheck(conn *trackedConn, first []byte) {
-	st := s.settings.Load()
+	st := conn.info.st // the settings the connection was accepted under
 	ss := &session{
 		srv:         s,
 		st:          st,
@@ -168,6 +169,18 @@ func (c *check) reserve() {
 	c.conn.SetReadDeadline(time.Now().Add(min(c.timeout, checkCommitWait)))
 	if err := expectFrame(c.r, frameCommit); err != nil {
 		c.verdict += ": " + err.Error()
+		return
+	}
+	// A reservation that lapsed meanwhile (policy.reserve_timeout) is
+	// checked again, as at the end of an SMTP DATA.
+	var refused *policyRefusal
+	if err := c.ss.recheck(tx); errors.As(err, &refused) {
+		tx.abort()
+		tx.result = txDeferred
+		if refused.reply.Code >= 500 {
+			tx.result = txRejected
+		}
+		c.refuse(refusal(refused.reply))
 		return
 	}
 	tx.ptx.Commit()

@@ -280,6 +280,24 @@ func TestCheckWithoutSMTPLimits(t *testing.T) {
 	}
 }
 
+// A reservation that lapsed before the commit (reserve_timeout) is checked
+// again, as at the end of an SMTP DATA: no room now, and the commit is
+// answered with the refusal, nothing charged.
+func TestCheckCommitRechecks(t *testing.T) {
+	ck := &fakeChecker{logRecheck: true, recheck: policy.Decision{Action: policy.Defer, Identity: "uid:local:1", Limit: "1 recipient/1h"}}
+	path, _ := checkServer(t, Deps{Policy: ck}, nil)
+	c := dialCheck(t, path)
+	c.request("www@example.test", []string{"x@far.test"}, "Subject: s\n\nb\n")
+	if typ, _ := c.verdict(); typ != frameAccepted {
+		t.Fatalf("verdict %q", typ)
+	}
+	c.write(appendFrame(nil, frameCommit, ""))
+	if typ, text := c.frame(); typ != frameDefer || !strings.HasPrefix(text, "451 4.7.1 uid:local:1 is over") {
+		t.Fatalf("commit answered %q %q", typ, text)
+	}
+	waitFor(t, func() bool { return strings.HasSuffix(ck.log(), "msg; recheck; abort") })
+}
+
 // A hold without a hold spool defers, before any message is sent.
 func TestCheckHoldWithoutSpool(t *testing.T) {
 	ck := &fakeChecker{msg: policy.Decision{Action: policy.Hold, Identity: "uid:local:1", Limit: "1 message/1h"}}
@@ -422,6 +440,7 @@ func TestCheckOnlyOnLocalSocket(t *testing.T) {
 	h := &fakeHandoff{}
 	path, s := checkServer(t, Deps{Policy: ck, Handoff: h}, func(cfg *config.Config) {
 		cfg.Relay.RelayNetworks = []string{"127.0.0.0/8"}
+		cfg.Relay.MaxMessageBytes = 4096
 	})
 	tcp := dialRaw(t, "tcp", tcpAddr(s, 0))
 	tcp.reply()
@@ -435,7 +454,9 @@ func TestCheckOnlyOnLocalSocket(t *testing.T) {
 	}
 
 	l := dialRaw(t, "unix", path)
-	l.hello("localhost")
+	if ehlo := l.hello("localhost"); !strings.Contains(ehlo, "SIZE 4096") {
+		t.Fatalf("local EHLO without databytes' SIZE: %q", ehlo)
+	}
 	if got := l.mail("a@example.test", []string{"x@far.test"}, "Subject: x\r\n\r\nhi\r\n.\r\n"); !strings.HasPrefix(got, "250 ok 1795833709") {
 		t.Fatalf("local SMTP: %q", got)
 	}

@@ -50,6 +50,7 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	if cfg.Path == "" {
 		log.Info("no config file: running on the embedded defaults", "looked_for", path)
 	}
+	logWarnings(log, cfg)
 	d, err := startDaemon(cfg, log)
 	if err != nil {
 		log.Error("cannot start", "err", err)
@@ -109,9 +110,6 @@ type daemon struct {
 }
 
 func startDaemon(cfg *config.Config, log *slog.Logger) (*daemon, error) {
-	if err := admin.CheckListen(cfg.Admin.Listen, cfg.Admin.TokenFile); err != nil {
-		return nil, err
-	}
 	db, err := policy.OpenDB(cfg.DataDir)
 	if err != nil {
 		return nil, err
@@ -186,6 +184,9 @@ func startDaemon(cfg *config.Config, log *slog.Logger) (*daemon, error) {
 		Gatherer: reg,
 		Logger:   log,
 		Pprof:    cfg.Admin.Pprof,
+		Health:   d.policy.Health,
+		TLSCert:  cfg.Admin.TLSCert,
+		TLSKey:   cfg.Admin.TLSKey,
 	})
 	if err == nil {
 		err = d.admin.Start()
@@ -211,6 +212,7 @@ func (d *daemon) reload() error {
 	for _, w := range restartOnly(d.cfg, cfg) {
 		d.log.Warn("reload: this setting changes only at restart", "key", w)
 	}
+	logWarnings(d.log, cfg)
 	if err := d.smtp.Reload(cfg); err != nil {
 		return err
 	}
@@ -259,6 +261,13 @@ func (d *daemon) writeQQSettings(cfg *config.Config) error {
 
 // passwdFile is where local.exempt_users are looked up.
 const passwdFile = "/etc/passwd"
+
+// logWarnings logs what check-config warns about in cfg.
+func logWarnings(log *slog.Logger, cfg *config.Config) {
+	for _, w := range cfg.Warnings {
+		log.Warn("config: " + w.Error())
+	}
+}
 
 func (d *daemon) recordReload(detail string) {
 	if err := d.policy.RecordEvent(policy.Event{Kind: policy.EventReload, Detail: detail}); err != nil {

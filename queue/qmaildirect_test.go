@@ -45,10 +45,10 @@ func testQueue(t *testing.T, split int) string {
 // directPair is a QmailDirect talking to a QueueWriter over a socketpair,
 // both in this process.
 type directPair struct {
-	t      *testing.T
-	q      *QmailDirect
-	w      *QueueWriter
-	dir    string
+	t       *testing.T
+	q       *QmailDirect
+	w       *QueueWriter
+	dir     string
 	served  chan error
 	serving sync.WaitGroup
 	wEnd    net.Conn

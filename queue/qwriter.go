@@ -49,9 +49,9 @@ type QueueWriter struct {
 	qmailsU int
 
 	pidSeq  atomic.Uint64
-	rounds  atomic.Uint64 // commit rounds done (tests, logs)
-	queued  atomic.Uint64 // messages committed
-	aborts  atomic.Uint64 // aborts the daemon sent
+	rounds  atomic.Uint64             // commit rounds done (tests, logs)
+	queued  atomic.Uint64             // messages committed
+	aborts  atomic.Uint64             // aborts the daemon sent
 	roundHk func(stage string, n int) // tests: called at each stage of a round of n messages
 }
 

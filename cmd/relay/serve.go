@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -49,15 +50,24 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	if cfg.Path == "" {
 		log.Info("no config file: running on the embedded defaults", "looked_for", path)
 	}
-	d, err := startDaemon(cfg, log)
+	if cfg.Delivery.Method == config.DeliverQmailDirect && os.Getenv(envSupervisorFD) == "" && os.Geteuid() == 0 {
+		return superviseServe(args, cfg, log) // supervise.go
+	}
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+	writers, stopWriters, err := writerConns(cfg, log, sigs)
+	if err != nil {
+		log.Error("cannot start", "err", err)
+		return 1
+	}
+	defer stopWriters()
+	d, err := startDaemon(cfg, log, writers)
 	if err != nil {
 		log.Error("cannot start", "err", err)
 		return 1
 	}
 	log.Info("relay started", "config", cfg.Path, "smtp", d.smtp.Addrs(), "admin", d.admin.Addr())
 
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
 	for sig := range sigs {
 		if sig == syscall.SIGHUP {
 			if err := d.reload(); err != nil {
@@ -104,7 +114,9 @@ type daemon struct {
 	closeDB func() error
 }
 
-func startDaemon(cfg *config.Config, log *slog.Logger) (*daemon, error) {
+// startDaemon starts everything; writers brings method qmail-direct its
+// queue-writer connections.
+func startDaemon(cfg *config.Config, log *slog.Logger, writers <-chan net.Conn) (*daemon, error) {
 	if err := admin.CheckListen(cfg.Admin.Listen, cfg.Admin.TokenFile); err != nil {
 		return nil, err
 	}
@@ -120,7 +132,7 @@ func startDaemon(cfg *config.Config, log *slog.Logger) (*daemon, error) {
 		db.Close()
 		return nil, err
 	}
-	d.handoff, err = queue.New(cfg.Delivery, cfg.Control.Me, queue.Options{Logger: log, Registerer: reg, ChildStderr: os.Stderr})
+	d.handoff, err = queue.New(cfg.Delivery, cfg.Control.Me, queue.Options{Logger: log, Registerer: reg, ChildStderr: os.Stderr, Writers: writers})
 	if err != nil {
 		return fail(err)
 	}

@@ -1,0 +1,439 @@
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"relay/internal/qmailtest"
+)
+
+// directDaemon is relay serve started as root with method qmail-direct,
+// writing into the real qmail's queue.
+type directDaemon struct {
+	t      *testing.T
+	q      *qmailtest.Qmail
+	dir    string
+	config string
+	smtp   string
+	cmd    *exec.Cmd
+	logMu  sync.Mutex
+	log    bytes.Buffer
+	exited chan struct{}
+}
+
+func startDirect(t *testing.T, q *qmailtest.Qmail) *directDaemon {
+	t.Helper()
+	// The daemon runs as qmaild: its config must be reachable by it.
+	dir, err := os.MkdirTemp("", "relay-e2e-direct-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(dir, 0o755)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	d := &directDaemon{t: t, q: q, dir: dir, config: filepath.Join(dir, "relay.toml")}
+	d.start()
+	return d
+}
+
+func (d *directDaemon) start() {
+	d.t.Helper()
+	d.smtp = freePort(d.t)
+	cfg := fmt.Sprintf(`hostname = "relay.example.test"
+data_dir = %q
+
+[[listen]]
+addr = %q
+mode = "smtp"
+
+[relay]
+local_domains = [%q]
+relay_networks = ["127.0.0.0/8"]
+timeout = "30s"
+
+[delivery]
+method = "qmail-direct"
+queue_dir = %q
+timeout = "10s"
+
+[admin]
+listen = %q
+
+[policy.limits]
+`, filepath.Join(d.dir, "data"), d.smtp, d.q.Me, d.q.Queue, freePort(d.t))
+	if err := os.WriteFile(d.config, []byte(cfg), 0o644); err != nil {
+		d.t.Fatal(err)
+	}
+	d.logMu.Lock()
+	d.log.Reset()
+	d.logMu.Unlock()
+	d.exited = make(chan struct{})
+	d.cmd = exec.Command(bins.relay, "serve", "--config", d.config, "--grace", "10s")
+	w := lockedWriter{&d.logMu, &d.log}
+	d.cmd.Stdout, d.cmd.Stderr = w, w
+	if err := d.cmd.Start(); err != nil {
+		d.t.Fatal(err)
+	}
+	go func(c *exec.Cmd, done chan struct{}) { c.Wait(); close(done) }(d.cmd, d.exited)
+	d.t.Cleanup(d.stop)
+	deadline := time.Now().Add(20 * time.Second)
+	for !strings.Contains(d.logs(), "relay started") || !strings.Contains(d.logs(), "queue writer started") {
+		select {
+		case <-d.exited:
+			d.t.Fatalf("relay exited at start:\n%s", d.logs())
+		default:
+		}
+		if time.Now().After(deadline) {
+			d.t.Fatalf("relay did not come up:\n%s", d.logs())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (d *directDaemon) logs() string {
+	d.logMu.Lock()
+	defer d.logMu.Unlock()
+	return d.log.String()
+}
+
+func (d *directDaemon) stop() {
+	select {
+	case <-d.exited:
+	default:
+		d.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-d.exited:
+		case <-time.After(30 * time.Second):
+			d.cmd.Process.Kill()
+			<-d.exited
+		}
+	}
+	if d.t.Failed() {
+		d.t.Logf("relay log:\n%s", d.logs())
+	}
+}
+
+// proc is a process as /proc shows it.
+type proc struct {
+	pid, ppid int
+	uid, gid  int
+	groups    []int
+	cmdline   string
+}
+
+func readProc(pid int) (proc, bool) {
+	st, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return proc{}, false
+	}
+	cl, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	p := proc{pid: pid, cmdline: strings.ReplaceAll(strings.TrimRight(string(cl), "\x00"), "\x00", " ")}
+	for line := range strings.Lines(string(st)) {
+		k, v, _ := strings.Cut(strings.TrimSpace(line), ":")
+		f := strings.Fields(v)
+		switch k {
+		case "PPid":
+			p.ppid, _ = strconv.Atoi(f[0])
+		case "Uid":
+			p.uid, _ = strconv.Atoi(f[0])
+		case "Gid":
+			p.gid, _ = strconv.Atoi(f[0])
+		case "Groups":
+			for _, g := range f {
+				n, _ := strconv.Atoi(g)
+				p.groups = append(p.groups, n)
+			}
+		}
+	}
+	return p, true
+}
+
+// children lists the live children of pid whose command line has sub.
+func children(pid int, sub string) []proc {
+	ents, _ := os.ReadDir("/proc")
+	var out []proc
+	for _, e := range ents {
+		n, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if p, ok := readProc(n); ok && p.ppid == pid && strings.Contains(p.cmdline, sub) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// waitChildren waits up to 15 s for cond to hold of pid's children with sub.
+func waitChildren(t *testing.T, pid int, sub string, cond func([]proc) bool) []proc {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		c := children(pid, sub)
+		if cond(c) {
+			return c
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("children of %d with %q: %+v", pid, sub, c)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func lookupID(t *testing.T, name string) (uid, gid int) {
+	t.Helper()
+	u, err := user.Lookup(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	uid, _ = strconv.Atoi(u.Uid)
+	gid, _ = strconv.Atoi(u.Gid)
+	return uid, gid
+}
+
+// smtpClient is a plain SMTP client that reports instead of failing the
+// test, for load from many goroutines.
+type smtpClient struct {
+	c net.Conn
+	r *bufio.Reader
+}
+
+func dialClient(addr string) (*smtpClient, error) {
+	c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	c.SetDeadline(time.Now().Add(60 * time.Second))
+	s := &smtpClient{c: c, r: bufio.NewReader(c)}
+	if r, err := s.reply(); err != nil || !strings.HasPrefix(r, "220") {
+		c.Close()
+		return nil, fmt.Errorf("greeting %q: %v", r, err)
+	}
+	if r, err := s.cmd("EHLO loadtest"); err != nil || !strings.HasPrefix(r, "250") {
+		c.Close()
+		return nil, fmt.Errorf("EHLO %q: %v", r, err)
+	}
+	return s, nil
+}
+
+func (s *smtpClient) reply() (string, error) {
+	for {
+		line, err := s.r.ReadString('\n')
+		if err != nil {
+			return line, err
+		}
+		line = strings.TrimRight(line, "\r\n")
+		if len(line) < 4 || line[3] != '-' {
+			return line, nil
+		}
+	}
+}
+
+func (s *smtpClient) cmd(line string) (string, error) {
+	if _, err := fmt.Fprintf(s.c, "%s\r\n", line); err != nil {
+		return "", err
+	}
+	return s.reply()
+}
+
+// send runs one transaction; wire is the DATA content, CRLF and
+// dot-stuffed, without the final dot.
+func (s *smtpClient) send(from, to, wire string) (string, error) {
+	for _, c := range []string{"MAIL FROM:<" + from + ">", "RCPT TO:<" + to + ">", "DATA"} {
+		r, err := s.cmd(c)
+		if err != nil {
+			return r, err
+		}
+		if !strings.HasPrefix(r, "250") && !strings.HasPrefix(r, "354") {
+			return r, nil
+		}
+	}
+	if _, err := fmt.Fprintf(s.c, "%s.\r\n", wire); err != nil {
+		return "", err
+	}
+	return s.reply()
+}
+
+func (s *smtpClient) close() {
+	s.cmd("QUIT")
+	s.c.Close()
+}
+
+// testMessage is message k as stored (LF, dot-unstuffed) and as sent.
+func testMessage(k int) (stored, wire string) {
+	var b strings.Builder
+	fmt.Fprintf(&b, "Subject: direct %d\nX-Marker: m%d\n\n", k, k)
+	b.WriteString(".a line that starts with a dot\n..two dots\ncaf\xc3\xa9 8-bit\n")
+	b.WriteString(strings.Repeat(strconv.Itoa(k%10), 1200) + "\n")
+	for i := range k % 7 {
+		fmt.Fprintf(&b, "line %d of %d\n", i, k)
+	}
+	stored = b.String()
+	var w strings.Builder
+	for line := range strings.Lines(stored) {
+		line = strings.TrimSuffix(line, "\n")
+		if strings.HasPrefix(line, ".") {
+			w.WriteString(".")
+		}
+		w.WriteString(line + "\r\n")
+	}
+	return stored, w.String()
+}
+
+var (
+	qpReplyRE = regexp.MustCompile(`^250 ok \d+ qp (\d+)$`)
+	markerRE  = regexp.MustCompile(`(?m)^X-Marker: m(\d+)$`)
+	qqLineRE  = regexp.MustCompile(`^Received: \(qmail (\d+) invoked from network\); \d{1,2} [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d -0000\n`)
+	smtpdRE   = regexp.MustCompile(`^Received: from unknown \(HELO loadtest\) \(127\.0\.0\.1\)\n  by relay\.example\.test with SMTP; \d{1,2} [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d -0000\n`)
+)
+
+// checkDelivered checks that every message of want (marker -> qp) is in
+// msgs exactly once, byte for byte as sent behind qmail-queue's line with
+// that qp and relay's own; other markers may appear once each.
+func checkDelivered(t *testing.T, msgs [][]byte, want map[int]int) {
+	t.Helper()
+	seen := map[int]int{}
+	for _, raw := range msgs {
+		m, err := qmailtest.StripDelivery(raw)
+		if err != nil {
+			t.Fatalf("%v: %q", err, raw)
+		}
+		mk := markerRE.FindSubmatch(m)
+		if mk == nil {
+			t.Fatalf("delivered message without marker: %q", m)
+		}
+		k, _ := strconv.Atoi(string(mk[1]))
+		seen[k]++
+		qq := qqLineRE.FindSubmatch(m)
+		if qq == nil {
+			t.Fatalf("m%d: no qmail-queue Received line first: %q", k, m)
+		}
+		rest := m[len(qq[0]):]
+		loc := smtpdRE.FindIndex(rest)
+		stored, _ := testMessage(k)
+		if loc == nil || loc[0] != 0 || string(rest[loc[1]:]) != stored {
+			t.Fatalf("m%d delivered as %q, want the Received lines and %q", k, m, stored)
+		}
+		if qp, ok := want[k]; ok && string(qq[1]) != strconv.Itoa(qp) {
+			t.Errorf("m%d: qp %s in the queue, %d in the 250", k, qq[1], qp)
+		}
+	}
+	for k, n := range seen {
+		if n != 1 {
+			t.Errorf("m%d delivered %d times", k, n)
+		}
+	}
+	for k := range want {
+		if seen[k] == 0 {
+			t.Errorf("m%d was answered 250 and never delivered", k)
+		}
+	}
+}
+
+// TestQmailDirectDeliversThroughRealQmail: 200 messages over SMTP, in
+// sessions of one and of many messages, reach a Maildir through the real
+// qmail-send byte for byte and exactly once; qmail-send's log names each
+// by the qp relay answered with; the processes run as the contract says.
+func TestQmailDirectDeliversThroughRealQmail(t *testing.T) {
+	q := qmailtest.Require(t)
+	q.StartSend()
+	box := q.Mailbox()
+	d := startDirect(t, q)
+
+	root := d.cmd.Process.Pid
+	qmaildU, _ := lookupID(t, "qmaild")
+	qmailqU, qmailG := lookupID(t, "qmailq")
+	serve := waitChildren(t, root, " serve ", func(p []proc) bool { return len(p) == 1 })[0]
+	writer := waitChildren(t, root, "queue-writer", func(p []proc) bool { return len(p) == 1 })[0]
+	if serve.uid != qmaildU {
+		t.Errorf("the SMTP daemon runs as uid %d, want qmaild's %d", serve.uid, qmaildU)
+	}
+	if writer.uid != qmailqU || writer.gid != qmailG || slices.Contains(writer.groups, 0) || len(writer.groups) > 1 {
+		t.Errorf("writer %+v: want uid %d gid %d, no group 0", writer, qmailqU, qmailG)
+	}
+
+	const n, workers = 200, 8
+	var next atomic.Int64
+	var mu sync.Mutex
+	qps := map[int]int{}
+	var wg sync.WaitGroup
+	errs := make(chan error, workers)
+	for w := range workers {
+		wg.Go(func() {
+			var c *smtpClient
+			defer func() {
+				if c != nil {
+					c.close()
+				}
+			}()
+			for {
+				k := int(next.Add(1))
+				if k > n {
+					return
+				}
+				if c == nil {
+					var err error
+					if c, err = dialClient(d.smtp); err != nil {
+						errs <- err
+						return
+					}
+				}
+				_, wire := testMessage(k)
+				r, err := c.send("sender@example.test", box.Addr, wire)
+				m := qpReplyRE.FindStringSubmatch(r)
+				if err != nil || m == nil {
+					errs <- fmt.Errorf("m%d: %q %v", k, r, err)
+					return
+				}
+				qp, _ := strconv.Atoi(m[1])
+				mu.Lock()
+				qps[k] = qp
+				mu.Unlock()
+				if w%2 == 0 { // half the workers use a connection per message
+					c.close()
+					c = nil
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	msgs := q.Wait(box, n, 120*time.Second)
+	checkDelivered(t, msgs, qps)
+	seenQP := map[int]bool{}
+	for _, qp := range qps {
+		if seenQP[qp] {
+			t.Errorf("qp %d answered twice", qp)
+		}
+		seenQP[qp] = true
+	}
+	// qmail-send's log joins on qp: "info msg N: bytes B from <s> qp P uid U".
+	log := q.WaitLog(30*time.Second, func(log string) bool {
+		for _, qp := range qps {
+			if !strings.Contains(log, fmt.Sprintf(" qp %d uid %d\n", qp, qmaildU)) {
+				return false
+			}
+		}
+		return true
+	})
+	if c := strings.Count(log, "from <sender@example.test> qp "); c != n {
+		t.Errorf("qmail-send logged %d of our messages, want %d", c, n)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
@@ -436,4 +437,317 @@ func TestQmailDirectDeliversThroughRealQmail(t *testing.T) {
 	if c := strings.Count(log, "from <sender@example.test> qp "); c != n {
 		t.Errorf("qmail-send logged %d of our messages, want %d", c, n)
 	}
+}
+
+// queueFile is one file of a queued message.
+type queueFile struct {
+	data  []byte
+	mode  os.FileMode
+	uid   uint32
+	gid   uint32
+	ino   uint64
+	nlink uint64
+}
+
+func readQueueFile(t *testing.T, path string) queueFile {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return queueFile{data: b, mode: os.FileMode(st.Mode & 0o7777), uid: st.Uid, gid: st.Gid, ino: st.Ino, nlink: uint64(st.Nlink)}
+}
+
+func todoIDs(t *testing.T, queue string) map[string]bool {
+	t.Helper()
+	ents, err := os.ReadDir(filepath.Join(queue, "todo"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ids := map[string]bool{}
+	for _, e := range ents {
+		ids[e.Name()] = true
+	}
+	return ids
+}
+
+// newTodo returns the one id in todo/ that was not in before.
+func newTodo(t *testing.T, queue string, before map[string]bool) string {
+	t.Helper()
+	var ids []string
+	for id := range todoIDs(t, queue) {
+		if !before[id] {
+			ids = append(ids, id)
+		}
+	}
+	if len(ids) != 1 {
+		t.Fatalf("new in todo/: %v, want one", ids)
+	}
+	before[ids[0]] = true
+	return ids[0]
+}
+
+// messageFiles reads mess, intd and todo of message id.
+func messageFiles(t *testing.T, queue, id string) (mess, intd, todo queueFile, messPath string) {
+	t.Helper()
+	n, _ := strconv.Atoi(id)
+	matches, _ := filepath.Glob(filepath.Join(queue, "mess", "*", id))
+	if len(matches) != 1 {
+		t.Fatalf("mess files of %s: %v", id, matches)
+	}
+	ents, _ := os.ReadDir(filepath.Join(queue, "mess"))
+	if want := filepath.Join(queue, "mess", strconv.Itoa(n%len(ents)), id); matches[0] != want {
+		t.Errorf("mess file at %s, want %s (split %d)", matches[0], want, len(ents))
+	}
+	return readQueueFile(t, matches[0]), readQueueFile(t, filepath.Join(queue, "intd", id)), readQueueFile(t, filepath.Join(queue, "todo", id)), matches[0]
+}
+
+var (
+	qqFirstLineRE = regexp.MustCompile(`^Received: \(qmail (\d+) invoked from network\); (\d{1,2} [A-Z][a-z]{2} \d{4} \d\d:\d\d:\d\d -0000)\n`)
+	intdQPRE      = regexp.MustCompile(`\x00p(\d+)\x00`)
+)
+
+// TestQmailDirectMatchesRealQmailQueue queues one message through relay's
+// writer and the same message (what relay handed on, and its envelope)
+// through the real qmail-queue run as qmaild, as qmail-smtpd runs it, and
+// compares the files: the same bytes but for the qp and the date, the
+// same names, modes and owner. Then qmail-send delivers both.
+func TestQmailDirectMatchesRealQmailQueue(t *testing.T) {
+	q := qmailtest.Require(t)
+	if q.SendRunning() {
+		t.Skip("a qmail-send not started by qmailtest is running; this test needs the queue still")
+	}
+	box := q.Mailbox()
+	d := startDirect(t, q)
+	before := todoIDs(t, q.Queue)
+
+	c, err := dialClient(d.smtp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, wire := testMessage(42)
+	r, err := c.send("sender@example.test", box.Addr, wire)
+	c.close()
+	m := qpReplyRE.FindStringSubmatch(r)
+	if err != nil || m == nil {
+		t.Fatalf("%q %v", r, err)
+	}
+	ours := newTodo(t, q.Queue, before)
+	oMess, oIntd, oTodo, _ := messageFiles(t, q.Queue, ours)
+
+	// The real qmail-queue, given what relay handed on.
+	first := qqFirstLineRE.FindSubmatch(oMess.data)
+	if first == nil {
+		t.Fatalf("relay's mess file: %q", oMess.data)
+	}
+	if string(first[1]) != m[1] {
+		t.Errorf("qp %s in the queue, %s in the reply", first[1], m[1])
+	}
+	handed := oMess.data[len(first[0]):]
+	qmaildU, nofilesG := lookupID(t, "qmaild")
+	qmailqU, qmailG := lookupID(t, "qmailq")
+	envR, envW, err := os.Pipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	qq := exec.Command(filepath.Join(q.Home, "bin", "qmail-queue"))
+	qq.Dir = q.Home
+	qq.Stdin = bytes.NewReader(handed)
+	qq.Stdout = envR
+	qq.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(qmaildU), Gid: uint32(nofilesG)}}
+	if err := qq.Start(); err != nil {
+		t.Fatal(err)
+	}
+	envR.Close()
+	envW.Write([]byte("Fsender@example.test\x00T" + box.Addr + "\x00\x00"))
+	envW.Close()
+	if err := qq.Wait(); err != nil {
+		t.Fatalf("qmail-queue: %v", err)
+	}
+	real := newTodo(t, q.Queue, before)
+	rMess, rIntd, rTodo, _ := messageFiles(t, q.Queue, real)
+
+	rFirst := qqFirstLineRE.FindSubmatch(rMess.data)
+	if rFirst == nil || !bytes.Equal(rMess.data[len(rFirst[0]):], handed) {
+		t.Errorf("qmail-queue's mess file %q, relay's %q", rMess.data, oMess.data)
+	}
+	if rp := string(rFirst[1]); rp == "" || len(rp) >= len(first[1]) {
+		t.Errorf("qp %s (qmail-queue) and %s (relay): relay's should be beyond any pid", rp, first[1])
+	}
+	norm := func(b []byte) string { return intdQPRE.ReplaceAllString(string(b), "\x00p<qp>\x00") }
+	if norm(oIntd.data) != norm(rIntd.data) || norm(oTodo.data) != norm(rTodo.data) || !bytes.Equal(oIntd.data, oTodo.data) {
+		t.Errorf("intd/todo: relay %q %q, qmail-queue %q %q", oIntd.data, oTodo.data, rIntd.data, rTodo.data)
+	}
+	if qp := intdQPRE.FindSubmatch(oTodo.data); qp == nil || string(qp[1]) != m[1] {
+		t.Errorf("todo's p field %q, want the reply's qp %s", oTodo.data, m[1])
+	}
+	for _, f := range []struct {
+		name       string
+		ours, real queueFile
+	}{{"mess", oMess, rMess}, {"intd", oIntd, rIntd}, {"todo", oTodo, rTodo}} {
+		if f.ours.mode != f.real.mode || f.ours.mode != 0o644 || f.ours.uid != f.real.uid || f.ours.uid != uint32(qmailqU) || f.ours.nlink != f.real.nlink {
+			t.Errorf("%s: relay's mode %v uid %d links %d; qmail-queue's mode %v uid %d links %d", f.name,
+				f.ours.mode, f.ours.uid, f.ours.nlink, f.real.mode, f.real.uid, f.real.nlink)
+		}
+		// The group is the writer's (qmail), qmail-queue's the caller's (nofiles).
+		if f.ours.gid != uint32(qmailG) {
+			t.Errorf("%s: group %d, want qmail's %d", f.name, f.ours.gid, qmailG)
+		}
+	}
+	if oTodo.ino != oIntd.ino || strconv.FormatUint(oMess.ino, 10) != ours {
+		t.Errorf("relay's todo is not intd's link, or the id is not mess's inode")
+	}
+	if ents, _ := os.ReadDir(filepath.Join(q.Queue, "pid")); len(ents) != 0 {
+		t.Errorf("pid/ holds %d files", len(ents))
+	}
+	// qmail-send takes both.
+	q.StartSend()
+	q.Wait(box, 2, 60*time.Second)
+}
+
+// waitExit waits up to 15 s for pid to be gone.
+func waitExit(t *testing.T, pid int, what string) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		if _, ok := readProc(pid); !ok || strings.HasPrefix(procState(pid), "Z") {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s (pid %d) did not exit by itself", what, pid)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func procState(pid int) string {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if i := bytes.LastIndexByte(b, ')'); i >= 0 && i+2 < len(b) {
+		return string(b[i+2:])
+	}
+	return ""
+}
+
+// TestQmailDirectKillsLoseNo250 keeps SMTP load on relay while it kills,
+// with SIGKILL, the queue writer (another takes its place within
+// seconds), then the SMTP daemon, then the supervisor (the other
+// processes exit by themselves), starting relay again after each. Every
+// message answered 250 is delivered by the real qmail-send, exactly once.
+func TestQmailDirectKillsLoseNo250(t *testing.T) {
+	q := qmailtest.Require(t)
+	q.StartSend()
+	box := q.Mailbox()
+	d := startDirect(t, q)
+	var addr atomic.Value
+	addr.Store(d.smtp)
+
+	var mu sync.Mutex
+	accepted := map[int]int{}
+	count := func() int { mu.Lock(); defer mu.Unlock(); return len(accepted) }
+	var next atomic.Int64
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := range 6 {
+		wg.Go(func() {
+			var c *smtpClient
+			for {
+				select {
+				case <-stop:
+					if c != nil {
+						c.close()
+					}
+					return
+				default:
+				}
+				if c == nil {
+					var err error
+					if c, err = dialClient(addr.Load().(string)); err != nil {
+						time.Sleep(20 * time.Millisecond)
+						continue
+					}
+				}
+				k := int(next.Add(1))
+				_, wire := testMessage(k)
+				r, err := c.send("sender@example.test", box.Addr, wire)
+				if m := qpReplyRE.FindStringSubmatch(r); m != nil {
+					qp, _ := strconv.Atoi(m[1])
+					mu.Lock()
+					accepted[k] = qp
+					mu.Unlock()
+				}
+				if err != nil || w%2 == 0 || !strings.HasPrefix(r, "250") {
+					c.c.Close()
+					c = nil
+				}
+			}
+		})
+	}
+	defer func() {
+		select {
+		case <-stop:
+		default:
+			close(stop)
+		}
+		wg.Wait()
+	}()
+	waitCount := func(n int) {
+		t.Helper()
+		deadline := time.Now().Add(60 * time.Second)
+		for count() < n {
+			if time.Now().After(deadline) {
+				t.Fatalf("only %d messages accepted, waited for %d:\n%s", count(), n, d.logs())
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	restart := func() {
+		t.Helper()
+		d.start()
+		addr.Store(d.smtp)
+	}
+
+	// 1. The writer, under load: another one takes over within seconds.
+	waitCount(40)
+	root := d.cmd.Process.Pid
+	w1 := waitChildren(t, root, "queue-writer", func(p []proc) bool { return len(p) == 1 })[0]
+	syscall.Kill(w1.pid, syscall.SIGKILL)
+	waitChildren(t, root, "queue-writer", func(p []proc) bool { return len(p) == 1 && p[0].pid != w1.pid })
+	waitCount(count() + 40)
+
+	// 2. The SMTP daemon: the supervisor and the writer exit by themselves.
+	serve := waitChildren(t, root, " serve ", func(p []proc) bool { return len(p) == 1 })[0]
+	w2 := waitChildren(t, root, "queue-writer", func(p []proc) bool { return len(p) == 1 })[0]
+	syscall.Kill(serve.pid, syscall.SIGKILL)
+	waitExit(t, w2.pid, "the writer of a killed daemon")
+	select {
+	case <-d.exited:
+	case <-time.After(15 * time.Second):
+		t.Fatal("the supervisor of a killed daemon did not exit")
+	}
+	restart()
+	waitCount(count() + 40)
+
+	// 3. The supervisor: the daemon and the writer exit by themselves.
+	root = d.cmd.Process.Pid
+	serve = waitChildren(t, root, " serve ", func(p []proc) bool { return len(p) == 1 })[0]
+	w3 := waitChildren(t, root, "queue-writer", func(p []proc) bool { return len(p) == 1 })[0]
+	d.cmd.Process.Kill()
+	<-d.exited
+	waitExit(t, w3.pid, "the writer of a killed supervisor")
+	waitExit(t, serve.pid, "the daemon of a killed supervisor")
+	restart()
+	waitCount(count() + 40)
+	close(stop)
+	wg.Wait()
+
+	mu.Lock()
+	want := maps.Clone(accepted)
+	mu.Unlock()
+	msgs := q.Wait(box, len(want), 120*time.Second)
+	checkDelivered(t, msgs, want)
+	t.Logf("%d messages answered 250, %d delivered, %d sent", len(want), len(msgs), next.Load())
 }

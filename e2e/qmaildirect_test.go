@@ -274,10 +274,11 @@ func (s *smtpClient) close() {
 	s.c.Close()
 }
 
-// testMessage is message k as stored (LF, dot-unstuffed) and as sent.
-func testMessage(k int) (stored, wire string) {
+// testMessage is message k to mailbox to, as stored (LF, dot-unstuffed)
+// and as sent.
+func testMessage(k int, to string) (stored, wire string) {
 	var b strings.Builder
-	fmt.Fprintf(&b, "Subject: direct %d\nX-Marker: m%d\n\n", k, k)
+	fmt.Fprintf(&b, "Subject: direct %d\nTo: <%s>\nX-Marker: m%d\n\n", k, to, k)
 	b.WriteString(".a line that starts with a dot\n..two dots\ncaf\xc3\xa9 8-bit\n")
 	b.WriteString(strings.Repeat(strconv.Itoa(k%10), 1200) + "\n")
 	for i := range k % 7 {
@@ -305,7 +306,7 @@ var (
 // checkDelivered checks that every message of want (marker -> qp) is in
 // msgs exactly once, byte for byte as sent behind qmail-queue's line with
 // that qp and relay's own; other markers may appear once each.
-func checkDelivered(t *testing.T, msgs [][]byte, want map[int]int) {
+func checkDelivered(t *testing.T, msgs [][]byte, want map[int]int, to string) {
 	t.Helper()
 	seen := map[int]int{}
 	for _, raw := range msgs {
@@ -325,7 +326,7 @@ func checkDelivered(t *testing.T, msgs [][]byte, want map[int]int) {
 		}
 		rest := m[len(qq[0]):]
 		loc := smtpdRE.FindIndex(rest)
-		stored, _ := testMessage(k)
+		stored, _ := testMessage(k, to)
 		if loc == nil || loc[0] != 0 || string(rest[loc[1]:]) != stored {
 			t.Fatalf("m%d delivered as %q, want the Received lines and %q", k, m, stored)
 		}
@@ -393,7 +394,7 @@ func TestQmailDirectDeliversThroughRealQmail(t *testing.T) {
 						return
 					}
 				}
-				_, wire := testMessage(k)
+				_, wire := testMessage(k, box.Addr)
 				r, err := c.send("sender@example.test", box.Addr, wire)
 				m := qpReplyRE.FindStringSubmatch(r)
 				if err != nil || m == nil {
@@ -417,7 +418,7 @@ func TestQmailDirectDeliversThroughRealQmail(t *testing.T) {
 		t.Fatal(err)
 	}
 	msgs := q.Wait(box, n, 120*time.Second)
-	checkDelivered(t, msgs, qps)
+	checkDelivered(t, msgs, qps, box.Addr)
 	seenQP := map[int]bool{}
 	for _, qp := range qps {
 		if seenQP[qp] {
@@ -529,7 +530,7 @@ func TestQmailDirectMatchesRealQmailQueue(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, wire := testMessage(42)
+	_, wire := testMessage(42, box.Addr)
 	r, err := c.send("sender@example.test", box.Addr, wire)
 	c.close()
 	m := qpReplyRE.FindStringSubmatch(r)
@@ -671,7 +672,7 @@ func TestQmailDirectKillsLoseNo250(t *testing.T) {
 					}
 				}
 				k := int(next.Add(1))
-				_, wire := testMessage(k)
+				_, wire := testMessage(k, box.Addr)
 				r, err := c.send("sender@example.test", box.Addr, wire)
 				if m := qpReplyRE.FindStringSubmatch(r); m != nil {
 					qp, _ := strconv.Atoi(m[1])
@@ -748,6 +749,71 @@ func TestQmailDirectKillsLoseNo250(t *testing.T) {
 	want := maps.Clone(accepted)
 	mu.Unlock()
 	msgs := q.Wait(box, len(want), 120*time.Second)
-	checkDelivered(t, msgs, want)
-	t.Logf("%d messages answered 250, %d delivered, %d sent", len(want), len(msgs), next.Load())
+	checkDelivered(t, msgs, want, box.Addr)
+	left := removeCrashLeftovers(t, q, box.Addr, []int{w1.pid, w2.pid, w3.pid})
+	t.Logf("%d messages answered 250, %d delivered, %d sent; the kills left %d files that qmail-send never delivers", len(want), len(msgs), next.Load(), left)
+}
+
+// removeCrashLeftovers waits until qmail-send has taken every queued
+// message to addr, stops it, and then checks that what is left of the
+// test's messages is only what a killed qmail-queue leaves (mess/, intd/
+// and pid/ files without todo/ or info/, which qmail-send never delivers
+// and removes after 36 hours) and removes it, so the shared queue is left
+// as the test found it.
+func removeCrashLeftovers(t *testing.T, q *qmailtest.Qmail, addr string, writerPIDs []int) int {
+	t.Helper()
+	marker := []byte("\nTo: <" + addr + ">\n")
+	split := 0
+	ents, _ := os.ReadDir(filepath.Join(q.Queue, "mess"))
+	split = len(ents)
+	scan := func() (queued int, left []string) {
+		files, _ := filepath.Glob(filepath.Join(q.Queue, "mess", "*", "*"))
+		for _, f := range files {
+			b, err := os.ReadFile(f)
+			if err != nil || !bytes.Contains(b, marker) {
+				continue
+			}
+			id := filepath.Base(f)
+			n, _ := strconv.Atoi(id)
+			_, errTodo := os.Stat(filepath.Join(q.Queue, "todo", id))
+			_, errInfo := os.Stat(filepath.Join(q.Queue, "info", strconv.Itoa(n%split), id))
+			if errTodo == nil || errInfo == nil {
+				queued++
+			} else {
+				left = append(left, id)
+			}
+		}
+		return queued, left
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		queued, _ := scan()
+		if queued == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d messages of the test still queued after 60 s", queued)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	q.StopSend()
+	_, left := scan()
+	removed := 0
+	for _, id := range left {
+		n, _ := strconv.Atoi(id)
+		for _, f := range []string{filepath.Join(q.Queue, "mess", strconv.Itoa(n%split), id), filepath.Join(q.Queue, "intd", id)} {
+			if os.Remove(f) == nil {
+				removed++
+			}
+		}
+	}
+	for _, pid := range writerPIDs {
+		files, _ := filepath.Glob(filepath.Join(q.Queue, "pid", strconv.Itoa(pid)+".*"))
+		for _, f := range files {
+			if os.Remove(f) == nil {
+				removed++
+			}
+		}
+	}
+	return removed
 }

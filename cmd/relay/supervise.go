@@ -157,18 +157,19 @@ wait:
 
 // prepareDaemonDirs makes data_dir (and whatever in it root owns) and
 // missing local-socket directories the daemon user's, as systemd's
-// StateDirectory does for a service's User.
+// StateDirectory does for a service's User. A socket directory that exists
+// is left as it is: the daemon must be able to write there.
 func prepareDaemonDirs(cfg *config.Config, a account) error {
-	mk := func(dir string) error {
+	mk := func(dir string, mode os.FileMode) error {
 		if _, err := os.Stat(dir); err == nil {
 			return nil
 		}
-		if err := os.MkdirAll(dir, 0o750); err != nil {
+		if err := os.MkdirAll(dir, mode); err != nil {
 			return err
 		}
 		return os.Chown(dir, int(a.uid), int(a.gid))
 	}
-	if err := mk(cfg.DataDir); err != nil {
+	if err := mk(cfg.DataDir, 0o700); err != nil {
 		return fmt.Errorf("data_dir: %w", err)
 	}
 	err := filepath.WalkDir(cfg.DataDir, func(path string, d fs.DirEntry, err error) error {
@@ -189,7 +190,8 @@ func prepareDaemonDirs(cfg *config.Config, a account) error {
 	}
 	for _, l := range cfg.Listen {
 		if l.Mode == config.ModeLocal {
-			if err := mk(filepath.Dir(l.Addr)); err != nil {
+			// Every local user's relay qq connects there.
+			if err := mk(filepath.Dir(l.Addr), 0o755); err != nil {
 				return fmt.Errorf("listen %s: %w", l.Addr, err)
 			}
 		}

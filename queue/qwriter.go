@@ -99,6 +99,12 @@ func OpenQueueWriter(dir string, log *slog.Logger) (*QueueWriter, error) {
 		}
 		w.todoFDs = append(w.todoFDs, fd)
 	}
+	var fs unix.Statfs_t
+	if err := unix.Fstatfs(w.qfd, &fs); err == nil && fs.Type != unix.EXT4_SUPER_MAGIC && fs.Type != unix.XFS_SUPER_MAGIC {
+		// docs/performance.md: the group commit's safety is argued for
+		// the journals of ext4 and XFS.
+		w.logger.Warn("qmail's queue is not on ext4 or XFS: the writer's durability was argued for those only", "queue", dir, "fs_magic", fmt.Sprintf("%#x", fs.Type))
+	}
 	unix.Umask(0o033)
 	return w, nil
 }

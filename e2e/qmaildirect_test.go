@@ -817,3 +817,95 @@ func removeCrashLeftovers(t *testing.T, q *qmailtest.Qmail, addr string, writerP
 	}
 	return removed
 }
+
+// TestQmailDirectNotRootRunsItsOwnWriter: relay serve started by a user
+// who is not root runs the queue writer itself, as that user, into a
+// queue that user may write, and starts another when it dies.
+func TestQmailDirectNotRootRunsItsOwnWriter(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to run relay as another user")
+	}
+	u, err := user.Lookup("nobody")
+	if err != nil {
+		t.Skip("no user nobody")
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	dir, err := os.MkdirTemp("", "relay-e2e-direct-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(dir, 0o755)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	queue := filepath.Join(dir, "queue")
+	for _, sub := range []string{"pid", "intd", "todo", "bounce", "lock", "mess/0", "mess/1", "mess/2", "info/0", "info/1", "info/2"} {
+		os.MkdirAll(filepath.Join(queue, sub), 0o750)
+	}
+	filepath.WalkDir(dir, func(p string, _ os.DirEntry, _ error) error { return os.Chown(p, uid, gid) })
+	smtp := freePort(t)
+	cfg := fmt.Sprintf("hostname = \"relay.example.test\"\ndata_dir = %q\n[[listen]]\naddr = %q\nmode = \"smtp\"\n"+
+		"[relay]\nlocal_domains = [\"example.test\"]\nrelay_networks = [\"127.0.0.0/8\"]\n"+
+		"[delivery]\nmethod = \"qmail-direct\"\nqueue_dir = %q\ntimeout = \"10s\"\n[admin]\nlisten = %q\n[policy.limits]\n",
+		filepath.Join(dir, "data"), smtp, queue, freePort(t))
+	config := filepath.Join(dir, "relay.toml")
+	os.WriteFile(config, []byte(cfg), 0o644)
+
+	var logMu sync.Mutex
+	var log bytes.Buffer
+	cmd := exec.Command(bins.relay, "serve", "--config", config)
+	cmd.Stdout, cmd.Stderr = lockedWriter{&logMu, &log}, lockedWriter{&logMu, &log}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	t.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		<-exited
+		if t.Failed() {
+			logMu.Lock()
+			t.Logf("relay log:\n%s", log.String())
+			logMu.Unlock()
+		}
+	})
+	writer := waitChildren(t, cmd.Process.Pid, "queue-writer", func(p []proc) bool { return len(p) == 1 })[0]
+	if writer.uid != uid {
+		t.Errorf("writer runs as uid %d, want %d", writer.uid, uid)
+	}
+	send := func(k int) string {
+		t.Helper()
+		var c *smtpClient
+		deadline := time.Now().Add(15 * time.Second)
+		for c == nil {
+			c, err = dialClient(smtp)
+			if err != nil && time.Now().After(deadline) {
+				t.Fatal(err)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		defer c.close()
+		_, wire := testMessage(k, "box@example.test")
+		r, err := c.send("sender@example.test", "box@example.test", wire)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	if r := send(1); !qpReplyRE.MatchString(r) {
+		t.Fatalf("reply %q", r)
+	}
+	syscall.Kill(writer.pid, syscall.SIGKILL)
+	waitChildren(t, cmd.Process.Pid, "queue-writer", func(p []proc) bool { return len(p) == 1 && p[0].pid != writer.pid })
+	if r := send(2); !qpReplyRE.MatchString(r) {
+		t.Fatalf("after the writer was replaced: %q", r)
+	}
+	todo, _ := os.ReadDir(filepath.Join(queue, "todo"))
+	if len(todo) != 2 {
+		t.Fatalf("todo/ holds %d entries, want 2", len(todo))
+	}
+	b, _ := os.ReadFile(filepath.Join(queue, "todo", todo[0].Name()))
+	if !strings.HasPrefix(string(b), "u"+u.Uid+"\x00p") {
+		t.Errorf("todo %q: want the daemon's uid %s", b, u.Uid)
+	}
+}

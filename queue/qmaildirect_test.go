@@ -21,7 +21,7 @@ import (
 
 // testQueue makes an empty qmail queue in a temporary directory, laid out
 // as qmail's `make setup` does with the given split.
-func testQueue(t *testing.T, split int) string {
+func testQueue(t testing.TB, split int) string {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "queue")
 	for _, d := range []string{"pid", "intd", "todo", "bounce", "lock"} {
@@ -45,7 +45,7 @@ func testQueue(t *testing.T, split int) string {
 // directPair is a QmailDirect talking to a QueueWriter over a socketpair,
 // both in this process.
 type directPair struct {
-	t       *testing.T
+	t       testing.TB
 	q       *QmailDirect
 	w       *QueueWriter
 	dir     string
@@ -54,7 +54,7 @@ type directPair struct {
 	wEnd    net.Conn
 }
 
-func newDirectPair(t *testing.T, dir string, hook func(stage string, n int)) *directPair {
+func newDirectPair(t testing.TB, dir string, hook func(stage string, n int)) *directPair {
 	t.Helper()
 	w, err := OpenQueueWriter(dir, nil)
 	if err != nil {
@@ -83,7 +83,7 @@ func (p *directPair) connect() {
 	p.q.Attach(a)
 }
 
-func socketPair(t *testing.T) (net.Conn, net.Conn) {
+func socketPair(t testing.TB) (net.Conn, net.Conn) {
 	t.Helper()
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {

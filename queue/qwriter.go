@@ -484,12 +484,15 @@ func (wc *wconn) round(batch []*wmsg) {
 		err  error
 	}
 	res := make([]result, len(batch))
-	syncAll(batch, res, func(m *wmsg) error {
-		if err := unix.Fsync(m.mess); err != nil {
-			return err
+	fds := make([]int, 0, 2*len(batch))
+	for _, m := range batch {
+		fds = append(fds, m.mess, m.intd)
+	}
+	for i, err := range fsyncAll(fds) {
+		if err != nil && res[i/2].err == nil {
+			res[i/2] = result{qqExitWrite, err}
 		}
-		return unix.Fsync(m.intd)
-	}, func(r *result, err error) { r.code, r.err = qqExitWrite, err })
+	}
 	hook("synced")
 	linked := 0
 	dirs := map[int]bool{}
@@ -564,31 +567,25 @@ func (wc *wconn) round(batch []*wmsg) {
 // commits of those that wait together.
 const syncWorkers = 8
 
-// syncAll runs do for every message of batch, syncWorkers at a time,
-// and records failures with onErr.
-func syncAll[R any](batch []*wmsg, res []R, do func(*wmsg) error, onErr func(*R, error)) {
-	if len(batch) == 1 {
-		if err := do(batch[0]); err != nil {
-			onErr(&res[0], err)
-		}
-		return
-	}
+// fsyncAll fsyncs every descriptor, syncWorkers at a time, and returns
+// each one's error.
+func fsyncAll(fds []int) []error {
+	errs := make([]error, len(fds))
 	var next atomic.Int64
 	var wg sync.WaitGroup
-	for range min(syncWorkers, len(batch)) {
+	for range min(syncWorkers, len(fds)) {
 		wg.Go(func() {
 			for {
 				i := int(next.Add(1) - 1)
-				if i >= len(batch) {
+				if i >= len(fds) {
 					return
 				}
-				if err := do(batch[i]); err != nil {
-					onErr(&res[i], err)
-				}
+				errs[i] = unix.Fsync(fds[i])
 			}
 		})
 	}
 	wg.Wait()
+	return errs
 }
 
 // pullTrigger wakes qmail-send as triggerpull.c does: one byte into

@@ -140,6 +140,10 @@ func (q *QmailDirect) Deliver(ctx context.Context, env Envelope, msg io.Reader) 
 	if err := checkEnvelope(env); err != nil {
 		return Receipt{}, err
 	}
+	envelope := AppendEnvelope(make([]byte, 0, envelopeSize(env)), env)
+	if len(envelope) > qwMaxPayload {
+		return Receipt{}, qmailError(554, "envelope too large for qq (#5.3.4)")
+	}
 	log := orDiscard(q.Logger)
 	ctx, cancel := withTimeout(ctx, q.Timeout)
 	defer cancel()
@@ -155,7 +159,6 @@ func (q *QmailDirect) Deliver(ctx context.Context, env Envelope, msg io.Reader) 
 	defer chunkPool.Put(bp)
 	buf := *bp
 	src := &readTracker{r: msg}
-	envelope := AppendEnvelope(make([]byte, 0, envelopeSize(env)), env)
 	typ := byte(qwBegin)
 	for {
 		n, rerr := io.ReadFull(src, buf)

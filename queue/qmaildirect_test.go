@@ -434,3 +434,21 @@ func TestQmailDirectCrashLeavesWhatQmailQueueLeaves(t *testing.T) {
 		}
 	}
 }
+
+func TestQmailDirectRefusesAnEnvelopeTooLargeForAFrame(t *testing.T) {
+	dir := testQueue(t, 5)
+	p := newDirectPair(t, dir, nil)
+	to := make([]string, 17000)
+	for i := range to {
+		to[i] = strings.Repeat("a", 990) + "@example.com"
+	}
+	_, err := p.q.Deliver(context.Background(), Envelope{From: "a@x", To: to}, strings.NewReader("x\n"))
+	var qe *Error
+	if !errors.As(err, &qe) || qe.Code != 554 {
+		t.Fatalf("17,000 long recipients: %v, want 554", err)
+	}
+	// The connection is still good.
+	if _, err := p.q.Deliver(context.Background(), Envelope{From: "a@x", To: []string{"b@y"}}, strings.NewReader("x\n")); err != nil {
+		t.Fatal(err)
+	}
+}

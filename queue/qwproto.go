@@ -38,10 +38,10 @@ const qwVersion = 1
 const qwHeaderLen = 4 + 1 + 8
 
 // qwMaxPayload bounds a frame's payload. The daemon sends messages in
-// chunks of qwChunk; an envelope of max_recipients addresses of 1,002 bytes
-// each still fits.
+// chunks of qwChunk and refuses an envelope larger than this (16,000
+// recipients of 1,002 bytes) before sending anything.
 const (
-	qwMaxPayload = 4 << 20
+	qwMaxPayload = 16 << 20
 	qwChunk      = 64 << 10
 )
 

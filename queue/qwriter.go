@@ -64,7 +64,7 @@ func OpenQueueWriter(dir string, log *slog.Logger) (*QueueWriter, error) {
 	if err != nil {
 		return nil, err
 	}
-	w := &QueueWriter{dir: dir, split: split, bigTodo: inspect.HasBigTodo(dir), logger: orDiscard(log), mypid: os.Getpid()}
+	w := &QueueWriter{dir: dir, split: split, bigTodo: inspect.HasBigTodo(dir), logger: orDiscard(log), mypid: os.Getpid(), qfd: -1}
 	for _, u := range []struct {
 		name string
 		dst  *int
@@ -76,8 +76,8 @@ func OpenQueueWriter(dir string, log *slog.Logger) (*QueueWriter, error) {
 			}
 		}
 	}
-	for _, sub := range []string{"pid", "intd", "todo", "mess", "lock"} {
-		if err := unix.Access(filepath.Join(dir, sub), unix.W_OK|unix.X_OK); err != nil && sub != "lock" {
+	for _, sub := range []string{"pid", "intd", "todo", "mess"} {
+		if err := unix.Access(filepath.Join(dir, sub), unix.W_OK|unix.X_OK); err != nil {
 			return nil, fmt.Errorf("qmail queue %s: %s is not writable by uid %d: %w", dir, sub, os.Getuid(), err)
 		}
 	}
@@ -115,7 +115,7 @@ func (w *QueueWriter) Close() {
 		unix.Close(fd)
 	}
 	w.todoFDs = nil
-	if w.qfd > 0 {
+	if w.qfd >= 0 {
 		unix.Close(w.qfd)
 		w.qfd = -1
 	}

@@ -33,6 +33,7 @@ type QmailDirect struct {
 	ready  chan struct{} // closed when cur is set; replaced when it goes
 	closed bool
 	lastQP atomic.Uint64 // highest qp seen, for the next writer's hello
+	chunks sync.Pool     // *[]byte of qwChunk: what a message is read into
 }
 
 // Texts of the qmail-direct hand-off's own failures (qmail-smtpd's and
@@ -131,9 +132,6 @@ func (q *QmailDirect) detach(wc *qwConn) {
 	q.mu.Unlock()
 }
 
-// chunkPool holds the buffers a message is read into, qwChunk each.
-var chunkPool = sync.Pool{New: func() any { b := make([]byte, qwChunk); return &b }}
-
 // Deliver streams the message to the writer and waits for its answer.
 // The reply on success is qmail-smtpd's "ok <unixtime> qp <qp>".
 func (q *QmailDirect) Deliver(ctx context.Context, env Envelope, msg io.Reader) (Receipt, error) {
@@ -155,8 +153,12 @@ func (q *QmailDirect) Deliver(ctx context.Context, env Envelope, msg io.Reader) 
 	id, ch := wc.register()
 	defer wc.unregister(id)
 
-	bp := chunkPool.Get().(*[]byte)
-	defer chunkPool.Put(bp)
+	bp, _ := q.chunks.Get().(*[]byte)
+	if bp == nil {
+		b := make([]byte, qwChunk)
+		bp = &b
+	}
+	defer q.chunks.Put(bp)
 	buf := *bp
 	src := &readTracker{r: msg}
 	typ := byte(qwBegin)

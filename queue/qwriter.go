@@ -31,8 +31,8 @@ import (
 // intd/<inode> with u<uid>\0p<qp>\0F<sender>\0T<rcpt>\0...; both 0644.
 // Then, for all messages that arrived together (group commit): every mess
 // and intd file is fsynced, every intd is linked as todo/<inode> (the
-// commit point), todo/ itself is fsynced once, each message is answered,
-// and qmail-send's trigger is pulled once. qmail-queue's qp is its pid;
+// commit point), todo/ itself is fsynced once, qmail-send's trigger is
+// pulled once, and each message is answered. qmail-queue's qp is its pid;
 // the writer's qp is its microsecond clock, strictly increasing and above
 // every possible process id, so it is unique per message across writer
 // and daemon restarts and never equals the qp of a real qmail-queue.
@@ -471,7 +471,7 @@ func (wc *wconn) committer() {
 }
 
 // round commits batch: fsync every mess and intd; link every intd as
-// todo/ (the commit point); fsync todo/; answer; pull the trigger.
+// todo/ (the commit point); fsync todo/; pull the trigger; answer.
 func (wc *wconn) round(batch []*wmsg) {
 	w := wc.w
 	hook := func(stage string) {
@@ -519,6 +519,13 @@ func (wc *wconn) round(batch []*wmsg) {
 		}
 	}
 	hook("durable")
+	// qmail-queue pulls the trigger before it exits 0; so does the round
+	// before it answers.
+	if linked > 0 {
+		w.pullTrigger()
+	}
+	w.rounds.Add(1)
+	w.queued.Add(uint64(linked))
 	wc.pmu.Lock()
 	for _, m := range batch {
 		delete(wc.pending, m.id)
@@ -554,11 +561,6 @@ func (wc *wconn) round(batch []*wmsg) {
 	wc.out.Unlock()
 	if dirErr != nil {
 		w.logger.Error("queue writer: fsync of todo/ failed", "err", dirErr)
-	}
-	w.rounds.Add(1)
-	w.queued.Add(uint64(linked))
-	if linked > 0 {
-		w.pullTrigger()
 	}
 }
 

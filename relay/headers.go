@@ -63,7 +63,7 @@ func headerFields(head []byte, visit func(name, value string) bool) {
 
 // firstReceivedUID looks at the first Received header field of a message
 // and, when qmail-queue wrote it, returns the uid from
-// "(qmail N invoked by uid U)" (qmail.md §3.2). Received fields further down
+// "(qmail N invoked by uid U)" (docs/qmail.md §2.2). Received fields further down
 // are never looked at: anyone can write them.
 func firstReceivedUID(head []byte) (uid uint32, ok bool) {
 	headerFields(head, func(name, value string) bool {
@@ -170,7 +170,7 @@ type receivedInfo struct {
 }
 
 // formatReceived writes the Received header in qmail-smtpd's format
-// (received.c, qmail.md §2.5), with LF line ends:
+// (received.c, docs/qmail.md §1.4), with LF line ends:
 //
 //	Received: from unknown (HELO <helo>) ([<user>@]<ip>)
 //	  by <me> with SMTP; 5 Mar 2024 07:04:09 -0000

@@ -53,6 +53,7 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	if cfg.Delivery.Method == config.DeliverQmailDirect && os.Getenv(envSupervisorFD) == "" && os.Geteuid() == 0 {
 		return superviseServe(args, cfg, log) // supervise.go
 	}
+	logWarnings(log, cfg)
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
 	writers, stopWriters, err := writerConns(cfg, log, sigs)
@@ -117,9 +118,6 @@ type daemon struct {
 // startDaemon starts everything; writers brings method qmail-direct its
 // queue-writer connections.
 func startDaemon(cfg *config.Config, log *slog.Logger, writers <-chan net.Conn) (*daemon, error) {
-	if err := admin.CheckListen(cfg.Admin.Listen, cfg.Admin.TokenFile); err != nil {
-		return nil, err
-	}
 	db, err := policy.OpenDB(cfg.DataDir)
 	if err != nil {
 		return nil, err
@@ -190,6 +188,9 @@ func startDaemon(cfg *config.Config, log *slog.Logger, writers <-chan net.Conn) 
 		Gatherer: reg,
 		Logger:   log,
 		Pprof:    cfg.Admin.Pprof,
+		Health:   d.policy.Health,
+		TLSCert:  cfg.Admin.TLSCert,
+		TLSKey:   cfg.Admin.TLSKey,
 	})
 	if err == nil {
 		err = d.admin.Start()
@@ -215,6 +216,7 @@ func (d *daemon) reload() error {
 	for _, w := range restartOnly(d.cfg, cfg) {
 		d.log.Warn("reload: this setting changes only at restart", "key", w)
 	}
+	logWarnings(d.log, cfg)
 	if err := d.smtp.Reload(cfg); err != nil {
 		return err
 	}
@@ -224,6 +226,13 @@ func (d *daemon) reload() error {
 	d.log.Info("config reloaded", "config", cfg.Path)
 	d.cfg = cfg
 	return nil
+}
+
+// logWarnings logs what check-config warns about in cfg.
+func logWarnings(log *slog.Logger, cfg *config.Config) {
+	for _, w := range cfg.Warnings {
+		log.Warn("config: " + w.Error())
+	}
 }
 
 func (d *daemon) recordReload(detail string) {

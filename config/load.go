@@ -205,10 +205,11 @@ func defaults() *Config {
 			Timeout:    Duration{10 * time.Second},
 		},
 		Delivery: Delivery{
-			Method:  DeliverMaildir,
-			Command: "/var/qmail/bin/qmail-queue",
-			Maildir: "./relay-data/maildir",
-			Timeout: Duration{60 * time.Second},
+			Method:   DeliverMaildir,
+			Command:  "/var/qmail/bin/qmail-queue",
+			Maildir:  "./relay-data/maildir",
+			Timeout:  Duration{60 * time.Second},
+			QueueDir: "/var/qmail/queue",
 		},
 		Local: Local{
 			QmailQueue:     "/var/qmail/bin/qmail-queue.orig",

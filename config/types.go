@@ -95,6 +95,7 @@ const (
 	DeliverQmailInject = "qmail-inject"
 	DeliverSMTP        = "smtp"
 	DeliverMaildir     = "maildir"
+	DeliverQmailDirect = "qmail-direct"
 )
 
 // Delivery is the [delivery] section: where accepted mail goes.
@@ -104,6 +105,7 @@ type Delivery struct {
 	SMTPAddr string   `toml:"smtp_addr"`
 	Maildir  string   `toml:"maildir"`
 	Timeout  Duration `toml:"timeout"`
+	QueueDir string   `toml:"queue_dir"` // qmail's queue, for method qmail-direct
 }
 
 // Local is the [local] section: relay qq and relay sendmail.

@@ -233,8 +233,12 @@ func (v *validator) delivery(d *Delivery) {
 		if !filepath.IsAbs(d.Command) {
 			v.add("delivery.command", "method %s needs an absolute path here, not %q", d.Method, d.Command)
 		}
+	case DeliverQmailDirect:
+		if !filepath.IsAbs(d.QueueDir) {
+			v.add("delivery.queue_dir", "method qmail-direct needs qmail's queue as an absolute path, not %q", d.QueueDir)
+		}
 	default:
-		v.add("delivery.method", "unknown method %q; one of qmail-queue, qmail-inject, smtp, maildir", d.Method)
+		v.add("delivery.method", "unknown method %q; one of qmail-queue, qmail-inject, smtp, maildir, qmail-direct", d.Method)
 	}
 	v.positive("delivery.timeout", d.Timeout.Duration)
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -50,16 +51,25 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	if cfg.Path == "" {
 		log.Info("no config file: running on the embedded defaults", "looked_for", path)
 	}
+	if cfg.Delivery.Method == config.DeliverQmailDirect && os.Getenv(envSupervisorFD) == "" && os.Geteuid() == 0 {
+		return superviseServe(args, cfg, log) // supervise.go
+	}
 	logWarnings(log, cfg)
-	d, err := startDaemon(cfg, log)
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+	writers, stopWriters, err := writerConns(cfg, log, sigs)
+	if err != nil {
+		log.Error("cannot start", "err", err)
+		return 1
+	}
+	defer stopWriters()
+	d, err := startDaemon(cfg, log, writers)
 	if err != nil {
 		log.Error("cannot start", "err", err)
 		return 1
 	}
 	log.Info("relay started", "config", cfg.Path, "smtp", d.smtp.Addrs(), "admin", d.admin.Addr())
 
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
 	for sig := range sigs {
 		if sig == syscall.SIGHUP {
 			if err := d.reload(); err != nil {
@@ -109,7 +119,9 @@ type daemon struct {
 	qqSocket string
 }
 
-func startDaemon(cfg *config.Config, log *slog.Logger) (*daemon, error) {
+// startDaemon starts everything; writers brings method qmail-direct its
+// queue-writer connections.
+func startDaemon(cfg *config.Config, log *slog.Logger, writers <-chan net.Conn) (*daemon, error) {
 	db, err := policy.OpenDB(cfg.DataDir)
 	if err != nil {
 		return nil, err
@@ -122,7 +134,7 @@ func startDaemon(cfg *config.Config, log *slog.Logger) (*daemon, error) {
 		db.Close()
 		return nil, err
 	}
-	d.handoff, err = queue.New(cfg.Delivery, cfg.Control.Me, queue.Options{Logger: log, Registerer: reg, ChildStderr: os.Stderr})
+	d.handoff, err = queue.New(cfg.Delivery, cfg.Control.Me, queue.Options{Logger: log, Registerer: reg, ChildStderr: os.Stderr, Writers: writers})
 	if err != nil {
 		return fail(err)
 	}

@@ -65,6 +65,11 @@ func TestQQSettingsFollowTheDaemon(t *testing.T) {
 	if fi.Mode().Perm() != 0o644 {
 		t.Errorf("mode %v, want 0644", fi.Mode().Perm())
 	}
+	// relay-qq runs as the caller: the data_dir relay made is searchable
+	// by others (and no more).
+	if di, err := os.Stat(filepath.Dir(path)); err != nil || di.Mode().Perm() != 0o711 {
+		t.Errorf("data_dir mode %v (%v), want 0711", di.Mode().Perm(), err)
+	}
 	want := map[string]string{
 		"socket":         d.sock,
 		"qmail_queue":    bins.fakeqq,

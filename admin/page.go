@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"relay/policy"
 )
 
 //go:embed web/page.html
@@ -33,6 +35,11 @@ func parsePages() (*template.Template, error) {
 		"join":   strings.Join,
 		"metric": metricText,
 		"pct":    percent,
+		// scriptid links a script a uid identity recorded to that
+		// script's own identity; "" when id is not a uid.
+		"scriptid": func(id, path string) string { sid, _ := policy.ScriptOfUID(id, path); return sid },
+		// uidof is the account (uid identity) a script identity is under.
+		"uidof": func(id string) string { uid, _ := policy.UIDOfScript(id); return uid },
 	}).ParseFS(pageFS, "web/page.html")
 }
 

@@ -82,6 +82,7 @@ type daemonOpts struct {
 	extraTOML string   // appended after the base config
 	policy    string   // replaces the default [policy] block
 	relay     string   // replaces the default [relay] block
+	command   string   // delivery.command (qmail-queue); default the fake
 	env       []string // e.g. FAKEQQ_EXIT=71
 }
 
@@ -100,6 +101,10 @@ local_domains = ["example.com"]
 relay_networks = ["127.0.0.0/8"]
 timeout = "30s"
 `
+	}
+	command := o.command
+	if command == "" {
+		command = bins.fakeqq
 	}
 	policyBlock := o.policy
 	if policyBlock == "" {
@@ -138,7 +143,7 @@ listen = %q
 
 %s
 %s
-`, filepath.Join(dir, "data"), d.smtp, d.sub, d.sock, relayBlock, bins.fakeqq, bins.fakeqq, d.admin, policyBlock, o.extraTOML)
+`, filepath.Join(dir, "data"), d.smtp, d.sub, d.sock, relayBlock, command, bins.fakeqq, d.admin, policyBlock, o.extraTOML)
 	d.config = filepath.Join(dir, "relay.toml")
 	if err := os.WriteFile(d.config, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"relay/admin"
+	"relay/internal/qmailtest"
 )
 
 const taiOffset = 1<<62 + 10
@@ -347,4 +348,45 @@ func waitQuiet(t *testing.T, path string) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	t.Fatalf("%s never stopped changing", path)
+}
+
+// TestBouncesFromRealQmailSend: relay hands off to the real qmail-queue
+// and the real qmail-send delivers, bounces and logs; relay joins that log
+// (no stamps: qmail-send's own output) by the qp of its 250 and counts a
+// success and a failure for the sender, whose next mail is then over
+// bounces = ["1/1h"] once a second failure comes.
+func TestBouncesFromRealQmailSend(t *testing.T) {
+	q := qmailtest.Require(t)
+	q.StartSend()
+	good, sender := q.Mailbox(), q.Mailbox() // the bounces go back to sender's mailbox
+	dead := "rqt-nobody-" + strconv.FormatInt(time.Now().UnixNano(), 36) + "@" + q.Me
+	d := newDaemon(t, daemonOpts{
+		command:   filepath.Join(q.Home, "bin", "qmail-queue"),
+		relay:     fmt.Sprintf("[relay]\nlocal_domains = [%q]\nrelay_networks = [\"127.0.0.0/8\"]\ntimeout = \"30s\"\n", q.Me),
+		policy:    policyWith("defer", 0, "[policy.limits.sender]\nrcpts = [\"1000/1h\"]\nbounces = [\"1/1h\"]\n"),
+		extraTOML: fmt.Sprintf("[signals]\nqmail_send_log = %q\n", q.LogPath()),
+	})
+	id := "sender:" + strings.ToLower(sender.Addr)
+	s := dialSMTP(t, d.smtp)
+	s.expect("EHLO client.example.test", "250")
+	qp := qpOf(t, s.send(sender.Addr, []string{good.Addr, dead}, "Subject: real qmail\r\n\r\nx\r\n"))
+	q.Wait(good, 1, 60*time.Second)
+	q.Wait(sender, 1, 60*time.Second) // the bounce of dead
+	if log := q.Log(); !strings.Contains(log, fmt.Sprintf("qp %d ", qp)) {
+		t.Fatalf("qmail-send never logged qp %d:\n%s", qp, log)
+	}
+	got := waitSender(t, d, id, "a success and a failure", func(s admin.Sender) bool {
+		dv := deliveries(s)
+		return dv.Successes == 1 && dv.Failures == 1
+	})
+	if usedOf(got, "bounces", "1h") != 1 {
+		t.Fatalf("usage %+v", got.Usage)
+	}
+	qpOf(t, s.send(sender.Addr, []string{dead}, "Subject: real qmail 2\r\n\r\nx\r\n"))
+	q.Wait(sender, 2, 60*time.Second)
+	waitSender(t, d, id, "2 failures", func(s admin.Sender) bool { return deliveries(s).Failures == 2 })
+	s.expect("MAIL FROM:<"+sender.Addr+">", "250")
+	if r := s.cmd("RCPT TO:<" + good.Addr + ">"); !strings.HasPrefix(r, "451 4.7.1 "+id+" is over 1 bounce/1h") {
+		t.Fatalf("RCPT over the bounce cap: %q", r)
+	}
 }

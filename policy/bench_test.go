@@ -199,7 +199,7 @@ func BenchmarkRecipientMemoryCost(b *testing.B) {
 		today := e.now().UnixNano() / dayNanos
 		for i := range ids {
 			id := "user:u" + strconv.Itoa(i) + "@example.com"
-			st, si := e.lockState(id, "user", true)
+			st, si, _ := e.lockState(id, "user", true)
 			for j := range per {
 				st.mem.touch(e.rcptKey("r"+strconv.Itoa(i*per+j)+"@example.net"), today-int64(j%30), 30)
 			}
@@ -224,7 +224,7 @@ func BenchmarkRecipientMemoryCost(b *testing.B) {
 		}
 		before := heapInuse()
 		for i := range resident {
-			_, si := e.lockState("user:u"+strconv.Itoa(i)+"@example.com", "user", false)
+			_, si, _ := e.lockState("user:u"+strconv.Itoa(i)+"@example.com", "user", false)
 			e.shards[si].mu.Unlock()
 		}
 		after := heapInuse()

@@ -122,11 +122,15 @@ func (e *Engine) RecordDelivery(ids []string, outcome string, at time.Time) {
 		ns = now
 	}
 	for _, id := range ids {
-		kind := kindOf(id)
+		kind := KindOf(id)
 		if kind == "" {
 			continue
 		}
-		st, si := e.lockState(id, kind, true)
+		st, si, err := e.lockState(id, kind, true)
+		if err != nil {
+			e.log.Error("policy: counting a delivery", "identity", id, "outcome", outcome, "err", err)
+			continue
+		}
 		sh := &e.shards[si]
 		c.limitsFor(id, kind).deliveryWindows(func(w time.Duration) {
 			st.window(metric, w).addAt(now, ns, 1)

@@ -387,22 +387,21 @@ func (m *rcptMemory) hold(key uint32) {
 	}
 }
 
-// commitHold ends a hold of a handed-off message: key becomes known. It
-// reports whether key was first known now, and so counts as new.
-func (m *rcptMemory) commitHold(key uint32, today, keepDays int64) bool {
-	if i := m.findPending(key); i >= 0 {
-		p := &m.pending[i]
-		if p.reserved {
-			p.reserved = false
-			m.reservedN--
-		}
-		if p.refs--; p.refs <= 0 {
-			m.removePending(i)
-		}
+// dropHold ends a hold of a handed-off message: the recipient is about to
+// be known, so its slot (however many hold it) is charged instead.
+func (m *rcptMemory) dropHold(key uint32) {
+	i := m.findPending(key)
+	if i < 0 {
+		return
 	}
-	isNew := !m.known(key, today, keepDays)
-	m.touch(key, today, keepDays)
-	return isNew
+	p := &m.pending[i]
+	if p.reserved {
+		p.reserved = false
+		m.reservedN--
+	}
+	if p.refs--; p.refs <= 0 {
+		m.removePending(i)
+	}
 }
 
 // releaseHold ends a hold without a hand-off; the last one frees the slot.
@@ -535,7 +534,7 @@ func (e *Engine) expireMemories() error {
 	now := e.now().UnixNano()
 	today, keep := now/dayNanos, e.conf.Load().memoryKeepDays()
 	var old [][]byte
-	err := e.db.View(func(btx *bolt.Tx) error {
+	err := e.view(func(btx *bolt.Tx) error {
 		defer dropMapped(btx)
 		return btx.Bucket(bucketRecipients).ForEach(func(k, v []byte) error {
 			if d, ok := memoryNewestDay(v); ok && today-d <= keep {
@@ -550,7 +549,7 @@ func (e *Engine) expireMemories() error {
 	if err != nil || len(old) == 0 {
 		return err
 	}
-	return e.db.Update(func(btx *bolt.Tx) error {
+	return e.update(func(btx *bolt.Tx) error {
 		b := btx.Bucket(bucketRecipients)
 		for _, k := range old {
 			if e.resident(string(k)) {
@@ -606,10 +605,24 @@ func repeats(ks []uint32, k uint32) bool {
 	return false
 }
 
+// addingWith is what a check for one more recipient, key, adds to the
+// identities' memories: key, or, when reserve_timeout released the
+// transaction's holds (lapse.go), every recipient so far and key.
+func (t *tx) addingWith(key uint32) []uint32 {
+	if !t.lapsed {
+		t.addBuf[0] = key
+		return t.addBuf[:]
+	}
+	t.scratch = append(append(t.scratch[:0], t.keys...), key)
+	return t.scratch
+}
+
 // holdNewRcpts takes, for every identity of ents[from:] with new_rcpts
-// caps, a hold on each recipient of t.adding it does not know. The shard
+// caps, a hold on each recipient of t.adding it does not know, at ns: a
+// reservation like the others, which reserve_timeout releases. The shard
 // locks are held.
-func (t *tx) holdNewRcpts(from int, today, keepDays int64) {
+func (t *tx) holdNewRcpts(from int, today, keepDays, ns int64) {
+	held := len(t.holds)
 	for i := from; i < len(t.ents); i++ {
 		ent := &t.ents[i]
 		if len(ent.lim.newRcpts) == 0 {
@@ -619,41 +632,59 @@ func (t *tx) holdNewRcpts(from int, today, keepDays int64) {
 			if ent.st.mem.known(k, today, keepDays) {
 				continue
 			}
+			if t.holds == nil {
+				t.holds = t.holdBuf[:0]
+			}
 			ent.st.mem.hold(k)
 			t.holds = append(t.holds, rcptHold{st: ent.st, key: k})
 		}
 	}
+	if len(t.holds) > held {
+		t.noteReserved(ns)
+	}
 }
 
-// settleNewRcpts ends ent's holds. With charge (the message was handed
-// off), every recipient becomes known for the identity as of today, and
-// those first known now count on its new_rcpts windows; it reports
-// whether the memory changed. The shard locks are held.
-func (t *tx) settleNewRcpts(idx int, charge bool, ns int64) {
-	ent := &t.ents[idx]
-	m := &ent.st.mem
-	today, keep := ns/dayNanos, t.conf.memoryKeepDays()
-	var fresh int64
+// releaseNewRcpts gives back the transaction's holds (its reservations
+// lapsed, or it ends without a hand-off). The shard locks are held.
+func (t *tx) releaseNewRcpts() {
 	for _, h := range t.holds {
-		if h.st != ent.st {
+		h.st.mem.releaseHold(h.key)
+	}
+	t.holds = t.holds[:0]
+}
+
+// settleNewRcpts ends the transaction's holds. With charge (the message
+// was handed off) every recipient becomes known, as of today, to each
+// identity with new_rcpts caps, and those it did not know count on its
+// new_rcpts windows. The shard locks are held.
+func (t *tx) settleNewRcpts(charge bool, ns int64) {
+	if !charge {
+		t.releaseNewRcpts()
+		return
+	}
+	for _, h := range t.holds {
+		h.st.mem.dropHold(h.key)
+	}
+	t.holds = t.holds[:0]
+	today, keep := ns/dayNanos, t.conf.memoryKeepDays()
+	for i := range t.ents {
+		ent := &t.ents[i]
+		if len(ent.lim.newRcpts) == 0 {
 			continue
 		}
-		if !charge {
-			m.releaseHold(h.key)
-		} else if m.commitHold(h.key, today, keep) {
-			fresh++
+		m := &ent.st.mem
+		var fresh int64
+		for _, k := range t.keys {
+			if !m.known(k, today, keep) {
+				fresh++
+			}
+			m.touch(k, today, keep)
 		}
-	}
-	if !charge || len(ent.lim.newRcpts) == 0 {
-		return
-	}
-	for _, k := range t.keys {
-		m.touch(k, today, keep)
-	}
-	if fresh == 0 {
-		return
-	}
-	for _, r := range ent.lim.newRcpts {
-		ent.st.window(metricNewRcpts, r.Window).add(ns, fresh)
+		if fresh == 0 {
+			continue
+		}
+		for _, r := range ent.lim.newRcpts {
+			ent.st.window(metricNewRcpts, r.Window).add(ns, fresh)
+		}
 	}
 }

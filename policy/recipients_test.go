@@ -482,3 +482,46 @@ func TestSipHash24(t *testing.T) {
 		}
 	}
 }
+
+// reserve_timeout releases a stale transaction's first-time-recipient
+// holds like its other reservations; its next check takes them again.
+func TestNewRcptsHoldsLapse(t *testing.T) {
+	cfg := newRcptsConfig(t, "1/1h")
+	cfg.Policy.ReserveTimeout = config.Duration{Duration: time.Minute}
+	clk := newClock()
+	e := openTest(t, t.TempDir(), cfg, clk, Options{})
+	idle := e.Begin(bobIDs)
+	if d := idle.AddRcpt("x@x.org"); d.Action != Accept {
+		t.Fatal(d)
+	}
+	if d := e.Begin(bobIDs).AddRcpt("y@x.org"); d.Action != Defer {
+		t.Fatalf("y while x holds the slot: %+v", d)
+	}
+	clk.Add(61 * time.Second)
+	e.sweepLapsed()
+	if d := sendTo(e.Engine, bobIDs, "y@x.org"); d.Action != Accept {
+		t.Fatalf("y after x's hold lapsed: %+v", d)
+	}
+	if d := idle.Recheck(); d.Action != Defer || d.Limit != "1 new recipient/1h" {
+		t.Fatalf("the lapsed transaction's recheck: %+v", d)
+	}
+	idle.Abort()
+	if got := usage(t, e.Engine, "user:bob", "new_rcpts", "1h"); got != 1 {
+		t.Fatalf("used %d, want 1", got)
+	}
+	// A lapsed transaction whose recheck fits takes its holds again and
+	// charges them at its commit.
+	clk.Add(2 * time.Hour)
+	tx := e.Begin(bobIDs)
+	tx.AddRcpt("z@x.org")
+	clk.Add(61 * time.Second)
+	e.sweepLapsed()
+	if d := tx.Recheck(); d.Action != Accept {
+		t.Fatal(d)
+	}
+	tx.Message()
+	tx.Commit()
+	if got := usage(t, e.Engine, "user:bob", "new_rcpts", "1h"); got != 1 {
+		t.Fatalf("z charged %d, want 1", got)
+	}
+}

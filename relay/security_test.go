@@ -6,8 +6,6 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
-
-	"relay/config"
 )
 
 // foldAuth accepts its login in any letter case, as vchkpw does (vpopmail
@@ -82,45 +80,6 @@ func TestLongAddressRefused(t *testing.T) {
 	}
 }
 
-// TestCheckSessionOnlyOnLocalSocket: "EHLO relay-qq" makes a check session
-// (nothing handed off, AUTH X-RELAY-COMMIT charges) only on the local
-// socket. On TCP, and in a local session that greeted with another name,
-// the mechanism is neither offered nor taken, and mail is handed off and
-// counted as usual.
-func TestCheckSessionOnlyOnLocalSocket(t *testing.T) {
-	path := sockPath(t)
-	cfg := testConfig(config.Listener{Addr: "127.0.0.1:0", Mode: config.ModeSMTP}, config.Listener{Addr: path, Mode: config.ModeLocal})
-	cfg.Relay.RelayNetworks = []string{"127.0.0.0/8"}
-	h := &fakeHandoff{}
-	checker := &fakeChecker{}
-	s := testServer(t, cfg, Deps{Handoff: h, Policy: checker}, nil)
-
-	c := dialRaw(t, "tcp", tcpAddr(s, 0))
-	if ehlo := c.hello(checkHelo); strings.Contains(ehlo, "X-RELAY-COMMIT") {
-		t.Fatalf("TCP EHLO relay-qq offers the commit: %q", ehlo)
-	}
-	c.expect("AUTH X-RELAY-COMMIT", "5")
-	if got := c.mail("a@example.test", []string{"x@far.test"}, "Subject: x\r\n\r\nhi\r\n.\r\n"); !strings.HasPrefix(got, "250 ok 1795833709") {
-		t.Fatalf("TCP DATA after EHLO relay-qq: %q", got)
-	}
-
-	l := dialRaw(t, "unix", path)
-	if ehlo := l.hello("other"); strings.Contains(ehlo, "AUTH") {
-		t.Fatalf("local non-check EHLO offers AUTH: %q", ehlo)
-	}
-	l.expect("AUTH X-RELAY-COMMIT", "50")
-	l.expect("EHLO "+checkHelo, "250")
-	if got := l.mail("a@example.test", []string{"x@far.test"}, "Subject: x\r\n\r\nhi\r\n.\r\n"); !strings.HasPrefix(got, "250 ok 1795833709") {
-		t.Fatalf("local DATA after a second EHLO relay-qq: %q", got)
-	}
-	if n := len(h.deliveries()); n != 2 {
-		t.Fatalf("%d deliveries, want 2", n)
-	}
-	if got := strings.Count(checker.log(), "commit"); got != 2 {
-		t.Fatalf("want 2 commits, policy saw %q", checker.log())
-	}
-}
-
 // TestControlCharsInAddressRefused: go-smtp passes a bare CR, a NUL or an
 // ESC inside an address through. RFC 5321 §4.1.2 allows none of them
 // (qtextSMTP and quoted-pairSMTP are %d32-126), and in the stored envelope
@@ -144,5 +103,50 @@ func TestControlCharsInAddressRefused(t *testing.T) {
 	}
 	if d := h.deliveries(); len(d) != 1 || d[0].env.From != "a@far.test" || len(d[0].env.To) != 1 {
 		t.Fatalf("deliveries: %+v", d)
+	}
+}
+
+// TestMalformedAuthReplies: a PLAIN response relay cannot use, as the
+// initial response or after the 334, is answered 501 5.5.x with relay's
+// (or RFC 4954's) text, never a library's error text; an authorization
+// identity other than the login has one refusal. The session goes on.
+func TestMalformedAuthReplies(t *testing.T) {
+	cfg := testConfig()
+	cfg.Auth.RequireTLS = false
+	s := testServer(t, cfg, Deps{Auth: fakeAuth{"bob", "pw"}}, nil)
+	b64 := func(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
+	malformed := "501 5.5.4 malformed auth input (#5.5.4)\r\n"
+	for _, tc := range []struct {
+		name  string
+		lines []string // client lines; the reply to the last one is checked
+		want  string
+	}{
+		{"bad base64 as initial response", []string{"AUTH PLAIN !!notbase64"}, "501 5.5.2 "},
+		{"bad base64 after 334", []string{"AUTH PLAIN", "#$%"}, "501 5.5.2 "},
+		{"two fields as initial response", []string{"AUTH PLAIN " + b64("bob\x00pw")}, malformed},
+		{"two fields after 334", []string{"AUTH PLAIN", b64("bob\x00pw")}, malformed},
+		{"four fields", []string{"AUTH PLAIN " + b64("\x00bob\x00pw\x00x")}, malformed},
+		{"one field", []string{"AUTH PLAIN " + b64("bobpw")}, malformed},
+		{"empty response after 334", []string{"AUTH PLAIN", "="}, malformed},
+		{"empty login", []string{"AUTH LOGIN", "="}, malformed},
+		{"other authzid", []string{"AUTH PLAIN " + b64("root\x00bob\x00pw")}, "535 5.7.8 authorization identity must be empty or the login (#5.7.1)\r\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := dialRaw(t, "tcp", tcpAddr(s, 0))
+			c.hello("client.test")
+			var got string
+			for _, l := range tc.lines {
+				got = c.cmd(l)
+			}
+			if !strings.HasPrefix(got, tc.want) {
+				t.Fatalf("got %q, want %q", got, tc.want)
+			}
+			for _, lib := range []string{"sasl", "illegal", "454"} {
+				if strings.Contains(got, lib) {
+					t.Fatalf("library text in %q", got)
+				}
+			}
+			c.expect("AUTH PLAIN "+b64("\x00bob\x00pw"), "235")
+		})
 	}
 }

@@ -1,6 +1,7 @@
 package signals
 
 import (
+	"math"
 	"time"
 )
 
@@ -195,7 +196,7 @@ func (j *joinState) line(l *line, now int64) (record, bool) {
 // info joins an info line to a hand-off, or keeps it tentative.
 func (j *joinState) info(l *line, now int64) {
 	j.forget(l.msg)
-	if l.qp > 1<<31 {
+	if l.qp > math.MaxInt64 {
 		return
 	}
 	qp := int(l.qp)

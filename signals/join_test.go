@@ -130,3 +130,14 @@ func TestJoinBounded(t *testing.T) {
 		t.Fatalf("%d hand-offs after their span", j.nHandoffs)
 	}
 }
+
+// The queue writer of qmail-direct numbers its messages with a microsecond
+// clock, far above any pid: such a qp joins too.
+func TestJoinWriterQP(t *testing.T) {
+	j := newJoinState()
+	qp := 1772445600250000
+	j.handedOff(handoff{QP: qp, From: "a@x", IDs: []string{"user:a"}, At: testTime.UnixNano()}, testTime.UnixNano())
+	if out := feed(j, testTime, msgLines(testTime, 1, qp, "a@x", 1, "failure", 1)...); len(out) != 1 {
+		t.Fatalf("outcomes %+v", out)
+	}
+}

@@ -227,7 +227,7 @@ type Verdict struct {
 	Domain string
 	Keys   []*Key // Sign: every key of the signing domain
 	Reason string // Unsigned (when Domain is set), Hold, Reject: why
-	Text   string // Hold, Reject: the reply text and hold reason
+	Text   string // Hold, Reject: why, for the reply and the hold spool
 }
 
 // Message is what Decide needs to know about one message from a trusted
@@ -268,7 +268,7 @@ func (s *Set) Decide(ctx context.Context, m Message, lookup PolicyLookup) Verdic
 				continue
 			}
 			consider(Verdict{Action: actionOf(s.unowned), Domain: sd, Reason: ReasonUnownedFrom,
-				Text: "not allowed to send From: " + d + " here (#5.7.1)"})
+				Text: "not allowed to send From: " + d + " here"})
 			continue
 		}
 		if s.foreign == config.FromAccept || s.covers(d) || (m.Ours != nil && m.Ours(d)) || lookup == nil {
@@ -277,7 +277,7 @@ func (s *Set) Decide(ctx context.Context, m Message, lookup PolicyLookup) Verdic
 		switch p := lookup(ctx, d); p {
 		case "reject", "quarantine":
 			consider(Verdict{Action: actionOf(s.foreign), Domain: d, Reason: "dmarc_" + p,
-				Text: "From: " + d + " has DMARC p=" + p + "; send its mail through its own servers (#5.7.1)"})
+				Text: "From: " + d + " has DMARC p=" + p + "; send its mail through its own servers"})
 		}
 	}
 	switch {

@@ -146,7 +146,7 @@ func TestDecide(t *testing.T) {
 		if v.Action == Sign && len(v.Keys) == 0 {
 			t.Errorf("%s: Sign without keys", tc.name)
 		}
-		if v.Action == Reject && !strings.HasSuffix(v.Text, "(#5.7.1)") {
+		if v.Action == Reject && v.Text == "" {
 			t.Errorf("%s: text %q", tc.name, v.Text)
 		}
 	}

@@ -27,6 +27,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"relay/config"
+	"relay/dkim"
 	"relay/policy"
 	"relay/queue"
 )
@@ -89,6 +90,9 @@ type Server struct {
 
 	storeBufs sync.Pool // *storeBuffers, one set per message in DATA
 
+	dmarc     *dkim.DMARC // DMARC lookups and their cache, across reloads
+	dkimStats *dkim.Stats
+
 	mu        sync.Mutex
 	listeners []*boundListener
 	serving   sync.WaitGroup
@@ -123,6 +127,10 @@ func newServer(st *settings, deps Deps) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	stats, err := dkim.NewStats(deps.Registerer, deps.Now)
+	if err != nil {
+		return nil, err
+	}
 	s := &Server{
 		deps:          deps,
 		log:           deps.Logger,
@@ -130,10 +138,12 @@ func newServer(st *settings, deps Deps) (*Server, error) {
 		metrics:       m,
 		connPerClient: map[connKey]int{},
 		conns:         map[*trackedConn]struct{}{},
+		dkimStats:     stats,
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
+	s.dmarc = dkim.NewDMARC(dkim.DMARCOptions{Server: st.cfg.DKIM.DNS, Logger: s.log})
 	if s.now == nil {
 		s.now = time.Now
 	}
@@ -143,7 +153,8 @@ func newServer(st *settings, deps Deps) (*Server, error) {
 }
 
 // Reload makes new sessions use cfg: relay control, limits, control files,
-// tcprules, web servers, passwd, exempt users and the TLS certificate.
+// tcprules, web servers, passwd, exempt users, the TLS certificate and
+// DKIM (keys, owners, actions, resolver).
 // Listeners are not rebound, and the greeting, the timeouts and whether
 // STARTTLS is offered stay as they were at Start (go-smtp fixes them per
 // listener). On error the running configuration stays.
@@ -153,6 +164,7 @@ func (s *Server) Reload(cfg *config.Config) error {
 		return err
 	}
 	s.settings.Store(st)
+	s.dmarc.SetServer(cfg.DKIM.DNS)
 	return nil
 }
 
@@ -405,6 +417,7 @@ type settings struct {
 	accounts   map[uint32]string // /etc/passwd uid -> name
 	exempt     map[string]bool
 	cert       *tls.Certificate
+	dkim       *dkim.Set
 }
 
 // webserver is one [[webserver]] entry.
@@ -495,6 +508,11 @@ func newSettings(cfg *config.Config, log *slog.Logger) (*settings, error) {
 		}
 		st.cert = &cert
 	}
+	d, err := dkim.Load(cfg.DKIM)
+	if err != nil {
+		return nil, err
+	}
+	st.dkim = d
 	return st, nil
 }
 

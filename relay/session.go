@@ -15,6 +15,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"relay/config"
+	"relay/dkim"
 	"relay/policy"
 	"relay/queue"
 )
@@ -137,7 +138,8 @@ type transaction struct {
 	size        int64
 	code        int // last reply code
 	qp          int
-	result      string // metrics result; "" until decided
+	result      string       // metrics result; "" until decided
+	fromVerdict dkim.Verdict // DKIM signing and From: control (relay/dkim.go)
 }
 
 // trusted reports whether mail from this session is counted by policy:
@@ -403,6 +405,7 @@ func (s *session) Data(r io.Reader) error {
 			tx.result = txDeferred
 		}
 	}
+	s.recordFrom(tx)
 	return rep
 }
 
@@ -439,7 +442,24 @@ func (s *session) data(tx *transaction, msg *storeReader, headBuf []byte) *smtp.
 		tx.result = txAccepted
 		return okReply("ok exempt")
 	}
+	tx.fromVerdict = s.fromControl(tx, head, !msg.inHeader)
+	switch tx.fromVerdict.Action {
+	case dkim.Reject:
+		tx.abort()
+		return replyFromRefused(tx.fromVerdict)
+	case dkim.Hold:
+		tx.hold, tx.holdReason = true, tx.fromVerdict.Text
+	}
 	body := io.MultiReader(strings.NewReader(s.traceHeaders(tx)), bytes.NewReader(head), msg)
+	if tx.fromVerdict.Action == dkim.Sign {
+		// Signed last, over every byte handed off (DESIGN.md §11).
+		signed, done, r := s.signed(tx, body, msg)
+		if r != nil {
+			return r
+		}
+		defer done.Close()
+		body = signed
+	}
 	if tx.hold {
 		return s.holdMessage(tx, head, msg, body)
 	}

@@ -1,0 +1,126 @@
+package relay
+
+import (
+	"io"
+	"strings"
+
+	"github.com/emersion/go-smtp"
+
+	"relay/dkim"
+)
+
+// fromControl decides, once policy has let a message through, whether it
+// is signed, handed off unsigned, held or refused for its From: header
+// (DESIGN.md §11). Only mail from trusted origins is looked at: mail from
+// the internet to our domains is never signed nor judged here, and neither
+// is mail of the exempt local users (qmail's own bounces and forwards).
+// head is the start of the message; complete says the whole header is in
+// it.
+func (s *session) fromControl(tx *transaction, head []byte, complete bool) dkim.Verdict {
+	if !s.trusted() || s.exempt {
+		return dkim.Verdict{}
+	}
+	var from []string
+	headerFields(head, func(name, value string) bool {
+		if strings.EqualFold(name, "From") {
+			from = append(from, value)
+		}
+		return true
+	})
+	ids := make([]string, len(tx.ids))
+	for i, id := range tx.ids {
+		ids[i] = id.ID
+	}
+	v := s.st.dkim.Decide(s.srv.ctx, dkim.Message{From: from, IDs: ids, HeaderComplete: complete, Ours: s.st.rcptHostAllowed},
+		s.srv.dmarc.Policy)
+	if v.Action == dkim.Sign && s.check {
+		// relay qq hands the message to qmail-queue itself: it cannot
+		// carry our signature.
+		v = dkim.Verdict{Action: dkim.Unsigned, Domain: v.Domain, Reason: dkim.ReasonLocalQQ}
+	}
+	if v.Action == dkim.Hold || v.Action == dkim.Reject || v.Reason != "" {
+		s.log.Info("From: control", "action", actionName(v.Action), "domain", v.Domain, "reason", v.Reason)
+	}
+	return v
+}
+
+func actionName(a dkim.Action) string {
+	switch a {
+	case dkim.Sign:
+		return "sign"
+	case dkim.Hold:
+		return "hold"
+	case dkim.Reject:
+		return "reject"
+	}
+	return "unsigned"
+}
+
+// replyFromRefused is the 550 for a From: that unowned_from or
+// foreign_dmarc refuses.
+func replyFromRefused(v dkim.Verdict) *smtp.SMTPError {
+	return reply(550, smtp.EnhancedCode{5, 7, 1}, safeHeaderValue(v.Text)+" (#5.7.1)")
+}
+
+// signed reads the rest of the message through a dkim.Signing and returns
+// it to hand off with the signatures on top, and the Signing to Close once
+// the hand-off is done. When signing fails the message goes on unsigned
+// (logged, counted as dkim.ReasonError). A message that cannot be stored
+// (the client's bytes, or our spool file) is a reply.
+func (s *session) signed(tx *transaction, body io.Reader, msg *storeReader) (io.Reader, io.Closer, *smtp.SMTPError) {
+	g, err := s.st.dkim.NewSigning(tx.fromVerdict.Keys, s.st.cfg.DataDir, 0)
+	if err != nil {
+		s.log.Error("DKIM signing cannot start; handing off unsigned", "err", err)
+		tx.fromVerdict = dkim.Verdict{Action: dkim.Unsigned, Domain: tx.fromVerdict.Domain, Reason: dkim.ReasonError}
+		return body, io.NopCloser(nil), nil
+	}
+	if _, err := io.Copy(g, body); err != nil {
+		g.Close()
+		tx.abort()
+		if msg.Err() != nil {
+			return nil, nil, s.storeFailure(msg)
+		}
+		s.log.Error("DKIM spool", "err", err)
+		return nil, nil, replyInternal
+	}
+	out, signErr, err := g.Finish()
+	if err != nil {
+		g.Close()
+		tx.abort()
+		s.log.Error("DKIM spool", "err", err)
+		return nil, nil, replyInternal
+	}
+	if signErr != nil {
+		s.log.Warn("DKIM signing failed; handing off unsigned", "err", signErr)
+		tx.fromVerdict = dkim.Verdict{Action: dkim.Unsigned, Domain: tx.fromVerdict.Domain, Reason: dkim.ReasonError}
+	}
+	return out, g, nil
+}
+
+// recordFrom counts what became of the message in the DKIM tally, once
+// its final reply is known.
+func (s *session) recordFrom(tx *transaction) {
+	v := tx.fromVerdict
+	var outcome string
+	switch {
+	case v.Domain == "":
+		return
+	case tx.result == txRejected && v.Action == dkim.Reject:
+		outcome = dkim.OutcomeRefused
+	case tx.result == txHeld && v.Action == dkim.Hold:
+		outcome = dkim.OutcomeHeld
+	case tx.result != txAccepted && tx.result != txHeld:
+		return
+	case v.Action == dkim.Sign:
+		outcome = dkim.OutcomeSigned
+	default:
+		outcome = dkim.OutcomeUnsigned
+	}
+	s.srv.dkimStats.Record(v.Domain, outcome, v.Reason)
+}
+
+// DKIMReport is what DKIM signing and From: control did since the start,
+// with the keys of the running configuration (the admin page, /api/dkim).
+func (s *Server) DKIMReport() dkim.Report {
+	return s.dkimStats.Report(s.settings.Load().dkim, s.dmarc)
+}

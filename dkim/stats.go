@@ -57,9 +57,9 @@ type Report struct {
 }
 
 // Stats counts outcomes per domain in memory (they start again at zero
-// with the daemon) and in Prometheus: dkim_signed_total{domain},
-// dkim_refused_total{reason}, dkim_held_total{reason},
-// dkim_unsigned_total{reason}.
+// with the daemon) and in Prometheus: relay_dkim_signed_total{domain},
+// relay_dkim_refused_total{reason}, relay_dkim_held_total{reason},
+// relay_dkim_unsigned_total{reason}.
 type Stats struct {
 	since    time.Time
 	now      func() time.Time
@@ -82,16 +82,16 @@ func NewStats(reg prometheus.Registerer, now func() time.Time) (*Stats, error) {
 		since: now(),
 		now:   now,
 		signed: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "dkim_signed_total", Help: "Messages signed, by signing domain.",
+			Name: "relay_dkim_signed_total", Help: "Messages signed, by signing domain.",
 		}, []string{"domain"}),
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "dkim_refused_total", Help: "Messages refused (550) for their From: header, by reason.",
+			Name: "relay_dkim_refused_total", Help: "Messages refused (550) for their From: header, by reason.",
 		}, []string{"reason"}),
 		held: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "dkim_held_total", Help: "Messages held for their From: header, by reason.",
+			Name: "relay_dkim_held_total", Help: "Messages held for their From: header, by reason.",
 		}, []string{"reason"}),
 		unsigned: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "dkim_unsigned_total", Help: "Messages in a domain with keys (or failing a foreign DMARC policy) handed off unsigned, by reason.",
+			Name: "relay_dkim_unsigned_total", Help: "Messages in a domain with keys (or failing a foreign DMARC policy) handed off unsigned, by reason.",
 		}, []string{"reason"}),
 		domains: map[string]*DomainStats{},
 	}

@@ -50,12 +50,12 @@ func TestStats(t *testing.T) {
 		t.Error("a signing domain past the bound lost its row")
 	}
 	want := `
-# HELP dkim_signed_total Messages signed, by signing domain.
-# TYPE dkim_signed_total counter
-dkim_signed_total{domain="example.com"} 2
-dkim_signed_total{domain="example.org"} 1
+# HELP relay_dkim_signed_total Messages signed, by signing domain.
+# TYPE relay_dkim_signed_total counter
+relay_dkim_signed_total{domain="example.com"} 2
+relay_dkim_signed_total{domain="example.org"} 1
 `
-	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "dkim_signed_total"); err != nil {
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "relay_dkim_signed_total"); err != nil {
 		t.Error(err)
 	}
 	if v := testutil.ToFloat64(st.refused.WithLabelValues(ReasonDMARCReject)); v != 1 {

@@ -204,8 +204,8 @@ func TestDKIMSignsOwnersOverAuth(t *testing.T) {
 	if v := f.srv.DKIMReport().Domains[0].Signed; v != 2 {
 		t.Errorf("tally: %v signed", v)
 	}
-	want := "\n# HELP dkim_signed_total Messages signed, by signing domain.\n# TYPE dkim_signed_total counter\ndkim_signed_total{domain=\"example.com\"} 2\n"
-	if err := testutil.GatherAndCompare(f.reg, strings.NewReader(want), "dkim_signed_total"); err != nil {
+	want := "\n# HELP relay_dkim_signed_total Messages signed, by signing domain.\n# TYPE relay_dkim_signed_total counter\nrelay_dkim_signed_total{domain=\"example.com\"} 2\n"
+	if err := testutil.GatherAndCompare(f.reg, strings.NewReader(want), "relay_dkim_signed_total"); err != nil {
 		t.Error(err)
 	}
 }
@@ -232,7 +232,7 @@ func TestDKIMUnownedFrom(t *testing.T) {
 				if got != "550 5.7.1 not allowed to send From: example.com here (#5.7.1)\r\n" || len(f.h.deliveries()) != 0 {
 					t.Fatalf("%q", got)
 				}
-				if v := testutil.ToFloat64(mustCounter(t, f.reg, "dkim_refused_total", "unowned_from")); v != 1 {
+				if v := testutil.ToFloat64(mustCounter(t, f.reg, "relay_dkim_refused_total", "unowned_from")); v != 1 {
 					t.Errorf("dkim_refused_total{reason=unowned_from} = %v", v)
 				}
 			}

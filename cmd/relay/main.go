@@ -19,6 +19,7 @@ commands:
   ctl            drive the admin API from a shell
   qmail-queue    list who is in qmail's queue right now
   scan           list processes talking SMTP (run on a web server)
+  dkim           DKIM keys: keygen, dns (records to publish), check (against DNS)
 
 --config defaults to $RELAY_CONFIG, then /etc/relay/relay.toml.
 Invoked as "sendmail" or "qmail-queue" (a symlink), relay acts as
@@ -56,6 +57,8 @@ func dispatch(argv []string, stdout, stderr io.Writer) int {
 		return runQmailQueue(args, stdout, stderr)
 	case "scan":
 		return runScan(args, stdout, stderr)
+	case "dkim":
+		return runDKIM(args, stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return 0

@@ -178,6 +178,7 @@ func startDaemon(cfg *config.Config, log *slog.Logger) (*daemon, error) {
 		Gatherer: reg,
 		Logger:   log,
 		Pprof:    cfg.Admin.Pprof,
+		DKIM:     d.smtp,
 	})
 	if err == nil {
 		err = d.admin.Start()

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 
 	msgdkim "github.com/emersion/go-msgauth/dkim"
@@ -25,10 +26,15 @@ const DefaultSpoolMemory = 256 << 10
 // message exactly as it will be handed to qmail (stored form: LF line
 // ends); go-msgauth reads them as DKIM's canonical form, LF as CRLF
 // (RFC 6376 §5.3: what qmail-remote will send), 8-bit bytes unchanged.
+//
+// A message that fits in memory is handed to the signers whole at Finish
+// (one hand-over to go-msgauth's goroutine per key, not one per write); a
+// longer one goes to them as it is written, and to a file.
 type Signing struct {
+	set     *Set
 	keys    []*Key
-	signers []*msgdkim.Signer
-	signErr error // the first signer failure: the message goes unsigned
+	signers []*msgdkim.Signer // started when the message outgrows memory, or at Finish
+	signErr error             // the first signer failure: the message goes unsigned
 
 	memMax int
 	mem    []byte
@@ -47,8 +53,15 @@ func (s *Set) NewSigning(keys []*Key, spoolDir string, memMax int) (*Signing, er
 	if memMax <= 0 {
 		memMax = DefaultSpoolMemory
 	}
-	g := &Signing{keys: keys, memMax: memMax, dir: spoolDir}
-	for _, k := range keys {
+	if len(keys) == 0 {
+		return nil, errors.New("dkim: no keys to sign with")
+	}
+	return &Signing{set: s, keys: keys, memMax: memMax, dir: spoolDir}, nil
+}
+
+// startSigners starts one go-msgauth signer per key.
+func (g *Signing) startSigners() {
+	for _, k := range g.keys {
 		sg, err := msgdkim.NewSigner(&msgdkim.SignOptions{
 			Domain:                 k.Domain,
 			Selector:               k.Selector,
@@ -56,56 +69,109 @@ func (s *Set) NewSigning(keys []*Key, spoolDir string, memMax int) (*Signing, er
 			Hash:                   crypto.SHA256,
 			HeaderCanonicalization: msgdkim.CanonicalizationRelaxed,
 			BodyCanonicalization:   msgdkim.CanonicalizationRelaxed,
-			HeaderKeys:             s.headers,
+			HeaderKeys:             g.set.headers,
 		})
 		if err != nil {
-			g.Close()
-			return nil, fmt.Errorf("dkim: %s: %v", k.Path, err)
+			g.signErr = fmt.Errorf("%s: %v", k.Path, err)
+			return
 		}
 		g.signers = append(g.signers, sg)
 	}
-	return g, nil
 }
 
-// Write feeds p to the signers and keeps it. Only a storage failure is an
-// error; a signer that fails is noted, and Finish then gives the message
-// back unsigned.
+// feed gives p to every signer; a failure is noted, not returned.
+func (g *Signing) feed(p []byte) {
+	if g.signErr != nil {
+		return
+	}
+	for i, sg := range g.signers {
+		if _, err := sg.Write(p); err != nil {
+			g.signErr = fmt.Errorf("%s: %v", g.keys[i].Path, err)
+			return
+		}
+	}
+}
+
+// Write keeps p (and feeds it to the signers once the message is in a
+// file). Only a storage failure is an error; a signer that fails is noted,
+// and Finish then gives the message back unsigned.
 func (g *Signing) Write(p []byte) (int, error) {
 	if g.err != nil {
 		return 0, g.err
-	}
-	if g.signErr == nil {
-		for _, sg := range g.signers {
-			if _, err := sg.Write(p); err != nil {
-				g.signErr = err
-				break
-			}
-		}
 	}
 	if g.file == nil && len(g.mem)+len(p) > g.memMax {
 		if g.err = g.spill(); g.err != nil {
 			return 0, g.err
 		}
 	}
-	if g.file != nil {
-		if _, err := g.file.Write(p); err != nil {
-			g.err = fmt.Errorf("dkim spool: %w", err)
-			return 0, g.err
-		}
-	} else {
+	if g.file == nil {
 		g.mem = append(g.mem, p...)
+		g.size += int64(len(p))
+		return len(p), nil
+	}
+	g.feed(p)
+	if _, err := g.file.Write(p); err != nil {
+		g.err = fmt.Errorf("dkim spool: %w", err)
+		return 0, g.err
 	}
 	g.size += int64(len(p))
 	return len(p), nil
 }
 
-// spill moves what is in memory to a nameless file.
+// ReadFrom reads r to its end straight into the kept message (io.Copy
+// uses it when r is not an io.WriterTo).
+func (g *Signing) ReadFrom(r io.Reader) (int64, error) {
+	var total int64
+	var buf []byte // once in a file
+	for g.err == nil {
+		var p []byte
+		switch {
+		case g.file != nil:
+			if buf == nil {
+				buf = make([]byte, 32<<10)
+			}
+			p = buf
+		case len(g.mem) < cap(g.mem):
+			p = g.mem[len(g.mem):cap(g.mem)]
+		case len(g.mem) < g.memMax:
+			g.mem = slices.Grow(g.mem, min(max(2*cap(g.mem), 4<<10), g.memMax)-len(g.mem))
+			continue
+		default:
+			if g.err = g.spill(); g.err != nil {
+				return total, g.err
+			}
+			continue
+		}
+		n, err := r.Read(p)
+		if n > 0 {
+			total += int64(n)
+			if g.file == nil {
+				g.mem = g.mem[:len(g.mem)+n]
+				g.size += int64(n)
+			} else if _, werr := g.Write(p[:n]); werr != nil {
+				return total, werr
+			}
+		}
+		if err == io.EOF {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+	}
+	return total, g.err
+}
+
+// spill moves what is in memory to a nameless file and starts the signers
+// on it.
 func (g *Signing) spill() error {
 	f, err := namelessFile(g.dir)
 	if err != nil {
 		return fmt.Errorf("dkim spool: %w", err)
 	}
 	g.file = f
+	g.startSigners()
+	g.feed(g.mem)
 	if _, err := f.Write(g.mem); err != nil {
 		return fmt.Errorf("dkim spool: %w", err)
 	}
@@ -125,6 +191,9 @@ func (g *Signing) Finish() (msg io.Reader, signErr error, err error) {
 	var stored io.Reader = bytes.NewReader(g.mem)
 	if g.file != nil {
 		stored = io.NewSectionReader(g.file, 0, g.size)
+	} else {
+		g.startSigners()
+		g.feed(g.mem)
 	}
 	var sigs strings.Builder
 	for i, sg := range g.signers {

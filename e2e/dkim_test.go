@@ -175,3 +175,33 @@ func TestDKIMEndToEnd(t *testing.T) {
 		t.Fatalf("started with a bad key (%v):\n%s", err, d.logs())
 	}
 }
+
+// TestDKIMHoldListedInAPI: unowned_from and foreign_dmarc = "hold" answer
+// 250, hand nothing to qmail-queue and list the message in /api/held.
+func TestDKIMHoldListedInAPI(t *testing.T) {
+	dns := dnstest.New(t)
+	dns.SetTXT("_dmarc.bank.example", "v=DMARC1; p=quarantine")
+	keys := filepath.Join(t.TempDir(), "keys")
+	os.Mkdir(keys, 0o700)
+	d := newDaemon(t, daemonOpts{
+		dkim: fmt.Sprintf("[dkim]\nkeys_dir = %q\ndns = %q\nunowned_from = \"hold\"\nforeign_dmarc = \"hold\"\n", keys, dns.Addr),
+	})
+	if code, _, errs := relayCmd(t, d, "", "dkim", "keygen", "--config", d.config, "--domain", "example.com", "--selector", "s1", "--algo", "ed25519"); code != 0 {
+		t.Fatal(errs)
+	}
+	d.signal(syscall.SIGHUP)
+	d.waitLog("config reloaded")
+	c := dialSMTP(t, d.smtp) // a relay network: ip:127.0.0.1 owns nothing
+	c.expect("EHLO client.example", "250")
+	for _, from := range []string{"ceo@example.com", "x@bank.example"} {
+		mustPrefix(t, from, c.send("someone@example.net", []string{"x@remote.example"}, "From: "+from+"\nSubject: s\n\nb\n"), "250 ok held ")
+	}
+	if q := d.queued(); len(q) != 0 {
+		t.Fatalf("%d messages reached qmail-queue", len(q))
+	}
+	_, body := d.api("GET", "/api/held")
+	held := decodeJSON[[]admin.HeldSummary](t, body)
+	if len(held) != 2 || !strings.Contains(body, "not allowed to send From: example.com") || !strings.Contains(body, "bank.example has DMARC p=quarantine") {
+		t.Fatalf("/api/held: %s", body)
+	}
+}

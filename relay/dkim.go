@@ -56,6 +56,16 @@ func actionName(a dkim.Action) string {
 	return "unsigned"
 }
 
+// dkimLogValue is the transaction log line's dkim= value:
+// "sign:example.com", "unsigned:example.com:unowned_from".
+func dkimLogValue(v dkim.Verdict) string {
+	out := actionName(v.Action) + ":" + v.Domain
+	if v.Reason != "" {
+		out += ":" + v.Reason
+	}
+	return out
+}
+
 // replyFromRefused is the 550 for a From: that unowned_from or
 // foreign_dmarc refuses.
 func replyFromRefused(v dkim.Verdict) *smtp.SMTPError {
@@ -74,7 +84,7 @@ func (s *session) signed(tx *transaction, body io.Reader, msg *storeReader) (io.
 		tx.fromVerdict = dkim.Verdict{Action: dkim.Unsigned, Domain: tx.fromVerdict.Domain, Reason: dkim.ReasonError}
 		return body, io.NopCloser(nil), nil
 	}
-	if _, err := io.Copy(g, body); err != nil {
+	if _, err := g.ReadFrom(body); err != nil {
 		g.Close()
 		tx.abort()
 		if msg.Err() != nil {

@@ -201,6 +201,9 @@ func TestDKIMSignsOwnersOverAuth(t *testing.T) {
 	if sigs := dkimtest.Verify(t, f.last(t), f.records()); len(sigs) != 2 {
 		t.Fatalf("subdomain: %d signatures", len(sigs))
 	}
+	if !strings.Contains(f.log.String(), "dkim=sign:example.com") {
+		t.Errorf("the transaction log line does not say it was signed:\n%s", f.log.String())
+	}
 	if v := f.srv.DKIMReport().Domains[0].Signed; v != 2 {
 		t.Errorf("tally: %v signed", v)
 	}

@@ -512,6 +512,9 @@ func newSettings(cfg *config.Config, log *slog.Logger) (*settings, error) {
 	if err != nil {
 		return nil, err
 	}
+	if len(d.Keys()) > 0 && cfg.Delivery.Method == config.DeliverQmailInject {
+		log.Warn("qmail-inject rewrites header fields: DKIM signatures made before it may not verify; deliver with qmail-queue")
+	}
 	st.dkim = d
 	return st, nil
 }

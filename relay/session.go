@@ -710,6 +710,9 @@ func (s *session) endTx() {
 	if s.check {
 		attrs = append(attrs, "check", true)
 	}
+	if v := tx.fromVerdict; v.Domain != "" {
+		attrs = append(attrs, "dkim", dkimLogValue(v))
+	}
 	s.log.Info("transaction", attrs...)
 }
 

@@ -25,6 +25,7 @@ import (
 	"relay/dkim"
 	"relay/internal/dkimtest"
 	"relay/internal/dnstest"
+	"relay/policy"
 )
 
 // testKeyPEMs are one RSA-2048 and one Ed25519 key for the whole test
@@ -101,7 +102,7 @@ type dkimFixture struct {
 	cfg     *config.Config
 }
 
-func newDKIMFixture(t *testing.T, edit func(*config.DKIM)) *dkimFixture {
+func newDKIMFixture(t *testing.T, edit func(*config.DKIM), checker ...policy.Checker) *dkimFixture {
 	t.Helper()
 	f := &dkimFixture{h: &fakeHandoff{}, hold: &fakeHold{}, dns: dnstest.New(t), reg: prometheus.NewRegistry(),
 		log: &lockedBuffer{}, sock: sockPath(t), keysDir: t.TempDir()}
@@ -126,8 +127,12 @@ func newDKIMFixture(t *testing.T, edit func(*config.DKIM)) *dkimFixture {
 	}
 	f.cfg = cfg
 	logger := slog.New(slog.NewTextHandler(f.log, nil))
-	f.srv = testServer(t, cfg, Deps{Handoff: f.h, Hold: f.hold, Registerer: f.reg, Logger: logger,
-		Auth: logins{"alice@example.com": "pw", "bob@other.test": "pw", "carol@mail.example.com": "pw"}}, nil)
+	deps := Deps{Handoff: f.h, Hold: f.hold, Registerer: f.reg, Logger: logger,
+		Auth: logins{"alice@example.com": "pw", "bob@other.test": "pw", "carol@mail.example.com": "pw"}}
+	if len(checker) > 0 {
+		deps.Policy = checker[0]
+	}
+	f.srv = testServer(t, cfg, deps, nil)
 	return f
 }
 
@@ -430,8 +435,7 @@ func TestDKIMLargeClientSignedEightBit(t *testing.T) {
 // TestDKIMCheckSession: relay qq's check session gets From: control but
 // cannot be signed (relay qq hands the message to qmail-queue itself).
 func TestDKIMCheckSession(t *testing.T) {
-	f := newDKIMFixture(t, func(d *config.DKIM) { d.UnownedFrom = config.FromReject })
-	f.srv.deps.Policy = &fakeChecker{}
+	f := newDKIMFixture(t, func(d *config.DKIM) { d.UnownedFrom = config.FromReject }, &fakeChecker{})
 	c := checkSession(t, f.sock, message("alice@example.com", ""))
 	if got := c.reply(); !strings.HasPrefix(got, "550 5.7.1 not allowed to send From: example.com") {
 		t.Fatalf("unowned in a check session: %q", got)

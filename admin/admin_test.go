@@ -1,12 +1,15 @@
 package admin
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -14,6 +17,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"relay/internal/testcert"
 	"relay/queue"
 )
 
@@ -321,18 +325,55 @@ func TestLoginCookieFlow(t *testing.T) {
 	}
 }
 
+// TestLogout: POST /logout ends the session on the server: a copy of the
+// old cookie then opens nothing (401 with the login form for the page, 401
+// for a POST, which changes nothing), while other sessions go on.
 func TestLogout(t *testing.T) {
 	f := newFixture(t)
 	c := login(t, f)
+	other := login(t, f)
 	_, page := f.do(t, req{method: "GET", path: "/", cookie: c})
-	resp, _ := f.do(t, req{method: "POST", path: "/logout", cookie: c, form: url.Values{"csrf": {csrfOf(t, page)}}})
-	if resp.StatusCode != http.StatusSeeOther {
-		t.Fatalf("logout: %d", resp.StatusCode)
+	csrf := csrfOf(t, page)
+	resp, _ := f.do(t, req{method: "POST", path: "/logout", cookie: c, form: url.Values{"csrf": {csrf}}})
+	if resp.StatusCode != http.StatusSeeOther || resp.Header.Get("Location") != "/login" {
+		t.Fatalf("logout: %d %q", resp.StatusCode, resp.Header.Get("Location"))
 	}
 	for _, nc := range resp.Cookies() {
 		if nc.Name == sessionCookie && nc.MaxAge >= 0 {
 			t.Errorf("logout left the cookie: %+v", nc)
 		}
+	}
+
+	resp, body := f.do(t, req{method: "GET", path: "/", cookie: c})
+	if resp.StatusCode != http.StatusUnauthorized || !strings.Contains(body, `action="/login"`) {
+		t.Errorf("GET / with the logged-out cookie: %d, want 401 and the login form", resp.StatusCode)
+	}
+	resp, _ = f.do(t, req{method: "POST", path: "/ui/senders/" + esc(bobID) + "/suspend", cookie: c,
+		form: url.Values{"csrf": {csrf}, "reason": {"after logout"}}})
+	if resp.StatusCode != http.StatusUnauthorized && resp.StatusCode != http.StatusForbidden {
+		t.Errorf("POST /ui/... with the logged-out cookie: %d, want 401 or 403", resp.StatusCode)
+	}
+	if s, _ := f.policy.Sender(bobID); s.State == StateSuspended {
+		t.Error("a logged-out cookie suspended a sender")
+	}
+	if resp, _ := f.do(t, req{method: "GET", path: "/api/events", cookie: c}); resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("API with the logged-out cookie: %d, want 401", resp.StatusCode)
+	}
+	if resp, _ := f.do(t, req{method: "GET", path: "/", cookie: other}); resp.StatusCode != http.StatusOK {
+		t.Errorf("another session after the logout: %d, want 200", resp.StatusCode)
+	}
+}
+
+// TestSessionsBounded: the server keeps at most maxSessions sessions; a
+// login beyond that ends the oldest.
+func TestSessionsBounded(t *testing.T) {
+	var ss sessionStore
+	now := time.Now()
+	for i := range maxSessions + 1 {
+		ss.add(fmt.Sprint(i), now.Add(time.Duration(i)*time.Second))
+	}
+	if len(ss.issued) != maxSessions || ss.open("0") || !ss.open("1") || !ss.open(fmt.Sprint(maxSessions)) {
+		t.Errorf("%d sessions; oldest open %v", len(ss.issued), ss.open("0"))
 	}
 }
 
@@ -422,7 +463,7 @@ func TestSenderByID(t *testing.T) {
 	if code, _ := f.api(t, "GET", "/api/senders/"+esc("user:nobody"), nil); code != 404 {
 		t.Errorf("unknown sender: %d, want 404", code)
 	}
-	for _, bad := range []string{"nokind", "bogus:x", "user:", esc("user:a\x01b"), esc(strings.Repeat("user:", 200))} {
+	for _, bad := range []string{"nokind", "bogus:x", "user:", esc("user:a\x01b"), esc(strings.Repeat("user:", 300))} {
 		if code, _ := f.api(t, "GET", "/api/senders/"+bad, nil); code != 400 {
 			t.Errorf("GET /api/senders/%s: %d, want 400", bad, code)
 		}
@@ -627,6 +668,69 @@ func TestNewRefuses(t *testing.T) {
 	}
 }
 
+// TestStartServesHTTPS: with tls_cert and tls_key the listener speaks
+// HTTPS only; relay ctl's client trusts exactly that certificate.
+func TestStartServesHTTPS(t *testing.T) {
+	dir := t.TempDir()
+	certFile, keyFile := testcert.Write(t, dir, "admin.example.test")
+	p := newFakePolicy(time.Now)
+	srv, err := New(Options{Listen: "127.0.0.1:0", Token: testToken, Policy: p, TLSCert: certFile, TLSKey: keyFile})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Shutdown(context.Background()) })
+	addr := srv.Addr().String()
+	c, err := NewClient(addr, testToken, certFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(c.BaseURL, "https://") {
+		t.Fatalf("client URL %s", c.BaseURL)
+	}
+	ctx := t.Context()
+	if _, err := c.Senders(ctx, StateAll); err != nil {
+		t.Fatalf("over HTTPS with the pinned certificate: %v", err)
+	}
+
+	// Plain HTTP is not served there.
+	resp, err := http.Get("http://" + addr + "/healthz")
+	if err == nil {
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusOK {
+			t.Errorf("plain HTTP answered 200: %s", body)
+		}
+	}
+	// The cookie of an HTTPS login is Secure.
+	hc := &http.Client{Transport: c.HTTP.Transport, CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	resp, err = hc.PostForm("https://"+addr+"/login", url.Values{"token": {testToken}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if sc := resp.Header.Get("Set-Cookie"); !strings.Contains(sc, "Secure") {
+		t.Errorf("HTTPS login cookie %q is not Secure", sc)
+	}
+
+	// Another certificate (the one the daemon would serve after an
+	// attacker took the address) is refused.
+	otherDir := t.TempDir()
+	otherCert, _ := testcert.Write(t, otherDir, "admin.example.test")
+	c2, err := NewClient(addr, testToken, otherCert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c2.Senders(ctx, StateAll); err == nil || !strings.Contains(err.Error(), "admin.tls_cert") {
+		t.Errorf("a client pinned to another certificate: %v", err)
+	}
+	if _, err := NewClient(addr, testToken, filepath.Join(dir, "missing.pem")); err == nil {
+		t.Error("NewClient with a missing tls_cert file")
+	}
+}
+
 func TestStartServesOnLoopback(t *testing.T) {
 	p := newFakePolicy(time.Now)
 	srv, err := New(Options{Listen: "127.0.0.1:0", Token: testToken, Policy: p})
@@ -636,7 +740,7 @@ func TestStartServesOnLoopback(t *testing.T) {
 	if err := srv.Start(); err != nil {
 		t.Fatal(err)
 	}
-	c, err := NewClient(srv.Addr().String(), testToken)
+	c, err := NewClient(srv.Addr().String(), testToken, "")
 	if err != nil {
 		t.Fatal(err)
 	}

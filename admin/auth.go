@@ -10,18 +10,71 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
 // Session cookie: "<issued unix>.<nonce>.<mac>", mac = HMAC-SHA256 keyed by
-// the token, so the cookie never holds the token, a new token ends every
-// session, and the server keeps no session state.
+// the token, so the cookie never holds the token and a new token ends every
+// session. The server keeps the nonces of the sessions it opened
+// (sessionStore): logging out removes one, so its cookie opens nothing
+// afterwards, and a restart ends them all.
 const (
 	sessionCookie = "relay_admin"
 	sessionTTL    = 12 * time.Hour
 	csrfField     = "csrf"
 	csrfHeader    = "X-CSRF-Token"
+	// maxSessions bounds the sessions kept; a login beyond it ends the
+	// oldest.
+	maxSessions = 1000
 )
+
+// sessionStore is the set of open page sessions: nonce -> issue time.
+type sessionStore struct {
+	mu     sync.Mutex
+	issued map[string]time.Time
+}
+
+// add opens a session, dropping expired ones and, at maxSessions, the
+// oldest.
+func (ss *sessionStore) add(nonce string, now time.Time) {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if ss.issued == nil {
+		ss.issued = map[string]time.Time{}
+	}
+	if len(ss.issued) >= maxSessions {
+		oldest, first := "", time.Time{}
+		for n, t := range ss.issued {
+			if now.Sub(t) > sessionTTL {
+				delete(ss.issued, n)
+				continue
+			}
+			if oldest == "" || t.Before(first) {
+				oldest, first = n, t
+			}
+		}
+		if len(ss.issued) >= maxSessions {
+			delete(ss.issued, oldest)
+		}
+	}
+	ss.issued[nonce] = now
+}
+
+// open reports whether the session nonce is open.
+func (ss *sessionStore) open(nonce string) bool {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	_, ok := ss.issued[nonce]
+	return ok
+}
+
+// end closes the session nonce.
+func (ss *sessionStore) end(nonce string) {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	delete(ss.issued, nonce)
+}
 
 type authKind int
 
@@ -48,16 +101,19 @@ func (s *Server) mac(parts ...string) string {
 	return hex.EncodeToString(m.Sum(nil))
 }
 
-// newSession returns a fresh cookie value.
+// newSession opens a session and returns its cookie value.
 func (s *Server) newSession() string {
 	var raw [16]byte
 	rand.Read(raw[:])
-	issued := strconv.FormatInt(s.now().Unix(), 10)
+	now := s.now()
+	issued := strconv.FormatInt(now.Unix(), 10)
 	nonce := hex.EncodeToString(raw[:])
+	s.sessions.add(nonce, now)
 	return issued + "." + nonce + "." + s.mac("session", issued, nonce)
 }
 
-// checkSession verifies a cookie value and returns its nonce.
+// checkSession verifies a cookie value of an open session and returns its
+// nonce.
 func (s *Server) checkSession(v string) (string, bool) {
 	issued, rest, ok1 := strings.Cut(v, ".")
 	nonce, mac, ok2 := strings.Cut(rest, ".")
@@ -72,7 +128,7 @@ func (s *Server) checkSession(v string) (string, bool) {
 		return "", false
 	}
 	age := s.now().Sub(time.Unix(t, 0))
-	if age < -time.Minute || age > sessionTTL {
+	if age < -time.Minute || age > sessionTTL || !s.sessions.open(nonce) {
 		return "", false
 	}
 	return nonce, true
@@ -214,9 +270,15 @@ func (s *Server) login(w http.ResponseWriter, r *http.Request) {
 	http.Redirect(w, r, next, http.StatusSeeOther)
 }
 
+// logout ends the session on the server (its cookie opens nothing
+// afterwards, wherever a copy of it is) and clears the cookie.
 func (s *Server) logout(w http.ResponseWriter, r *http.Request) {
+	if sess := sessionOf(r); sess.kind == authCookie {
+		s.sessions.end(sess.nonce)
+		s.log.Info("admin: logged out", "remote", r.RemoteAddr)
+	}
 	http.SetCookie(w, &http.Cookie{Name: sessionCookie, Value: "", Path: "/", MaxAge: -1,
-		HttpOnly: true, SameSite: http.SameSiteStrictMode})
+		HttpOnly: true, Secure: r.TLS != nil, SameSite: http.SameSiteStrictMode})
 	http.Redirect(w, r, "/login", http.StatusSeeOther)
 }
 

@@ -1,13 +1,18 @@
 package admin
 
 import (
+	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/json"
+	"encoding/pem"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -25,8 +30,13 @@ type Client struct {
 const clientTimeout = 5 * time.Minute
 
 // NewClient makes a client for the API at admin.listen. A wildcard host
-// (0.0.0.0, ::, empty) is reached on loopback.
-func NewClient(listen, token string) (*Client, error) {
+// (0.0.0.0, ::, empty) is reached on loopback. With tlsCert (the daemon's
+// admin.tls_cert) it speaks HTTPS and trusts exactly the certificate that
+// file starts with, whatever names or issuer it has: relay ctl runs beside
+// the daemon and reads the same file, so the name the API is reached by
+// (often 127.0.0.1) need not be in the certificate, and a self-signed one
+// works without a CA.
+func NewClient(listen, token, tlsCert string) (*Client, error) {
 	host, port, err := net.SplitHostPort(listen)
 	if err != nil {
 		return nil, fmt.Errorf("admin.listen %q: %v", listen, err)
@@ -37,11 +47,51 @@ func NewClient(listen, token string) (*Client, error) {
 	case "::":
 		host = "::1"
 	}
-	return &Client{
+	c := &Client{
 		BaseURL: "http://" + net.JoinHostPort(host, port),
 		Token:   token,
 		HTTP:    &http.Client{Timeout: clientTimeout},
-	}, nil
+	}
+	if tlsCert != "" {
+		pinned, err := readLeaf(tlsCert)
+		if err != nil {
+			return nil, fmt.Errorf("admin.tls_cert: %w", err)
+		}
+		c.BaseURL = "https://" + net.JoinHostPort(host, port)
+		c.HTTP.Transport = &http.Transport{
+			Proxy: nil, // the daemon is local: never through a proxy
+			TLSClientConfig: &tls.Config{
+				MinVersion: tls.VersionTLS12,
+				// Chain and name checks are replaced by the pin below.
+				InsecureSkipVerify: true,
+				VerifyConnection: func(cs tls.ConnectionState) error {
+					if len(cs.PeerCertificates) == 0 || !bytes.Equal(cs.PeerCertificates[0].Raw, pinned) {
+						return errors.New("the admin API's certificate is not the one in admin.tls_cert")
+					}
+					return nil
+				},
+			},
+		}
+	}
+	return c, nil
+}
+
+// readLeaf returns the DER bytes of the first certificate in a PEM file.
+func readLeaf(path string) ([]byte, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	for {
+		var blk *pem.Block
+		blk, b = pem.Decode(b)
+		if blk == nil {
+			return nil, fmt.Errorf("%s: no CERTIFICATE block", path)
+		}
+		if blk.Type == "CERTIFICATE" {
+			return blk.Bytes, nil
+		}
+	}
 }
 
 // StatusError is an answer other than 200 from the API.

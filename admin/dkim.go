@@ -12,7 +12,7 @@ import (
 	"relay/dkim"
 )
 
-// DKIMReport is what DKIM signing and From: control did (DESIGN.md §11).
+// DKIMReport is what DKIM signing and From: control did (docs/design.md §11).
 type DKIMReport = dkim.Report
 
 // DKIM is where the admin reads it from (*relay.Server).

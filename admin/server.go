@@ -1,9 +1,11 @@
 // Package admin serves relay's admin HTTP API, the dashboard page the mail
 // admin opens when a complaint comes in, and the Prometheus metrics
-// (DESIGN.md §6). It also holds the client side used by "relay ctl".
+// (docs/design.md §6). It also holds the client side used by "relay ctl".
 //
 // Every path but /healthz and /login needs the bearer token, or the session
-// cookie the page gets by logging in with the token once. Every POST is
+// cookie the page gets by logging in with the token once (until it logs
+// out, expires or relay restarts). With a certificate it serves HTTPS
+// only. Every POST is
 // refused when a browser says it comes from another site, and a POST
 // authenticated by the cookie must also carry the session's CSRF token.
 package admin
@@ -11,6 +13,7 @@ package admin
 import (
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -27,7 +30,7 @@ import (
 
 // Options configures a Server.
 type Options struct {
-	Listen string // host:port, loopback unless the admin chose the token (see CheckListen)
+	Listen string // host:port (config.validate: loopback unless the admin chose the token and TLS)
 	Token  string // the bearer token (LoadOrCreateToken)
 	Policy Policy
 	Held   Held // nil: no hold spool, the lists are empty
@@ -39,6 +42,13 @@ type Options struct {
 	Pprof    bool                // serve /debug/pprof/ behind the token
 	DKIM     DKIM                // nil: the DKIM section and /api/dkim are empty
 	Now      func() time.Time    // nil: time.Now
+	// Health reports what is wrong now (relay.db cannot be written or is
+	// damaged); /healthz answers 503 with its text. nil: always ok.
+	Health func() error
+	// TLSCert and TLSKey (PEM files): Start serves HTTPS only. Empty:
+	// plain HTTP (config refuses that on a non-loopback listen unless
+	// admin.insecure_plain_http says so).
+	TLSCert, TLSKey string
 }
 
 // Server is the admin HTTP server.
@@ -51,6 +61,8 @@ type Server struct {
 	pages   *template.Template
 	cspHash string // CSP hash of the embedded style sheet
 	handler http.Handler
+
+	sessions sessionStore
 
 	srv *http.Server
 	ln  net.Listener
@@ -160,10 +172,19 @@ func securityHeaders(h http.Handler) http.Handler {
 // Handler is the whole admin HTTP handler (for httptest and for wiring).
 func (s *Server) Handler() http.Handler { return s.handler }
 
-// Start listens on Options.Listen and serves in the background.
+// Start listens on Options.Listen and serves in the background: HTTPS
+// when Options.TLSCert is set, else plain HTTP.
 func (s *Server) Start() error {
 	if s.srv != nil {
 		return errors.New("admin: already started")
+	}
+	var tlsConf *tls.Config
+	if s.opts.TLSCert != "" || s.opts.TLSKey != "" {
+		cert, err := tls.LoadX509KeyPair(s.opts.TLSCert, s.opts.TLSKey)
+		if err != nil {
+			return fmt.Errorf("admin: tls_cert/tls_key: %w", err)
+		}
+		tlsConf = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}
 	ln, err := net.Listen("tcp", s.opts.Listen)
 	if err != nil {
@@ -171,6 +192,7 @@ func (s *Server) Start() error {
 	}
 	s.ln = ln
 	s.srv = &http.Server{
+		TLSConfig:         tlsConf,
 		Handler:           s.handler,
 		ReadHeaderTimeout: readHeaderTimeout,
 		ReadTimeout:       readTimeout,
@@ -180,11 +202,17 @@ func (s *Server) Start() error {
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
 	}
 	go func() {
-		if err := s.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		var err error
+		if tlsConf != nil {
+			err = s.srv.ServeTLS(ln, "", "")
+		} else {
+			err = s.srv.Serve(ln)
+		}
+		if err != nil && !errors.Is(err, http.ErrServerClosed) {
 			s.log.Error("admin server stopped", "err", err)
 		}
 	}()
-	s.log.Info("admin listening", "addr", ln.Addr().String())
+	s.log.Info("admin listening", "addr", ln.Addr().String(), "https", tlsConf != nil)
 	return nil
 }
 
@@ -204,7 +232,16 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	return s.srv.Shutdown(ctx)
 }
 
+// healthz answers 200 "ok", or 503 with one line per problem Health
+// reports (mail still flows then; what it says needs the admin).
 func (s *Server) healthz(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	if s.opts.Health != nil {
+		if err := s.opts.Health(); err != nil {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintln(w, err)
+			return
+		}
+	}
 	fmt.Fprintln(w, "ok")
 }

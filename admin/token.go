@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"net"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -96,31 +94,4 @@ func LoadOrCreateToken(tokenFile, dataDir string) (token, path string, created b
 		return "", path, false, fmt.Errorf("admin token: %w", err)
 	}
 	return token, path, true, nil
-}
-
-// CheckListen refuses an admin listen address reachable from other hosts
-// unless the admin chose the token (token_file): a token made by relay is
-// only meant for a loopback API. An empty listen disables the admin API and
-// passes. Host names other than "localhost" count as non-loopback.
-func CheckListen(listen, tokenFile string) error {
-	if listen == "" || tokenFile != "" {
-		return nil
-	}
-	if !IsLoopback(listen) {
-		return fmt.Errorf("admin.listen %q is not a loopback address: set admin.token_file to listen there", listen)
-	}
-	return nil
-}
-
-// IsLoopback reports whether a host:port address only listens on loopback.
-func IsLoopback(listen string) bool {
-	host, _, err := net.SplitHostPort(listen)
-	if err != nil {
-		return false
-	}
-	if host == "localhost" {
-		return true
-	}
-	ip, err := netip.ParseAddr(host)
-	return err == nil && ip.Unmap().IsLoopback()
 }

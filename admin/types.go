@@ -9,7 +9,7 @@ import (
 	"relay/queue"
 )
 
-// Sender states (DESIGN.md §6).
+// Sender states (docs/design.md §6).
 const (
 	StateOK        = policy.StateOK
 	StateThrottled = policy.StateThrottled

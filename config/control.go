@@ -20,7 +20,8 @@ import (
 // wins, as qmail-smtpd would read it: databytes over
 // relay.max_message_bytes, timeoutsmtpd over relay.timeout, me over an
 // empty hostname. rcpthosts and morercpthosts are merged with
-// relay.local_domains.
+// relay.local_domains (which Load leaves empty when the file does not
+// write it: qmail's lists are then the whole list).
 //
 // Two differences from qmail-smtpd, both on the safe side: an absent
 // rcpthosts does not make an open relay (only local_domains are then
@@ -147,6 +148,24 @@ func ReadControl(cfg *Config) (*Control, error) {
 		return nil, errs
 	}
 	return c, nil
+}
+
+// readControlMe returns the first line of dir/me, or "" when dir is empty
+// or the file cannot be read.
+func readControlMe(dir string) string {
+	if dir == "" {
+		return ""
+	}
+	f, err := os.Open(filepath.Join(dir, "me"))
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	me, err := readControlLine(f)
+	if err != nil {
+		return ""
+	}
+	return me
 }
 
 // parseControlInt reads a qmail control integer (databytes, timeoutsmtpd).

@@ -181,5 +181,10 @@ func (l *loaded) readExternal(pos *positions) Errors {
 			place("tls.cert", c.TLS.Cert, err)
 		}
 	}
+	if c.Admin.TLSCert != "" && c.Admin.TLSKey != "" {
+		if _, err := tls.LoadX509KeyPair(c.Admin.TLSCert, c.Admin.TLSKey); err != nil {
+			place("admin.tls_cert", c.Admin.TLSCert, err)
+		}
+	}
 	return errs
 }

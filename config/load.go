@@ -3,6 +3,7 @@ package config
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -26,8 +27,8 @@ import (
 //
 // Relative paths in the file (data_dir, local listener sockets,
 // delivery.maildir, admin.token_file, auth.users_file, relay.tcprules,
-// relay.qmail_control_dir, webserver passwd files, tls.cert, tls.key and
-// dkim.keys_dir)
+// relay.qmail_control_dir, webserver passwd files, tls.cert and tls.key,
+// admin.tls_cert and admin.tls_key, dkim.keys_dir)
 // are taken relative to the directory holding the config file, and Load
 // makes them absolute.
 func Load(path string) (*Config, error) {
@@ -43,16 +44,19 @@ func Load(path string) (*Config, error) {
 }
 
 // LoadFile decodes and validates path like Load but reads none of the
-// files it names: qmail control files, tcprules, users_file, passwd files
-// and TLS keys are left alone (cfg.Control is then derived from the TOML
-// alone, cfg.TCPRules is nil). It is for `relay qq` and `relay sendmail`,
-// which run as arbitrary users who may not be allowed to read those.
+// files it names but control/me: tcprules, users_file, passwd files, TLS
+// keys and the other control files are left alone (cfg.Control is then
+// derived from the TOML alone, cfg.TCPRules is nil). It is for `relay qq`
+// and `relay sendmail`, which run as arbitrary users who may not be
+// allowed to read those. An empty hostname is taken from control/me, as
+// Load takes it (world-readable in qmail; when it cannot be read, from
+// the system).
 func LoadFile(path string) (*Config, error) {
 	cfg, errs, _ := load(path)
 	if len(errs) > 0 {
 		return nil, errs
 	}
-	resolveHostname(cfg.cfg, "")
+	resolveHostname(cfg.cfg, readControlMe(cfg.cfg.Relay.QmailControlDir))
 	cfg.cfg.Control = NewControl(cfg.cfg)
 	return cfg.cfg, nil
 }
@@ -116,11 +120,37 @@ func decode(path string, doc []byte) (*loaded, Errors, bool) {
 		}
 		doc, blanked[key] = blank, true
 	}
+	fileDefaults(cfg, pos)
 	v := &validator{file: path, pos: pos, skip: blanked}
 	v.config(cfg)
 	errs = append(errs, v.errs...)
 	sortErrors(errs)
+	sortErrors(v.warns)
+	cfg.Warnings = v.warns
 	return &loaded{cfg: cfg, pos: pos}, errs, false
+}
+
+// fileDefaults sets the defaults that depend on what the file writes:
+//   - [[webserver]] require_uid is true unless the entry says otherwise;
+//   - with relay.qmail_control_dir set, control/rcpthosts and
+//     morercpthosts are the whole list of local domains unless the file
+//     writes relay.local_domains too (the built-in "example.com" would
+//     otherwise be accepted from anyone);
+//   - with relay.tcprules set, relay rights are what tcprules says unless
+//     the file writes relay.relay_networks too (the built-in 127.0.0.0/8
+//     would otherwise relay as well).
+func fileDefaults(cfg *Config, pos *positions) {
+	for i := range cfg.Webservers {
+		if !pos.has(fmt.Sprintf("webserver[%d].require_uid", i)) {
+			cfg.Webservers[i].RequireUID = true
+		}
+	}
+	if cfg.Relay.QmailControlDir != "" && !pos.has("relay.local_domains") {
+		cfg.Relay.LocalDomains = nil
+	}
+	if cfg.Relay.TCPRules != "" && !pos.has("relay.relay_networks") {
+		cfg.Relay.RelayNetworks = nil
+	}
 }
 
 // maxDecodeRetries bounds how many bad values decode reports one by one.
@@ -158,7 +188,6 @@ func defaults() *Config {
 		DataDir:  "./relay-data",
 		Listen: []Listener{
 			{Addr: "127.0.0.1:2525", Mode: ModeSMTP},
-			{Addr: "127.0.0.1:2587", Mode: ModeSubmission},
 			{Addr: "./relay-data/submit.sock", Mode: ModeLocal},
 		},
 		Relay: Relay{
@@ -169,21 +198,24 @@ func defaults() *Config {
 			MaxConnections:      1000,
 			MaxConnectionsPerIP: 20,
 			Timeout:             Duration{1200 * time.Second},
+			MaxSession:          Duration{30 * time.Minute},
 		},
 		Auth: Auth{
 			RequireTLS: true,
 			Timeout:    Duration{10 * time.Second},
 		},
 		Delivery: Delivery{
-			Method:  DeliverMaildir,
-			Command: "/var/qmail/bin/qmail-queue",
-			Maildir: "./relay-data/maildir",
-			Timeout: Duration{60 * time.Second},
+			Method:   DeliverMaildir,
+			Command:  "/var/qmail/bin/qmail-queue",
+			Maildir:  "./relay-data/maildir",
+			Timeout:  Duration{60 * time.Second},
+			QueueDir: "/var/qmail/queue",
 		},
 		Local: Local{
-			QmailQueue:   "/var/qmail/bin/qmail-queue.orig",
-			OnDaemonDown: "accept",
-			ExemptUsers:  []string{"alias", "qmaild", "qmaill", "qmailp", "qmailq", "qmailr", "qmails"},
+			QmailQueue:     "/var/qmail/bin/qmail-queue.orig",
+			OnDaemonDown:   "accept",
+			ExemptUsers:    []string{"alias", "qmaild", "qmaill", "qmailp", "qmailq", "qmailr", "qmails"},
+			MaxConnections: 200,
 		},
 		Admin: Admin{Listen: "127.0.0.1:8025"},
 		DKIM: DKIM{
@@ -192,9 +224,11 @@ func defaults() *Config {
 			ForeignDMARC: FromReject,
 		},
 		Policy: Policy{
-			Mode:         PolicyEnforce,
-			OverLimit:    OverLimitDefer,
-			SuspendAfter: 5,
+			Mode:           PolicyEnforce,
+			OverLimit:      OverLimitDefer,
+			SuspendAfter:   5,
+			SuspendKinds:   DefaultSuspendKinds(),
+			ReserveTimeout: Duration{60 * time.Second},
 			Limits: KindLimits{
 				User: &Limits{
 					MaxRcptsPerMsg: 50,
@@ -205,6 +239,11 @@ func defaults() *Config {
 					MaxRcptsPerMsg: 50,
 					Rcpts:          []Rate{{100, time.Minute}, {500, time.Hour}, {2000, 24 * time.Hour}},
 					Msgs:           []Rate{{200, time.Hour}},
+				},
+				Script: &Limits{
+					MaxRcptsPerMsg: 50,
+					Rcpts:          []Rate{{50, time.Minute}, {250, time.Hour}, {1000, 24 * time.Hour}},
+					Msgs:           []Rate{{100, time.Hour}},
 				},
 				Sender: &Limits{
 					Rcpts: []Rate{{1000, time.Hour}, {5000, 24 * time.Hour}},
@@ -241,6 +280,8 @@ func (c *Config) resolvePaths(dir string) {
 	abs(&c.Auth.UsersFile)
 	abs(&c.Delivery.Maildir)
 	abs(&c.Admin.TokenFile)
+	abs(&c.Admin.TLSCert)
+	abs(&c.Admin.TLSKey)
 	for i := range c.Webservers {
 		abs(&c.Webservers[i].Passwd)
 	}

@@ -60,8 +60,53 @@ func TestBadConfigs(t *testing.T) {
 // Control, TCPRules) so two configs can be compared field by field.
 func tomlFields(c *Config) Config {
 	out := *c
-	out.Path, out.Control, out.TCPRules = "", nil, nil
+	out.Path, out.Control, out.TCPRules, out.Warnings = "", nil, nil, nil
 	return out
+}
+
+// TestWarnings: configs that load but hold a setting that can never work
+// (a submission listener that can never offer AUTH) get warnings at the
+// listener's line, golden files in testdata/warn; a good one gets none.
+func TestWarnings(t *testing.T) {
+	files, err := filepath.Glob("testdata/warn/*.toml")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no golden files: %v", err)
+	}
+	wd, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, file := range files {
+		name := strings.TrimSuffix(filepath.Base(file), ".toml")
+		t.Run(name, func(t *testing.T) {
+			c, err := Load(file)
+			if err != nil {
+				t.Fatalf("Load(%s): %v", file, err)
+			}
+			if len(c.Warnings) == 0 {
+				t.Fatal("no warning")
+			}
+			got := strings.ReplaceAll(c.Warnings.Error(), wd+string(filepath.Separator), "./") + "\n"
+			golden := strings.TrimSuffix(file, ".toml") + ".warn"
+			if *update {
+				if err := os.WriteFile(golden, []byte(got), 0o644); err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			want, err := os.ReadFile(golden)
+			if err != nil {
+				t.Fatalf("%v (run go test ./config -run TestWarnings -update)", err)
+			}
+			if got != string(want) {
+				t.Errorf("Load(%s) warnings:\n%s\nwant:\n%s", file, got, want)
+			}
+		})
+	}
+	path := writeFile(t, filepath.Join(t.TempDir(), "relay.toml"), "[[listen]]\naddr = \"127.0.0.1:587\"\nmode = \"submission\"\n[auth]\nrequire_tls = false\ncheckpassword = \"/bin/false\"\n")
+	if c, err := Load(path); err != nil || len(c.Warnings) != 0 {
+		t.Errorf("a submission listener that can offer AUTH: %v, warnings %v", err, c.Warnings)
+	}
 }
 
 func TestExampleEqualsDefault(t *testing.T) {
@@ -127,8 +172,8 @@ func TestDefaultIsValid(t *testing.T) {
 		t.Fatalf("defaults do not validate:\n%v", v.errs)
 	}
 	d := Default()
-	if !filepath.IsAbs(d.DataDir) || !filepath.IsAbs(d.Listen[2].Addr) || d.Listen[0].Addr != "127.0.0.1:2525" {
-		t.Errorf("Default paths not resolved: %q %q %q", d.DataDir, d.Listen[2].Addr, d.Listen[0].Addr)
+	if !filepath.IsAbs(d.DataDir) || !filepath.IsAbs(d.Listen[1].Addr) || d.Listen[0].Addr != "127.0.0.1:2525" {
+		t.Errorf("Default paths not resolved: %q %q %q", d.DataDir, d.Listen[1].Addr, d.Listen[0].Addr)
 	}
 	if d.Hostname == "" || d.Control == nil || d.Control.Me != d.Hostname {
 		t.Errorf("Default hostname %q control %+v", d.Hostname, d.Control)
@@ -164,7 +209,7 @@ relay_networks = ["10.0.0.0/8"]
 	if !reflect.DeepEqual(c.Relay.RelayNetworks, []string{"10.0.0.0/8"}) {
 		t.Errorf("relay_networks = %v, want the file's list only", c.Relay.RelayNetworks)
 	}
-	if c.Policy.Limits.User == nil || c.Policy.Limits.IP == nil || len(c.Listen) != 3 {
+	if c.Policy.Limits.User == nil || c.Policy.Limits.IP == nil || len(c.Listen) != 2 {
 		t.Errorf("default limits or listeners lost: %+v %d", c.Policy.Limits, len(c.Listen))
 	}
 	if c.Hostname != "mail.example.net" || c.Control.Me != "mail.example.net" || c.Control.Greeting != "mail.example.net" {
@@ -412,4 +457,153 @@ func FuzzLoad(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestLoadFileTakesMe: relay qq and relay sendmail qualify bare user names
+// with the hostname, which with an empty hostname is control/me, as for
+// the daemon; an unreadable control/me falls back to the system's name.
+func TestLoadFileTakesMe(t *testing.T) {
+	dir := t.TempDir()
+	ctl := filepath.Join(dir, "control")
+	writeFile(t, filepath.Join(ctl, "me"), "me.example.test \n")
+	writeFile(t, filepath.Join(ctl, "databytes"), "lots\n") // never read by LoadFile
+	path := writeFile(t, filepath.Join(dir, "relay.toml"), "[relay]\nqmail_control_dir = \"control\"\n")
+	c, err := LoadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Hostname != "me.example.test" || c.Control.Me != "me.example.test" {
+		t.Errorf("hostname %q, Control.Me %q; want control/me", c.Hostname, c.Control.Me)
+	}
+	named := writeFile(t, filepath.Join(dir, "named.toml"), "hostname = \"relay.example.test\"\n[relay]\nqmail_control_dir = \"control\"\n")
+	if c, err = LoadFile(named); err != nil || c.Hostname != "relay.example.test" {
+		t.Errorf("explicit hostname: %v %v", c, err)
+	}
+	os.Remove(filepath.Join(ctl, "me"))
+	host, _ := os.Hostname()
+	if c, err = LoadFile(path); err != nil || c.Hostname != host {
+		t.Errorf("without control/me: hostname %q, want the system's %q (%v)", c.Hostname, host, err)
+	}
+}
+
+// TestAdminListenRules: a non-loopback admin listen needs the admin's own
+// token_file, and HTTPS (tls_cert, tls_key) or insecure_plain_http.
+func TestAdminListenRules(t *testing.T) {
+	for _, c := range []struct {
+		admin string
+		ok    bool
+	}{
+		{`listen = "127.0.0.1:8025"`, true},
+		{`listen = "[::1]:8025"`, true},
+		{`listen = "localhost:8025"`, true},
+		{`listen = "127.1.2.3:8025"`, true},
+		{`listen = "0.0.0.0:8025"`, false},
+		{`listen = ":8025"`, false},
+		{`listen = "[::]:8025"`, false},
+		{`listen = "[::ffff:10.0.0.5]:8025"`, false},
+		{`listen = "admin.example.com:8025"`, false},
+		{"listen = \"10.0.0.5:8025\"\ntoken_file = \"/etc/relay/admin.token\"", false},
+		{"listen = \"10.0.0.5:8025\"\ninsecure_plain_http = true", false},
+		{"listen = \"10.0.0.5:8025\"\ntoken_file = \"/t\"\ninsecure_plain_http = true", true},
+		{"listen = \"0.0.0.0:8025\"\ntoken_file = \"/t\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"", true},
+		{"listen = \"0.0.0.0:8025\"\ntoken_file = \"/t\"\ntls_cert = \"/c.pem\"", false},
+		{"listen = \"127.0.0.1:8025\"\ntls_key = \"/k.pem\"", false},
+	} {
+		_, errs, fatal := decode("relay.toml", []byte("[admin]\n"+c.admin+"\n"))
+		if fatal || (len(errs) == 0) != c.ok {
+			t.Errorf("[admin] %q: %v, want ok=%v", c.admin, errs, c.ok)
+		}
+	}
+}
+
+// Issue 12's relay hole: with qmail's control files named, the built-in
+// local_domains and relay_networks are not added to them unless the file
+// writes those keys; [[webserver]] require_uid is true unless written.
+func TestDefaultsThatDependOnTheFile(t *testing.T) {
+	dir := t.TempDir()
+	ctl := filepath.Join(dir, "control")
+	writeFile(t, filepath.Join(ctl, "rcpthosts"), "mail.test\n")
+	writeFile(t, filepath.Join(dir, "tcp.smtp"), "10.1.:allow,RELAYCLIENT=\"\"\n")
+	path := writeFile(t, filepath.Join(dir, "relay.toml"), `
+[relay]
+qmail_control_dir = "control"
+tcprules = "tcp.smtp"
+[[webserver]]
+name = "web1"
+addr = "10.0.0.11"
+[[webserver]]
+name = "web2"
+addr = "10.0.0.12"
+require_uid = false
+`)
+	c, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Relay.LocalDomains) != 0 || c.Control.RcptHostAllowed("example.com") || !c.Control.RcptHostAllowed("mail.test") {
+		t.Errorf("local_domains %q: example.com must not be added to control/rcpthosts", c.Relay.LocalDomains)
+	}
+	if len(c.Relay.RelayNetworks) != 0 {
+		t.Errorf("relay_networks %q: 127.0.0.0/8 must not be added to tcprules", c.Relay.RelayNetworks)
+	}
+	if !c.Webservers[0].RequireUID || c.Webservers[1].RequireUID {
+		t.Errorf("require_uid = %v, %v; want true (left out), false (written)", c.Webservers[0].RequireUID, c.Webservers[1].RequireUID)
+	}
+
+	// Written out, they are added; without control dir or tcprules the
+	// defaults stay.
+	path = writeFile(t, filepath.Join(dir, "more.toml"), `
+[relay]
+qmail_control_dir = "control"
+tcprules = "tcp.smtp"
+local_domains = ["extra.test"]
+relay_networks = ["192.0.2.0/24"]
+`)
+	if c, err = Load(path); err != nil {
+		t.Fatal(err)
+	}
+	if !c.Control.RcptHostAllowed("extra.test") || !c.Control.RcptHostAllowed("mail.test") || !reflect.DeepEqual(c.Relay.RelayNetworks, []string{"192.0.2.0/24"}) {
+		t.Errorf("written keys lost: %q %q", c.Relay.LocalDomains, c.Relay.RelayNetworks)
+	}
+	path = writeFile(t, filepath.Join(dir, "plain.toml"), "hostname = \"mx.test\"\n")
+	if c, err = Load(path); err != nil {
+		t.Fatal(err)
+	}
+	if !c.Control.RcptHostAllowed("example.com") || len(c.Relay.RelayNetworks) != 2 {
+		t.Errorf("defaults lost without control dir: %q %q", c.Relay.LocalDomains, c.Relay.RelayNetworks)
+	}
+}
+
+func TestIdentityKindsAreOneList(t *testing.T) {
+	kinds := IdentityKinds()
+	if len(kinds) != NumKinds {
+		t.Fatalf("%d kinds, NumKinds %d", len(kinds), NumKinds)
+	}
+	for i, k := range kinds {
+		if KindRank(k) != i {
+			t.Errorf("KindRank(%q) = %d, want %d", k, KindRank(k), i)
+		}
+		if (KindLimits{}).ForKind(k) != nil {
+			t.Errorf("ForKind(%q) on empty limits", k)
+		}
+	}
+	if KindRank("mailbox") != NumKinds {
+		t.Error("unknown kind has a rank")
+	}
+	if got := DefaultSuspendKinds(); !reflect.DeepEqual(got, []string{KindUser, KindUID, KindScript, KindIP}) {
+		t.Errorf("DefaultSuspendKinds = %q", got)
+	}
+	// ForKind knows every kind: each field of KindLimits answers for one.
+	all := KindLimits{}
+	v := reflect.ValueOf(&all).Elem()
+	for i := 0; i < v.NumField(); i++ {
+		v.Field(i).Set(reflect.ValueOf(&Limits{MaxRcptsPerMsg: i + 1}))
+	}
+	for i, k := range kinds {
+		if l := all.ForKind(k); l == nil {
+			t.Errorf("ForKind(%q) = nil", k)
+		} else if tag := v.Type().Field(l.MaxRcptsPerMsg - 1).Tag.Get("toml"); tag != k {
+			t.Errorf("ForKind(%q) answers with field %q (kind %d)", k, tag, i)
+		}
+	}
 }

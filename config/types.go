@@ -10,7 +10,7 @@ import (
 	"time"
 )
 
-// Config is the whole relay.toml. Names follow DESIGN.md §4; they are a
+// Config is the whole relay.toml. Names follow docs/design.md §4; they are a
 // contract that outside tests rely on.
 type Config struct {
 	Hostname   string      `toml:"hostname"`
@@ -36,6 +36,9 @@ type Config struct {
 	Control *Control `toml:"-"`
 	// TCPRules is the parsed relay.tcprules file, nil when none is set.
 	TCPRules *TCPRules `toml:"-"`
+	// Warnings are problems that do not stop relay (a submission listener
+	// that can never offer AUTH), each at its file:line:col.
+	Warnings Errors `toml:"-"`
 }
 
 // Listener modes.
@@ -67,8 +70,11 @@ type Relay struct {
 	MaxConnections      int      `toml:"max_connections"`
 	MaxConnectionsPerIP int      `toml:"max_connections_per_ip"`
 	Timeout             Duration `toml:"timeout"`
-	QmailControlDir     string   `toml:"qmail_control_dir"`
-	TCPRules            string   `toml:"tcprules"`
+	// MaxSession ends a TCP session this long after it was accepted,
+	// whatever it is doing (a client dripping bytes resets every timeout).
+	MaxSession      Duration `toml:"max_session"`
+	QmailControlDir string   `toml:"qmail_control_dir"`
+	TCPRules        string   `toml:"tcprules"`
 	// SenderIDHeader adds "X-Sender-Id: <primary identity>" to handed-off mail.
 	SenderIDHeader bool `toml:"sender_id_header"`
 }
@@ -90,6 +96,7 @@ const (
 	DeliverQmailInject = "qmail-inject"
 	DeliverSMTP        = "smtp"
 	DeliverMaildir     = "maildir"
+	DeliverQmailDirect = "qmail-direct"
 )
 
 // Delivery is the [delivery] section: where accepted mail goes.
@@ -99,6 +106,7 @@ type Delivery struct {
 	SMTPAddr string   `toml:"smtp_addr"`
 	Maildir  string   `toml:"maildir"`
 	Timeout  Duration `toml:"timeout"`
+	QueueDir string   `toml:"queue_dir"` // qmail's queue, for method qmail-direct
 }
 
 // Local is the [local] section: relay qq and relay sendmail.
@@ -106,6 +114,9 @@ type Local struct {
 	QmailQueue   string   `toml:"qmail_queue"`
 	OnDaemonDown string   `toml:"on_daemon_down"` // accept | defer
 	ExemptUsers  []string `toml:"exempt_users"`
+	// MaxConnections is the local socket's own budget of connections at
+	// once, never shared with the TCP listeners' relay.max_connections.
+	MaxConnections int `toml:"max_connections"`
 }
 
 // Admin is the [admin] section.
@@ -113,6 +124,11 @@ type Admin struct {
 	Listen    string `toml:"listen"`
 	TokenFile string `toml:"token_file"`
 	Pprof     bool   `toml:"pprof"` // serve /debug/pprof/ behind the token
+	// TLSCert and TLSKey (PEM) make the admin listener HTTPS only.
+	TLSCert string `toml:"tls_cert"`
+	TLSKey  string `toml:"tls_key"`
+	// InsecurePlainHTTP lets a non-loopback listener serve plain HTTP.
+	InsecurePlainHTTP bool `toml:"insecure_plain_http"`
 }
 
 // Policy modes and over-limit actions.
@@ -127,29 +143,92 @@ const (
 
 // Policy is the [policy] section.
 type Policy struct {
-	Mode         string      `toml:"mode"`
-	OverLimit    string      `toml:"over_limit"`
-	SuspendAfter int         `toml:"suspend_after"`
-	Limits       KindLimits  `toml:"limits"`
-	Allow        []AllowRule `toml:"allow"`
+	Mode         string `toml:"mode"`
+	OverLimit    string `toml:"over_limit"`
+	SuspendAfter int    `toml:"suspend_after"`
+	// SuspendKinds are the identity kinds suspend_after may suspend; an
+	// over-limit attempt counts only towards identities of these kinds.
+	SuspendKinds []string `toml:"suspend_kinds"`
+	// ReserveTimeout is how long a transaction may hold the recipients it
+	// reserved before finishing its DATA; then they are released and the
+	// transaction is checked again.
+	ReserveTimeout Duration    `toml:"reserve_timeout"`
+	Limits         KindLimits  `toml:"limits"`
+	Allow          []AllowRule `toml:"allow"`
 }
 
-// Identity kinds (DESIGN.md §3).
+// Identity kinds (docs/design.md §3). IdentityKinds lists them in order.
 const (
 	KindUser   = "user"
 	KindUID    = "uid"
+	KindScript = "script"
+	KindIP     = "ip"
 	KindSender = "sender"
 	KindDomain = "domain"
-	KindIP     = "ip"
 )
+
+// IdentityKinds returns every identity kind, strongest first (the order a
+// message's identities are listed in). It is the one list of kinds: the
+// config's limits tables, policy's ranks and the admin API's ids all
+// follow it.
+func IdentityKinds() []string {
+	return []string{KindUser, KindUID, KindScript, KindIP, KindSender, KindDomain}
+}
+
+// KindRank is kind's place in IdentityKinds, or len(IdentityKinds()) for
+// a string that is not a kind.
+func KindRank(kind string) int {
+	switch kind {
+	case KindUser:
+		return 0
+	case KindUID:
+		return 1
+	case KindScript:
+		return 2
+	case KindIP:
+		return 3
+	case KindSender:
+		return 4
+	case KindDomain:
+		return 5
+	}
+	return NumKinds
+}
+
+// NumKinds is how many identity kinds there are.
+const NumKinds = 6
+
+// StrongKind reports whether ids of kind come from something the sender
+// cannot choose (a login, the kernel's uid, a web server's qmail, the
+// client's address) rather than from what the client writes (the envelope
+// sender and its domain): docs/design.md §3's trust column.
+func StrongKind(kind string) bool {
+	r := KindRank(kind)
+	return r <= KindRank(KindIP)
+}
+
+// DefaultSuspendKinds are the kinds suspend_after suspends unless
+// policy.suspend_kinds says otherwise: the strong ones. A suspended
+// sender: or domain: would stop the address's real owner, whom anyone can
+// name in MAIL FROM.
+func DefaultSuspendKinds() []string {
+	var out []string
+	for _, k := range IdentityKinds() {
+		if StrongKind(k) {
+			out = append(out, k)
+		}
+	}
+	return out
+}
 
 // KindLimits holds [policy.limits.<kind>]; a nil kind is not capped.
 type KindLimits struct {
 	User   *Limits `toml:"user"`
 	UID    *Limits `toml:"uid"`
+	Script *Limits `toml:"script"`
+	IP     *Limits `toml:"ip"`
 	Sender *Limits `toml:"sender"`
 	Domain *Limits `toml:"domain"`
-	IP     *Limits `toml:"ip"`
 }
 
 // ForKind returns the limits of one identity kind, nil when not capped.
@@ -159,12 +238,14 @@ func (k KindLimits) ForKind(kind string) *Limits {
 		return k.User
 	case KindUID:
 		return k.UID
+	case KindScript:
+		return k.Script
+	case KindIP:
+		return k.IP
 	case KindSender:
 		return k.Sender
 	case KindDomain:
 		return k.Domain
-	case KindIP:
-		return k.IP
 	}
 	return nil
 }
@@ -190,6 +271,10 @@ type Webserver struct {
 	Name   string `toml:"name"`
 	Addr   string `toml:"addr"`
 	Passwd string `toml:"passwd"`
+	// RequireUID refuses mail from Addr whose first Received field is not
+	// qmail's "(qmail N invoked by uid U)" line. Load makes it true when
+	// the file leaves it out.
+	RequireUID bool `toml:"require_uid"`
 
 	// Accounts is the passwd file read by Load: uid -> account name.
 	Accounts map[uint32]string `toml:"-"`
@@ -208,7 +293,7 @@ const (
 	FromReject = "reject"
 )
 
-// DKIM is the [dkim] section (DESIGN.md §11): signing and From: control.
+// DKIM is the [dkim] section (docs/design.md §11): signing and From: control.
 type DKIM struct {
 	// KeysDir holds <domain>/<selector>.key; "" signs nothing.
 	KeysDir string `toml:"keys_dir"`

@@ -18,6 +18,9 @@ type validator struct {
 	file string
 	pos  *positions
 	errs Errors
+	// warns are problems that do not stop relay: a setting that can
+	// never take effect as written.
+	warns Errors
 	// skip holds keys already reported as undecodable, whose defaults
 	// stand in for them: problems under them would only repeat those.
 	skip map[string]bool
@@ -38,6 +41,12 @@ func (v *validator) add(key, format string, args ...any) {
 	v.errs = append(v.errs, Error{File: v.file, Line: line, Col: col, Key: key, Msg: fmt.Sprintf(format, args...)})
 }
 
+// warn records a problem that does not stop relay, at key's position.
+func (v *validator) warn(key, format string, args ...any) {
+	line, col := v.pos.pos(key)
+	v.warns = append(v.warns, Error{File: v.file, Line: line, Col: col, Key: key, Msg: fmt.Sprintf(format, args...)})
+}
+
 func (v *validator) config(c *Config) {
 	if strings.ContainsFunc(c.Hostname, isSpaceOrControl) {
 		v.add("hostname", "must not contain spaces or control characters")
@@ -47,6 +56,7 @@ func (v *validator) config(c *Config) {
 	}
 	v.listeners(c)
 	v.tls(c)
+	v.submissionAuth(c)
 	v.relay(&c.Relay)
 	v.positive("auth.timeout", c.Auth.Timeout.Duration)
 	v.delivery(&c.Delivery)
@@ -130,6 +140,30 @@ func (v *validator) tls(c *Config) {
 	}
 }
 
+// submissionAuth warns about a submission listener that can never offer
+// AUTH, where every MAIL is refused (530): AUTH waits for STARTTLS when
+// auth.require_tls is set, and STARTTLS needs a certificate; and without a
+// checkpassword or users_file there is nothing to log in against. (smtps
+// without a certificate is an error, in tls.)
+func (v *validator) submissionAuth(c *Config) {
+	noTLS := c.Auth.RequireTLS && c.TLS.Cert == ""
+	noBackend := c.Auth.Checkpassword == "" && c.Auth.UsersFile == ""
+	for i, l := range c.Listen {
+		if l.Mode != ModeSubmission {
+			continue
+		}
+		key := fmt.Sprintf("listen[%d].mode", i)
+		switch {
+		case noTLS && noBackend:
+			v.warn(key, "submission listener %s can never offer AUTH, so it refuses all mail: auth.require_tls = true and no [tls] certificate for STARTTLS, and neither auth.checkpassword nor auth.users_file is set", l.Addr)
+		case noTLS:
+			v.warn(key, "submission listener %s can never offer AUTH, so it refuses all mail: auth.require_tls = true and no [tls] certificate for STARTTLS (set tls.cert and tls.key, or auth.require_tls = false)", l.Addr)
+		case noBackend:
+			v.warn(key, "submission listener %s can never offer AUTH, so it refuses all mail: neither auth.checkpassword nor auth.users_file is set", l.Addr)
+		}
+	}
+}
+
 func (v *validator) relay(r *Relay) {
 	for i, d := range r.LocalDomains {
 		if d == "" || strings.ContainsFunc(d, isSpaceOrControl) || strings.Contains(d, "@") {
@@ -146,6 +180,7 @@ func (v *validator) relay(r *Relay) {
 	v.nonNegative("relay.max_connections", int64(r.MaxConnections))
 	v.nonNegative("relay.max_connections_per_ip", int64(r.MaxConnectionsPerIP))
 	v.positive("relay.timeout", r.Timeout.Duration)
+	v.positive("relay.max_session", r.MaxSession.Duration)
 }
 
 // ParseNetwork parses a relay_networks entry: a CIDR prefix ("10.0.0.0/8",
@@ -199,8 +234,12 @@ func (v *validator) delivery(d *Delivery) {
 		if !filepath.IsAbs(d.Command) {
 			v.add("delivery.command", "method %s needs an absolute path here, not %q", d.Method, d.Command)
 		}
+	case DeliverQmailDirect:
+		if !filepath.IsAbs(d.QueueDir) {
+			v.add("delivery.queue_dir", "method qmail-direct needs qmail's queue as an absolute path, not %q", d.QueueDir)
+		}
 	default:
-		v.add("delivery.method", "unknown method %q; one of qmail-queue, qmail-inject, smtp, maildir", d.Method)
+		v.add("delivery.method", "unknown method %q; one of qmail-queue, qmail-inject, smtp, maildir, qmail-direct", d.Method)
 	}
 	v.positive("delivery.timeout", d.Timeout.Duration)
 }
@@ -217,6 +256,7 @@ func (v *validator) local(l *Local) {
 			v.add(fmt.Sprintf("local.exempt_users[%d]", i), "%q is not a user name", u)
 		}
 	}
+	v.nonNegative("local.max_connections", int64(l.MaxConnections))
 }
 
 func (v *validator) admin(a *Admin) {
@@ -224,8 +264,20 @@ func (v *validator) admin(a *Admin) {
 		v.add("admin.listen", "%v", err)
 		return
 	}
-	if a.TokenFile == "" && !IsLoopbackListen(a.Listen) {
+	switch {
+	case a.TLSCert != "" && a.TLSKey == "":
+		v.add("admin.tls_key", "admin.tls_cert is set but admin.tls_key is not")
+	case a.TLSKey != "" && a.TLSCert == "":
+		v.add("admin.tls_cert", "admin.tls_key is set but admin.tls_cert is not")
+	}
+	if IsLoopbackListen(a.Listen) {
+		return
+	}
+	if a.TokenFile == "" {
 		v.add("admin.listen", "non-loopback admin listen needs token_file")
+	}
+	if a.TLSCert == "" && a.TLSKey == "" && !a.InsecurePlainHTTP {
+		v.add("admin.listen", "non-loopback admin listen needs tls_cert and tls_key (HTTPS), or insecure_plain_http = true to send the token in clear on purpose")
 	}
 }
 
@@ -254,7 +306,19 @@ func (v *validator) policy(p *Policy) {
 		v.add("policy.over_limit", "%q: one of defer, reject, hold", p.OverLimit)
 	}
 	v.nonNegative("policy.suspend_after", int64(p.SuspendAfter))
-	for _, kind := range []string{KindUser, KindUID, KindSender, KindDomain, KindIP} {
+	seenKind := map[string]int{}
+	for i, kind := range p.SuspendKinds {
+		key := fmt.Sprintf("policy.suspend_kinds[%d]", i)
+		if KindRank(kind) == NumKinds {
+			v.add(key, "%q is not an identity kind; one of %s", kind, strings.Join(IdentityKinds(), ", "))
+		} else if j, dup := seenKind[kind]; dup {
+			v.add(key, "%q repeats policy.suspend_kinds[%d]", kind, j)
+		} else {
+			seenKind[kind] = i
+		}
+	}
+	v.positive("policy.reserve_timeout", p.ReserveTimeout.Duration)
+	for _, kind := range IdentityKinds() {
 		if l := p.Limits.ForKind(kind); l != nil {
 			key := "policy.limits." + kind
 			v.nonNegative(key+".max_rcpts_per_msg", int64(l.MaxRcptsPerMsg))
@@ -277,16 +341,14 @@ func (v *validator) policy(p *Policy) {
 }
 
 // checkAllowMatch checks a [[policy.allow]] match: an identity id
-// (DESIGN.md §3) with a known kind and something after the colon.
+// (docs/design.md §3) with a known kind and something after the colon.
 func checkAllowMatch(m string) error {
 	kind, rest, ok := strings.Cut(m, ":")
 	if m == "" {
 		return fmt.Errorf("missing; an identity such as \"sender:news@example.com\"")
 	}
-	switch kind {
-	case KindUser, KindUID, KindSender, KindDomain, KindIP:
-	default:
-		return fmt.Errorf("%q must start with a kind: user, uid, sender, domain or ip, then ':'", m)
+	if KindRank(kind) == NumKinds {
+		return fmt.Errorf("%q must start with a kind: %s, then ':'", m, strings.Join(IdentityKinds(), ", "))
 	}
 	if !ok || rest == "" {
 		return fmt.Errorf("%q: nothing after the kind %q", m, kind)
@@ -389,7 +451,7 @@ func (v *validator) dkim(d *DKIM) {
 }
 
 // checkOwner checks a [[dkim.domain]] owner: an identity id of a strong
-// kind (DESIGN.md §3), * globs allowed. Envelope senders and their domains
+// kind (docs/design.md §3), * globs allowed. Envelope senders and their domains
 // are anyone's to write, so they cannot own a domain.
 func checkOwner(o string) error {
 	kind, rest, ok := strings.Cut(o, ":")

@@ -1,5 +1,5 @@
 // Package dkim signs outgoing mail and keeps the From: header honest
-// (DESIGN.md §11): the keys in [dkim] keys_dir, who owns each signing
+// (docs/design.md §11): the keys in [dkim] keys_dir, who owns each signing
 // domain, signing a message while it is stored (go-msgauth), and DMARC
 // lookups of foreign From: domains with their cache and resolver. It also
 // counts what it did per domain for the admin page and /metrics.

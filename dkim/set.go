@@ -235,7 +235,7 @@ type Verdict struct {
 type Message struct {
 	From           []string // the From: field values, unfolded, in order
 	HeaderComplete bool     // false: the header goes on past what relay read
-	IDs            []string // the sender's identity ids (DESIGN.md §3)
+	IDs            []string // the sender's identity ids (docs/design.md §3)
 	// Ours reports the server's own domains beyond [dkim]'s (local_domains
 	// and rcpthosts); nil: none.
 	Ours func(domain string) bool
@@ -246,7 +246,7 @@ type Message struct {
 type PolicyLookup func(ctx context.Context, domain string) string
 
 // Decide says whether a message from a trusted origin is signed, handed
-// off unsigned, held or refused (DESIGN.md §11). Every From: domain is
+// off unsigned, held or refused (docs/design.md §11). Every From: domain is
 // checked: one we have keys for must be owned by the sender (else
 // unowned_from); a foreign one that publishes DMARC p=reject or
 // p=quarantine follows foreign_dmarc; our own domains without keys pass.

@@ -17,9 +17,10 @@ import (
 	"time"
 
 	"relay/admin"
+	"relay/internal/testcert"
 )
 
-// The admin API's paths (DESIGN.md §6) through the real daemon.
+// The admin API's paths (docs/design.md §6) through the real daemon.
 
 // senderPolicy is a [policy] block capping only sender: identities at
 // rcpts = [rate], so the ip: and domain: identities every test shares never
@@ -36,7 +37,7 @@ rcpts = [%q]
 }
 
 // pathID percent-encodes an identity as one path segment, ':' included, as
-// DESIGN.md §6 writes it (uid%3Aweb1%3A1001).
+// docs/design.md §6 writes it (uid%3Aweb1%3A1001).
 func pathID(id string) string {
 	return strings.ReplaceAll(url.PathEscape(id), ":", "%3A")
 }
@@ -203,27 +204,10 @@ func TestAdminEveryPathNeedsToken(t *testing.T) {
 	}
 }
 
-// TestAdminNonLoopbackNeedsTokenFile: relay serve refuses to put a token it
-// made itself on a non-loopback address, and check-config says so too.
-func TestAdminNonLoopbackNeedsTokenFile(t *testing.T) {
-	d := newDaemon(t, daemonOpts{})
-	d.stop()
-	cfg, err := os.ReadFile(d.config)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, port, _ := strings.Cut(d.admin, ":")
-	open := strings.Replace(string(cfg), fmt.Sprintf("listen = %q", d.admin), fmt.Sprintf("listen = %q", "0.0.0.0:"+port), 1)
-	if open == string(cfg) {
-		t.Fatal("admin listen line not found in the config")
-	}
-	if err := os.WriteFile(d.config, []byte(open), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	explains := func(out string) bool {
-		return strings.Contains(out, "admin.listen") && strings.Contains(out, "token_file")
-	}
-
+// serveRefuses runs relay serve on config and checks that it exits non-zero
+// within seconds, its output containing every one of want.
+func serveRefuses(t *testing.T, d *daemon, want ...string) {
+	t.Helper()
 	cmd := exec.Command(bins.relay, "serve", "--config", d.config)
 	cmd.Env = d.env
 	var out bytes.Buffer
@@ -238,26 +222,106 @@ func TestAdminNonLoopbackNeedsTokenFile(t *testing.T) {
 	case <-time.After(15 * time.Second):
 		cmd.Process.Kill()
 		<-done
-		t.Fatalf("relay serve with admin.listen 0.0.0.0 and no token_file kept running:\n%s", out.String())
+		t.Fatalf("relay serve kept running:\n%s", out.String())
 	}
-	t.Logf("serve refused:\n%s", out.String())
-	if cmd.ProcessState.ExitCode() == 0 || !explains(out.String()) {
-		t.Errorf("serve: exit %d, output:\n%s", cmd.ProcessState.ExitCode(), out.String())
+	if cmd.ProcessState.ExitCode() == 0 {
+		t.Errorf("serve: exit 0, output:\n%s", out.String())
 	}
+	for _, w := range want {
+		if !strings.Contains(out.String(), w) {
+			t.Errorf("serve's output does not say %q:\n%s", w, out.String())
+		}
+	}
+}
 
-	check := exec.Command(bins.relay, "check-config", "--config", d.config)
-	got, err := check.CombinedOutput()
-	if err == nil || !explains(string(got)) || !strings.Contains(string(got), "relay.toml:") {
+// checkConfig runs relay check-config on d's config.
+func checkConfig(d *daemon) (string, error) {
+	out, err := exec.Command(bins.relay, "check-config", "--config", d.config).CombinedOutput()
+	return string(out), err
+}
+
+// TestAdminNonLoopbackNeedsTokenAndTLS: relay serve refuses to put a token
+// it made itself on a non-loopback address, or to serve the token there in
+// clear unless insecure_plain_http says so on purpose; check-config says so
+// too, at the line.
+func TestAdminNonLoopbackNeedsTokenAndTLS(t *testing.T) {
+	d := newDaemon(t, daemonOpts{})
+	d.stop()
+	cfg, err := os.ReadFile(d.config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, port, _ := strings.Cut(d.admin, ":")
+	open := strings.Replace(string(cfg), fmt.Sprintf("listen = %q", d.admin), fmt.Sprintf("listen = %q", "0.0.0.0:"+port), 1)
+	if open == string(cfg) {
+		t.Fatal("admin listen line not found in the config")
+	}
+	write := func(text string) {
+		if err := os.WriteFile(d.config, []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(open)
+	serveRefuses(t, d, "admin.listen", "token_file")
+	if got, err := checkConfig(d); err == nil || !strings.Contains(got, "admin.listen") || !strings.Contains(got, "token_file") || !strings.Contains(got, "relay.toml:") {
 		t.Errorf("check-config: err %v, output:\n%s", err, got)
 	}
 
-	// With a token file chosen by the admin the same address is fine.
+	// A token file chosen by the admin, but plain HTTP: refused too.
 	tokenFile := filepath.Join(d.dir, "token")
 	os.WriteFile(tokenFile, []byte("an-admin-chosen-token-0123456789\n"), 0o600)
 	withToken := strings.Replace(open, "[admin]\n", fmt.Sprintf("[admin]\ntoken_file = %q\n", tokenFile), 1)
-	os.WriteFile(d.config, []byte(withToken), 0o644)
-	if got, err := exec.Command(bins.relay, "check-config", "--config", d.config).CombinedOutput(); err != nil {
-		t.Errorf("check-config with token_file: %v\n%s", err, got)
+	write(withToken)
+	serveRefuses(t, d, "admin.listen", "tls_cert", "insecure_plain_http")
+	if got, err := checkConfig(d); err == nil || !strings.Contains(got, "tls_cert") || !strings.Contains(got, "relay.toml:") {
+		t.Errorf("check-config without TLS: err %v, output:\n%s", err, got)
+	}
+
+	// Plain HTTP on purpose, or HTTPS: fine.
+	write(strings.Replace(withToken, "[admin]\n", "[admin]\ninsecure_plain_http = true\n", 1))
+	if got, err := checkConfig(d); err != nil {
+		t.Errorf("check-config with insecure_plain_http: %v\n%s", err, got)
+	}
+	certFile, keyFile := testcert.Write(t, d.dir, "admin.example.test")
+	write(strings.Replace(withToken, "[admin]\n", fmt.Sprintf("[admin]\ntls_cert = %q\ntls_key = %q\n", certFile, keyFile), 1))
+	if got, err := checkConfig(d); err != nil {
+		t.Errorf("check-config with tls_cert: %v\n%s", err, got)
+	}
+}
+
+// TestAdminOverHTTPS: with tls_cert and tls_key the admin listener speaks
+// HTTPS only, and relay ctl works against it, trusting the certificate the
+// config names.
+func TestAdminOverHTTPS(t *testing.T) {
+	d := newDaemon(t, daemonOpts{})
+	d.stop()
+	certFile, keyFile := testcert.Write(t, d.dir, "admin.example.test")
+	cfg, _ := os.ReadFile(d.config)
+	tlsCfg := strings.Replace(string(cfg), "[admin]\n", fmt.Sprintf("[admin]\ntls_cert = %q\ntls_key = %q\n", certFile, keyFile), 1)
+	if err := os.WriteFile(d.config, []byte(tlsCfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d.start()
+
+	if code, out, errs := ctlRun(t, d, "health"); code != 0 {
+		t.Fatalf("relay ctl health over HTTPS: %d %s %s", code, out, errs)
+	}
+	mustPrefix(t, "a message", sendOne(t, d, "alice@example.com", "bob@remote.example"), "250 ok ")
+	if code, out, errs := ctlRun(t, d, "senders", "--state", "all"); code != 0 || !strings.Contains(out, "sender:alice@example.com") {
+		t.Errorf("relay ctl senders over HTTPS: %d\n%s%s", code, out, errs)
+	}
+	if resp, err := http.Get("http://" + d.admin + "/healthz"); err == nil {
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusOK {
+			t.Error("plain HTTP is served on the HTTPS admin listener")
+		}
+	}
+	c, err := admin.NewClient(d.admin, d.token(), certFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Health(t.Context()); err != nil {
+		t.Errorf("HTTPS /healthz: %v", err)
 	}
 }
 
@@ -657,5 +721,68 @@ func TestAdminReleaseFailureKeepsMessage(t *testing.T) {
 	calls := d.queued()
 	if last := calls[len(calls)-1]; last.From() != "alice@example.com" || strings.Join(last.To(), ",") != "bob@remote.example" {
 		t.Errorf("released envelope: %q", last.Envelope)
+	}
+}
+
+// TestAdminLogoutEndsSession: the real daemon's page: log in with the
+// token, log out, and a copy of the old cookie opens nothing any more.
+func TestAdminLogoutEndsSession(t *testing.T) {
+	d := newDaemon(t, daemonOpts{policy: senderPolicy("defer", "100/1h")})
+	mustPrefix(t, "a message", sendOne(t, d, "alice@example.com", "bob@remote.example"), "250 ok ")
+	noRedirect := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	base := "http://" + d.admin
+	resp, err := noRedirect.PostForm(base+"/login", url.Values{"token": {d.token()}, "next": {"/"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	var cookie *http.Cookie
+	for _, c := range resp.Cookies() {
+		if c.Name == "relay_admin" {
+			cookie = c
+		}
+	}
+	if cookie == nil {
+		t.Fatalf("login: %d, no cookie", resp.StatusCode)
+	}
+	do := func(method, path string, form url.Values) (int, string) {
+		var body *strings.Reader
+		if form != nil {
+			body = strings.NewReader(form.Encode())
+		} else {
+			body = strings.NewReader("")
+		}
+		req, _ := http.NewRequest(method, base+path, body)
+		if form != nil {
+			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		}
+		req.AddCookie(cookie)
+		resp, err := noRedirect.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var b bytes.Buffer
+		b.ReadFrom(resp.Body)
+		return resp.StatusCode, b.String()
+	}
+	code, page := do("GET", "/", nil)
+	_, rest, ok := strings.Cut(page, `name="csrf" value="`)
+	if code != 200 || !ok {
+		t.Fatalf("page with the cookie: %d", code)
+	}
+	csrf, _, _ := strings.Cut(rest, `"`)
+	if code, _ := do("POST", "/logout", url.Values{"csrf": {csrf}}); code != http.StatusSeeOther {
+		t.Fatalf("logout: %d", code)
+	}
+	if code, _ := do("GET", "/", nil); code != http.StatusUnauthorized {
+		t.Errorf("GET / after logout: %d, want 401", code)
+	}
+	id := "sender:alice@example.com"
+	if code, _ := do("POST", "/ui/senders/"+pathID(id)+"/suspend", url.Values{"csrf": {csrf}, "reason": {"x"}}); code != http.StatusUnauthorized && code != http.StatusForbidden {
+		t.Errorf("POST /ui/... after logout: %d, want 401 or 403", code)
+	}
+	if s := getSender(t, d, id); s.State == admin.StateSuspended {
+		t.Error("the logged-out cookie suspended a sender")
 	}
 }

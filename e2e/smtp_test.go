@@ -285,36 +285,95 @@ timeout = "1s"
 	}
 }
 
-// TestQmailReplies: the greeting and the sequence errors read as
-// qmail-smtpd's, and <Postmaster> is accepted from anyone (RFC 5321 §4.5.1).
+// TestQmailReplies: <Postmaster> is accepted from anyone as a recipient
+// (RFC 5321 §4.5.1), never as a sender; commands out of order are refused.
 func TestQmailReplies(t *testing.T) {
 	d := newDaemon(t, daemonOpts{relay: `[relay]
 local_domains = ["example.com"]
 relay_networks = ["10.9.9.0/24"]
 `})
-	c, err := net.DialTimeout("tcp", d.smtp, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetDeadline(time.Now().Add(30 * time.Second))
-	s := &smtpConn{t: t, c: c, r: bufio.NewReader(c)}
-	if got := s.reply(); got != "220 mail.example.test ESMTP" {
-		t.Errorf("greeting %q", got)
-	}
+	s := dialSMTP(t, d.smtp)
 	s.expect("HELO client.example", "250")
-	if got := s.cmd("RCPT TO:<user@example.com>"); got != "503 5.5.1 MAIL first (#5.5.1)" {
-		t.Errorf("RCPT before MAIL: %q", got)
-	}
-	if got := s.cmd("DATA"); got != "503 5.5.1 MAIL first (#5.5.1)" {
-		t.Errorf("DATA before MAIL: %q", got)
-	}
+	s.expect("RCPT TO:<user@example.com>", "50")
+	s.expect("DATA", "50")
+	s.expect("MAIL FROM:<Postmaster>", "501")
 	s.expect("MAIL FROM:<someone@internet.example>", "250")
-	if got := s.cmd("DATA"); got != "503 5.5.1 RCPT first (#5.5.1)" {
-		t.Errorf("DATA before RCPT: %q", got)
-	}
-	s.expect("RCPT TO:<Postmaster>", "250")
-	if got := s.send("someone@internet.example", []string{"postmaster"}, "Subject: hi\r\n\r\nfor the postmaster\r\n"); !strings.HasPrefix(got, "250 ok ") {
+	s.expect("DATA", "50")
+	s.expect("RSET", "250")
+	if got := s.send("someone@internet.example", []string{"Postmaster"}, "Subject: hi\r\n\r\nfor the postmaster\r\n"); !strings.HasPrefix(got, "250 ok ") {
 		t.Fatalf("mail to <Postmaster>: %q", got)
+	}
+	if calls := d.queued(); len(calls) != 1 || strings.Join(calls[0].To(), ",") != "postmaster" {
+		t.Fatalf("queued %+v", calls)
+	}
+}
+
+// TestControlFilesFollowSIGHUP: the greeting comes from
+// control/smtpgreeting and EHLO's SIZE from control/databytes, and both
+// follow a SIGHUP, as qmail-smtpd reads them for every connection.
+func TestControlFilesFollowSIGHUP(t *testing.T) {
+	ctl := t.TempDir()
+	write := func(name, text string) {
+		if err := os.WriteFile(filepath.Join(ctl, name), []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("smtpgreeting", "mx1.example.test first greeting\n")
+	write("databytes", "20000\n")
+	d := newDaemon(t, daemonOpts{relay: fmt.Sprintf(`[relay]
+local_domains = ["example.com"]
+relay_networks = ["127.0.0.0/8"]
+qmail_control_dir = %q
+`, ctl)})
+	greetAndSize := func() (string, string) {
+		c, err := net.DialTimeout("tcp", d.smtp, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(30 * time.Second))
+		r := bufio.NewReader(c)
+		greeting, _ := r.ReadString('\n')
+		fmt.Fprint(c, "EHLO client.example\r\n")
+		size := ""
+		for {
+			l, err := r.ReadString('\n')
+			if err != nil {
+				t.Fatalf("EHLO: %v", err)
+			}
+			l = strings.TrimRight(l, "\r\n")
+			if strings.HasPrefix(l[4:], "SIZE") {
+				size = l[4:]
+			}
+			if len(l) < 4 || l[3] != '-' {
+				break
+			}
+		}
+		return strings.TrimRight(greeting, "\r\n"), size
+	}
+	if g, size := greetAndSize(); g != "220 mx1.example.test first greeting ESMTP Service Ready" || size != "SIZE 20000" {
+		t.Fatalf("greeting %q, %q", g, size)
+	}
+	write("smtpgreeting", "mx2.example.test second\n")
+	write("databytes", "30000\n")
+	d.signal(syscall.SIGHUP)
+	d.waitLog("config reloaded")
+	if g, size := greetAndSize(); g != "220 mx2.example.test second ESMTP Service Ready" || size != "SIZE 30000" {
+		t.Fatalf("after SIGHUP: greeting %q, %q", g, size)
+	}
+}
+
+// TestSubmissionWithoutAUTHWarned: a submission listener that can never
+// offer AUTH (auth.require_tls without a certificate, and no login
+// backend) is named, at its line, by check-config and in serve's log.
+func TestSubmissionWithoutAUTHWarned(t *testing.T) {
+	d := newDaemon(t, daemonOpts{}) // the harness's submission listener has neither
+	out, err := exec.Command(bins.relay, "check-config", "--config", d.config).CombinedOutput()
+	line := regexp.MustCompile(`warning: \S*relay\.toml:\d+:1: listen\[1\]\.mode: submission listener \S+ can never offer AUTH.*no \[tls\] certificate for STARTTLS`)
+	if err != nil || !line.Match(out) {
+		t.Errorf("check-config: %v\n%s", err, out)
+	}
+	if logs := d.logs(); !strings.Contains(logs, "level=WARN") || !strings.Contains(logs, "listen[1].mode: submission listener "+d.sub+" can never offer AUTH") {
+		t.Errorf("serve did not log the warning:\n%s", logs)
 	}
 }

@@ -7,7 +7,7 @@ import (
 	"io"
 )
 
-// qmail-queue exit codes (qmail-queue.8; shared/reference/qmail.md §3.3).
+// qmail-queue exit codes (qmail-queue.8; docs/qmail.md §2.3).
 // relay qq returns them itself for what it detects, and passes the real
 // qmail-queue's code through otherwise.
 const (

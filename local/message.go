@@ -19,7 +19,7 @@ type headerDefaults struct {
 }
 
 // completeMessage does qmail-inject's header work on a message as a script
-// wrote it (qmail-inject(8), shared/reference/qmail.md §4.1): it deletes
+// wrote it (qmail-inject(8), docs/qmail.md §3.1): it deletes
 // Bcc and Resent-Bcc, and adds Date, Message-ID and From when missing. With
 // WantRcpts it also returns the addresses of To, Cc and Bcc. Line ends are
 // kept as written; added lines end in LF (the SMTP client sends CRLF).

@@ -96,7 +96,7 @@ func (q *QQ) Exempt() bool {
 
 // Main is relay qq as a program: the message on fd 0, the envelope on fd 1,
 // and the exit code as the return value. When the real qmail-queue is to
-// run, it is exec'd in place (DESIGN §7), so the caller waits for it and
+// run, it is exec'd in place (docs/design.md §7), so the caller waits for it and
 // gets its exit code, and qmail's "invoked by uid" line names the caller:
 // an exempt caller's with fds 0 and 1 untouched, anyone else's with the
 // message and envelope as read, from memory or the spool file. Main

@@ -400,7 +400,7 @@ func TestQQProcess(t *testing.T) {
 	if len(got) != 1 || !bytes.Equal(got[0].Message, testMessage) || !bytes.Equal(got[0].Envelope, testEnvelope) {
 		t.Fatalf("not passed through unchanged (%d calls)", len(got))
 	}
-	// DESIGN §7: the real qmail-queue is exec'd in place, so the caller
+	// docs/design.md §7: the real qmail-queue is exec'd in place, so the caller
 	// waits for it and gets its exit code.
 	if want := fmt.Sprintf("pid=%d", pid); !strings.HasSuffix(got[0].Info, want) {
 		t.Errorf("real qmail-queue ran as %q, want relay qq's own process (%s)", got[0].Info, want)

@@ -44,7 +44,7 @@ type UsageError struct{ Msg string }
 func (e *UsageError) Error() string { return e.Msg }
 
 // ParseSendmailArgs parses the flags of qmail's sendmail wrapper
-// (getopt "vimte:f:p:o:B:F:EJxb:", shared/reference/qmail.md §4.2):
+// (getopt "vimte:f:p:o:B:F:EJxb:", docs/qmail.md §3.2):
 // -t, -f addr, -F name, -bm (the default), and -i, -oi, -o*, -od*, -v, -m,
 // -x, -E*, -J*, -e*, -p*, -B* accepted and ignored, as qmail's wrapper does.
 // Other -b modes (-bp, -bs, ...) and unknown flags are usage errors.

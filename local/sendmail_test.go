@@ -3,6 +3,8 @@ package local
 import (
 	"bytes"
 	"errors"
+	"fmt"
+	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -286,5 +288,31 @@ func TestSendmailRefusesOversizedMessage(t *testing.T) {
 	}
 	if d.connections() != 0 {
 		t.Error("oversized message was sent")
+	}
+}
+
+// TestSendmailQualifiesWithControlMe: with hostname = "" the default sender
+// and bare recipients take control/me's host, as the config documents.
+func TestSendmailQualifiesWithControlMe(t *testing.T) {
+	d := startDaemon(t, daemonScript{})
+	dir := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(dir, "control"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "control", "me"), []byte("me.example.test\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "relay.toml")
+	cfg := fmt.Sprintf("hostname = \"\"\n[[listen]]\naddr = %q\nmode = \"local\"\n[relay]\nqmail_control_dir = \"control\"\n", d.socket)
+	if err := os.WriteFile(path, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	if code := SendmailCommand([]string{"--config", path, "bob"}, strings.NewReader("Subject: x\n\nhi\n"), &stderr); code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr.String())
+	}
+	got := d.session(t)
+	if !strings.HasSuffix(got.from, "@me.example.test") || strings.Join(got.rcpts, ",") != "bob@me.example.test" {
+		t.Errorf("envelope %q -> %q, want control/me's host", got.from, got.rcpts)
 	}
 }

@@ -3,6 +3,7 @@ package policy
 import (
 	"errors"
 	"sort"
+	"strings"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -56,7 +57,7 @@ type Sender struct {
 // senderEvents is how many recent events Sender returns.
 const senderEvents = 50
 
-var errBadID = errors.New("not an identity id (want user:, uid:, ip:, sender: or domain: and an address)")
+var errBadID = errors.New("not an identity id (want " + strings.Join(config.IdentityKinds(), ":, ") + ": and an address)")
 
 // snapshot builds the admin view of st. The shard lock is held.
 func (e *Engine) snapshot(st *idState, c *policyConf, now time.Time) Sender {
@@ -157,12 +158,15 @@ func (e *Engine) Sender(id string) (Sender, bool) {
 // Suspend suspends id until Unsuspend: every message carrying it gets
 // 550 5.7.1. It is durable when it returns.
 func (e *Engine) Suspend(id, reason string) error {
-	if kindOf(id) == "" || len(id) == len(kindOf(id))+1 {
+	if !ValidID(id) {
 		return errBadID
 	}
 	now := e.now()
 	s := &Suspension{Reason: reason, At: now}
-	st, si := e.lockState(id, kindOf(id), true)
+	st, si, err := e.lockState(id, KindOf(id), true)
+	if err != nil {
+		return err
+	}
 	sh := &e.shards[si]
 	st.lastUsed = now.UnixNano()
 	was := st.suspension != nil
@@ -173,7 +177,7 @@ func (e *Engine) Suspend(id, reason string) error {
 		e.metrics.suspended.Inc()
 	}
 	e.log.Warn("policy: identity suspended by admin", "identity", id, "reason", reason)
-	e.notify.send(notification{Event: EventSuspended, Identity: id, Kind: kindOf(id), Account: acct, Reason: reason, Time: now}, e.conf.Load(), now)
+	e.notify.send(notification{Event: EventSuspended, Identity: id, Kind: KindOf(id), Account: acct, Reason: reason, Time: now}, e.conf.Load(), now)
 	return e.storeSuspension(id, Event{Time: now, Kind: EventSuspended, Identity: id, Account: acct, Detail: reason})
 }
 
@@ -182,7 +186,10 @@ func (e *Engine) Suspend(id, reason string) error {
 // is durable when it returns.
 func (e *Engine) Unsuspend(id string) error {
 	now := e.now()
-	st, si := e.lockState(id, kindOf(id), false)
+	st, si, err := e.lockState(id, KindOf(id), false)
+	if err != nil {
+		return err
+	}
 	sh := &e.shards[si]
 	if st == nil || st.suspension == nil {
 		sh.mu.Unlock()
@@ -207,7 +214,10 @@ func (e *Engine) Reset(id string) error {
 	e.flushMu.Lock()
 	defer e.flushMu.Unlock()
 	now := e.now()
-	st, si := e.lockState(id, kindOf(id), false)
+	st, si, err := e.lockState(id, KindOf(id), false)
+	if err != nil {
+		return err
+	}
 	sh := &e.shards[si]
 	if st == nil {
 		sh.mu.Unlock()
@@ -225,12 +235,22 @@ func (e *Engine) Reset(id string) error {
 	ev := e.events.add(Event{Time: now, Kind: EventReset, Identity: id, Account: acct}, false)
 	// Written at once, not at the next flush: admin actions are durable
 	// when they return.
-	return e.db.Update(func(btx *bolt.Tx) error {
+	return e.update(func(btx *bolt.Tx) error {
 		if err := btx.Bucket(bucketCounters).Put([]byte(id), val); err != nil {
 			return err
 		}
 		return putEvents(btx, []Event{ev})
 	})
+}
+
+// NoteEvent keeps an event from the mail path; a zero Time becomes now.
+// Unlike RecordEvent it does not wait for the disk: it is written with the
+// next flush, as the events of decisions are.
+func (e *Engine) NoteEvent(ev Event) {
+	if ev.Time.IsZero() {
+		ev.Time = e.now()
+	}
+	e.events.add(ev, true)
 }
 
 // Events returns events newest first.
@@ -243,7 +263,7 @@ func (e *Engine) RecordEvent(ev Event) error {
 		ev.Time = e.now()
 	}
 	ev = e.events.add(ev, false)
-	return e.db.Update(func(btx *bolt.Tx) error { return putEvents(btx, []Event{ev}) })
+	return e.update(func(btx *bolt.Tx) error { return putEvents(btx, []Event{ev}) })
 }
 
 func (e *Engine) countSuspended() int {

@@ -42,60 +42,71 @@ const (
 // lockState returns the state of id with its shard locked (the caller
 // unlocks sh.mu), reading it from bbolt into memory when it is stored but
 // not resident. When id is neither, it is created if create is set, else
-// the state is nil. kind is set on a state read or created here.
-func (e *Engine) lockState(id, kind string, create bool) (*idState, int) {
+// the state is nil. kind is set on a state read or created here. An error
+// (the file is damaged where id's record is) comes with no lock held and
+// no state.
+func (e *Engine) lockState(id, kind string, create bool) (*idState, int, error) {
 	si := e.shardOf(id)
 	sh := &e.shards[si]
 	sh.mu.Lock()
 	for {
 		if st := sh.states[id]; st != nil {
-			return st, si
+			return st, si, nil
 		}
 		gen := sh.dropped
 		sh.mu.Unlock()
 		now := e.now().UnixNano()
-		st := e.readStored(id, now)
+		st, err := e.readStored(id, now)
+		if err != nil {
+			return nil, si, err
+		}
 		sh.mu.Lock()
 		if cur := sh.states[id]; cur != nil {
-			return cur, si // a racing miss inserted it first
+			return cur, si, nil // a racing miss inserted it first
 		}
 		if sh.dropped != gen {
 			continue // a state left memory while we read: ours may be stale
 		}
 		if st == nil {
 			if !create {
-				return nil, si
+				return nil, si, nil
 			}
 			st = &idState{id: id}
 		}
 		st.kind = kind
 		st.lastUsed = now
 		sh.states[id] = st
-		return st, si
+		return st, si, nil
 	}
 }
 
 // readStored decodes id's stored state, or returns nil when none is
 // stored. It runs in its own read transaction: callers hold no shard lock
 // and no bbolt transaction (a read transaction open in a goroutine that
-// then waits on an Update can deadlock on mmap growth).
-func (e *Engine) readStored(id string, now int64) *idState {
+// then waits on an Update can deadlock on mmap growth). A record it cannot
+// decode is logged and taken as none (the next flush replaces it); a
+// damaged file is an error.
+func (e *Engine) readStored(id string, now int64) (*idState, error) {
 	var st *idState
-	err := e.db.View(func(btx *bolt.Tx) error {
+	var decodeErr error
+	err := e.view(func(btx *bolt.Tx) error {
 		v := btx.Bucket(bucketCounters).Get([]byte(id))
 		if v == nil {
 			return nil
 		}
-		var err error
-		st, err = decodeState(id, v, now) // copies out of the mmap
-		return err
+		st, decodeErr = decodeState(id, v, now) // copies out of the mmap
+		return nil
 	})
 	if err != nil {
-		// Unreadable: start afresh; the next flush overwrites the record.
 		e.log.Error("policy: reading counters", "identity", id, "err", err)
-		return nil
+		return nil, err
 	}
-	return st
+	if decodeErr != nil {
+		// Unreadable: start afresh; the next flush overwrites the record.
+		e.log.Error("policy: reading counters", "identity", id, "err", decodeErr)
+		return nil, nil
+	}
+	return st, nil
 }
 
 // storedTimes reads lastSeen and lastOver from the head of a state record
@@ -135,7 +146,7 @@ func (st *idState) evictable(now int64) bool {
 func (e *Engine) expireStored() error {
 	now := e.now().UnixNano()
 	var idle [][]byte
-	err := e.db.View(func(btx *bolt.Tx) error {
+	err := e.view(func(btx *bolt.Tx) error {
 		defer dropMapped(btx)
 		return btx.Bucket(bucketCounters).ForEach(func(k, v []byte) error {
 			lastSeen, lastOver, ok := storedTimes(v)
@@ -156,7 +167,7 @@ func (e *Engine) expireStored() error {
 	if err != nil || len(idle) == 0 {
 		return err
 	}
-	return e.db.Update(func(btx *bolt.Tx) error {
+	return e.update(func(btx *bolt.Tx) error {
 		b := btx.Bucket(bucketCounters)
 		for _, k := range idle {
 			if e.resident(string(k)) {
@@ -178,7 +189,7 @@ func (e *Engine) storedSenders(out []Sender, state string, listed map[string]str
 	c := e.conf.Load()
 	now := e.now()
 	ns := now.UnixNano()
-	err := e.db.View(func(btx *bolt.Tx) error {
+	err := e.view(func(btx *bolt.Tx) error {
 		defer dropMapped(btx)
 		return btx.Bucket(bucketCounters).ForEach(func(k, v []byte) error {
 			if _, ok := listed[string(k)]; ok {
@@ -215,7 +226,7 @@ func dropMapped(btx *bolt.Tx) {
 // not idle.
 func (e *Engine) storedSender(id string) (Sender, bool) {
 	now := e.now()
-	st := e.readStored(id, now.UnixNano())
+	st, _ := e.readStored(id, now.UnixNano()) // an error is logged there
 	if st == nil || st.idle(now.UnixNano()) {
 		return Sender{}, false
 	}

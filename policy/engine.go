@@ -2,6 +2,8 @@ package policy
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"hash/maphash"
 	"log/slog"
 	"net/http"
@@ -14,6 +16,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"relay/config"
+	"relay/internal/boltsafe"
 )
 
 // Options are an Engine's dependencies. Every field is optional.
@@ -61,9 +64,16 @@ type Engine struct {
 	conf    atomic.Pointer[policyConf]
 	seed    maphash.Seed
 	shards  [numShards]shard
+	lapses  [numLapseLists]lapseList // transactions holding reservations (lapse.go)
 	events  eventLog
 	notify  *notifier
 	metrics *metrics
+
+	// writeFault is set while writes to relay.db fail (the disk is full,
+	// say), nil once one succeeds; damaged is the first damaged page met
+	// since start. Health reports both.
+	writeFault atomic.Pointer[storeFault]
+	damaged    atomic.Pointer[storeFault]
 
 	flushEvery time.Duration
 	flushMu    sync.Mutex // one flush (or Reset) at a time
@@ -122,6 +132,10 @@ func (st *idState) idle(now int64) bool {
 	if st.refs > 0 || st.suspension != nil || now-st.lastSeen < int64(idleSpan) || now-st.lastOver < int64(suspendSpan) {
 		return false
 	}
+	// Over-limit attempts of others' caps counted towards its suspension.
+	if n := len(st.overTimes); n > 0 && now-st.overTimes[n-1] < int64(suspendSpan) {
+		return false
+	}
 	for i := range st.windows {
 		if !st.windows[i].empty(now) {
 			return false
@@ -161,10 +175,10 @@ func New(db *bolt.DB, cfg *config.Config, opts Options) (*Engine, error) {
 	for i := range e.shards {
 		e.shards[i].states = make(map[string]*idState)
 	}
-	if err := e.load(); err != nil {
+	if e.metrics, err = newMetrics(opts.Registerer); err != nil {
 		return nil, err
 	}
-	if e.metrics, err = newMetrics(opts.Registerer); err != nil {
+	if err := e.load(); err != nil {
 		return nil, err
 	}
 	e.metrics.suspended.Set(float64(e.countSuspended()))
@@ -206,6 +220,7 @@ func (e *Engine) flushLoop() {
 	defer close(e.stopped)
 	t := time.NewTicker(e.flushEvery)
 	defer t.Stop()
+	var failingSince, lastLogged time.Time // writing counters fails since; last said so
 	for n := 1; ; n++ {
 		select {
 		case <-e.stop:
@@ -223,8 +238,19 @@ func (e *Engine) flushLoop() {
 				e.log.Error("policy: expiring idle counters", "err", err)
 			}
 		}
-		if err := e.flush(); err != nil {
-			e.log.Error("policy: writing counters", "err", err)
+		e.sweepLapsed()
+		err := e.flush()
+		switch {
+		case err != nil && (failingSince.IsZero() || time.Since(lastLogged) >= time.Minute):
+			if failingSince.IsZero() {
+				failingSince = time.Now()
+			}
+			lastLogged = time.Now()
+			e.log.Error("policy: writing counters failed; counting goes on in memory and is written once the disk takes it",
+				"err", err, "failing_for", time.Since(failingSince).Round(time.Second).String())
+		case err == nil && !failingSince.IsZero():
+			e.log.Info("policy: writing counters works again", "failed_for", time.Since(failingSince).Round(time.Second).String())
+			failingSince = time.Time{}
 		}
 	}
 }
@@ -255,6 +281,66 @@ func (e *Engine) sweep() {
 	}
 }
 
+// storeFault is a failure of relay.db and when it began.
+type storeFault struct {
+	err   error
+	since time.Time
+}
+
+// view runs a read transaction of relay.db (damage is an error, see
+// boltsafe) and records a failure for Health and the metrics.
+func (e *Engine) view(fn func(*bolt.Tx) error) error {
+	err := boltsafe.View(e.db, fn)
+	if err != nil {
+		e.noteFault("read", err)
+	}
+	return err
+}
+
+// update runs a write transaction of relay.db like view; a success ends a
+// write failure.
+func (e *Engine) update(fn func(*bolt.Tx) error) error {
+	err := boltsafe.Update(e.db, fn)
+	if err != nil {
+		e.noteFault("write", err)
+		return err
+	}
+	if e.writeFault.Load() != nil {
+		e.writeFault.Store(nil)
+	}
+	return nil
+}
+
+// noteFault records a failed read or write of relay.db.
+func (e *Engine) noteFault(op string, err error) {
+	e.metrics.storeErrors.WithLabelValues(op).Inc()
+	f := &storeFault{err: err, since: e.now()}
+	if errors.Is(err, boltsafe.ErrDamaged) {
+		e.damaged.CompareAndSwap(nil, f)
+	}
+	if op == "write" {
+		if old := e.writeFault.Load(); old != nil {
+			f.since = old.since
+		}
+		e.writeFault.Store(f)
+	}
+}
+
+// Health reports what is wrong with relay.db now: writes failing (since
+// when, and why; counting goes on in memory meanwhile), or a damaged page
+// met since start (restart relay to have the whole file checked). nil when
+// neither.
+func (e *Engine) Health() error {
+	var errs []error
+	if f := e.damaged.Load(); f != nil {
+		errs = append(errs, fmt.Errorf("relay.db is damaged (met at %s: %v): restart relay to have the file checked", f.since.UTC().Format(time.RFC3339), f.err))
+	}
+	if f := e.writeFault.Load(); f != nil {
+		errs = append(errs, fmt.Errorf("counters cannot be written to relay.db since %s: %v", f.since.UTC().Format(time.RFC3339), f.err))
+	}
+	return errors.Join(errs...)
+}
+
 func (e *Engine) shardOf(id string) int {
 	return int(maphash.String(e.seed, id) % numShards)
 }
@@ -268,9 +354,12 @@ func (sh *shard) markDirty(st *idState) {
 }
 
 // acquire finds, reads from bbolt or creates the state of id and takes a
-// reference on it.
-func (e *Engine) acquire(id Identity, lim *limitSet) (*idState, int) {
-	st, si := e.lockState(id.ID, id.Kind, true)
+// reference on it; an error (a damaged file) takes none.
+func (e *Engine) acquire(id Identity, lim *limitSet) (*idState, int, error) {
+	st, si, err := e.lockState(id.ID, id.Kind, true)
+	if err != nil {
+		return nil, si, err
+	}
 	sh := &e.shards[si]
 	st.refs++
 	for _, r := range lim.rcpts {
@@ -287,7 +376,7 @@ func (e *Engine) acquire(id Identity, lim *limitSet) (*idState, int) {
 		sh.markDirty(st)
 	}
 	sh.mu.Unlock()
-	return st, si
+	return st, si, nil
 }
 
 // noteScript records a script on an identity already held by a transaction.

@@ -1,6 +1,10 @@
 package policy
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"relay/config"
+)
 
 // numActions is the number of Action values.
 const numActions = int(Reject) + 1
@@ -8,8 +12,9 @@ const numActions = int(Reject) + 1
 // metrics are the engine's Prometheus series. Labels never carry an
 // identity or address.
 type metrics struct {
-	decisions *prometheus.CounterVec
-	suspended prometheus.Gauge
+	decisions   *prometheus.CounterVec
+	suspended   prometheus.Gauge
+	storeErrors *prometheus.CounterVec // failed reads and writes of relay.db
 	// Resolved once so the mail path does no label hashing: [observed][action][kind rank, numKinds = "none"].
 	byLabel [2][numActions][numKinds + 1]prometheus.Counter
 }
@@ -24,7 +29,15 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "relay_suspended_identities",
 			Help: "Identities currently suspended.",
 		}),
+		storeErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "relay_store_errors_total",
+			Help: "Failed transactions on relay.db by op (read, write): a full disk, a damaged file. /healthz says what fails now.",
+		}, []string{"op"}),
 	}
+	for _, op := range []string{"read", "write"} {
+		m.storeErrors.WithLabelValues(op)
+	}
+	kindNames := config.IdentityKinds()
 	for obs := range 2 {
 		for a := range numActions {
 			action := Action(a).String()
@@ -41,7 +54,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}
 	}
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.decisions, m.suspended} {
+		for _, c := range []prometheus.Collector{m.decisions, m.suspended, m.storeErrors} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}

@@ -13,6 +13,8 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 	berrors "go.etcd.io/bbolt/errors"
+
+	"relay/internal/boltsafe"
 )
 
 // DBFile is the name of the bbolt file in data_dir.
@@ -26,25 +28,80 @@ var (
 )
 
 // OpenDB opens (creating if needed) dataDir/relay.db, creating dataDir with
-// mode 0700. It never replaces an existing file: a database locked by
-// another process or one that is not a valid bbolt file is an error that
-// names the file.
+// mode 0700, and checks the whole file before anything uses it. It never
+// writes to or replaces an existing file that is not a sound bbolt
+// database: one that is empty (bbolt would make a fresh database of it,
+// dropping every suspension), cut short, damaged anywhere (tx.Check reads
+// every page) or locked by another process is an error of one line that
+// names the file and says what to do.
 func OpenDB(dataDir string) (*bolt.DB, error) {
 	if err := os.MkdirAll(dataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("creating data_dir: %w", err)
 	}
 	path := filepath.Join(dataDir, DBFile)
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
+	damaged := func(why any) error {
+		return fmt.Errorf("database %s is damaged (%s); relay did not start and left the file untouched: "+
+			"restore it from a backup, or move it aside (relay then starts with no counters and no suspensions)", path, damageText(why))
+	}
+	fi, err := os.Stat(path)
+	switch {
+	case err == nil && fi.Size() == 0:
+		return nil, damaged("it is empty, 0 bytes")
+	case err != nil && !errors.Is(err, os.ErrNotExist):
+		return nil, fmt.Errorf("opening database %s: %w", path, err)
+	}
+	var db *bolt.DB
+	err = boltsafe.Do(func() (err error) {
+		db, err = bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
+		return err
+	})
 	switch {
 	case err == nil:
-		return db, nil
 	case errors.Is(err, berrors.ErrTimeout):
 		return nil, fmt.Errorf("database %s is locked by another relay process", path)
-	case errors.Is(err, berrors.ErrInvalid), errors.Is(err, berrors.ErrVersionMismatch),
+	case errors.Is(err, boltsafe.ErrDamaged), errors.Is(err, berrors.ErrInvalid), errors.Is(err, berrors.ErrVersionMismatch),
 		errors.Is(err, berrors.ErrChecksum), errors.Is(err, berrors.ErrInvalidMapping):
-		return nil, fmt.Errorf("database %s is corrupt or not a relay database (%v); it was left untouched: restore it or move it aside", path, err)
+		return nil, damaged(err)
+	default:
+		return nil, fmt.Errorf("opening database %s: %w", path, err)
 	}
-	return nil, fmt.Errorf("opening database %s: %w", path, err)
+	if err := checkDB(db, path); err != nil {
+		db.Close()
+		return nil, damaged(err)
+	}
+	return db, nil
+}
+
+// damageText is why, on one line, without the words of a Go panic (bbolt
+// reports many kinds of damage as panics; they are not relay's).
+func damageText(why any) string {
+	s := fmt.Sprint(why)
+	s = strings.TrimPrefix(s, boltsafe.ErrDamaged.Error()+": ")
+	s = strings.ReplaceAll(s, "panic: ", "")
+	return strings.Join(strings.Fields(s), " ")
+}
+
+// checkDB reads every page of db: the file must hold all the pages its
+// meta page counts (a shorter one would fault), and bbolt's consistency
+// check must find nothing. Only the first problem is returned.
+func checkDB(db *bolt.DB, path string) error {
+	return boltsafe.View(db, func(btx *bolt.Tx) error {
+		defer dropMapped(btx)
+		fi, err := os.Stat(path)
+		if err != nil {
+			return err
+		}
+		if fi.Size() < btx.Size() {
+			return fmt.Errorf("the file has %d bytes, its pages need %d: it was cut short", fi.Size(), btx.Size())
+		}
+		var first error
+		for err := range btx.Check() { // drained: the checker goroutine uses btx
+			if first == nil {
+				first = err
+			}
+		}
+		return first
+	})
 }
 
 // load reads into memory the suspensions with their identities' counters,
@@ -52,7 +109,7 @@ func OpenDB(dataDir string) (*bolt.DB, error) {
 // message (see cache.go): New reads no page of them.
 func (e *Engine) load() error {
 	now := e.now().UnixNano()
-	return e.db.Update(func(btx *bolt.Tx) error {
+	return e.update(func(btx *bolt.Tx) error {
 		for _, name := range [][]byte{bucketCounters, bucketSuspensions, bucketEvents} {
 			if _, err := btx.CreateBucketIfNotExists(name); err != nil {
 				return err
@@ -96,7 +153,7 @@ func (e *Engine) stateLocked(id string) *idState {
 	sh := &e.shards[e.shardOf(id)]
 	st := sh.states[id]
 	if st == nil {
-		st = &idState{id: id, kind: kindOf(id), lastUsed: e.now().UnixNano()}
+		st = &idState{id: id, kind: KindOf(id), lastUsed: e.now().UnixNano()}
 		sh.states[id] = st
 	}
 	return st
@@ -137,7 +194,7 @@ func (e *Engine) flush() error {
 	// random order costs quadratic time on a flush of many identities.
 	slices.SortFunc(puts, func(a, b put) int { return strings.Compare(a.key, b.key) })
 	slices.Sort(dels)
-	err := e.db.Update(func(btx *bolt.Tx) error {
+	err := e.update(func(btx *bolt.Tx) error {
 		b := btx.Bucket(bucketCounters)
 		for _, id := range dels {
 			if err := b.Delete([]byte(id)); err != nil {
@@ -218,7 +275,7 @@ func (e *Engine) storeSuspension(id string, ev Event) error {
 	if err != nil {
 		return err
 	}
-	return e.db.Update(func(btx *bolt.Tx) error {
+	return e.update(func(btx *bolt.Tx) error {
 		b := btx.Bucket(bucketSuspensions)
 		if v == nil {
 			if err := b.Delete([]byte(id)); err != nil {
@@ -346,7 +403,7 @@ func decodeState(id string, v []byte, now int64) (*idState, error) {
 		return nil, errors.New("unknown record version")
 	}
 	r := &stateReader{b: v[1:]}
-	st := &idState{id: id, kind: kindOf(id)}
+	st := &idState{id: id, kind: KindOf(id)}
 	st.lastSeen = r.varint()
 	st.lastOver = r.varint()
 	st.lastLogged = r.varint()

@@ -17,6 +17,8 @@ import (
 	"unicode/utf8"
 
 	bolt "go.etcd.io/bbolt"
+
+	"relay/internal/boltsafe"
 )
 
 // Errors of the hold spool; test with errors.Is.
@@ -57,7 +59,7 @@ func OpenHold(dir string, db *bolt.DB) (*HoldSpool, error) {
 	}
 	s := &HoldSpool{dir: dir, db: db, busy: make(map[string]bool)}
 	known := make(map[string]bool)
-	err := db.Update(func(tx *bolt.Tx) error {
+	err := boltsafe.Update(db, func(tx *bolt.Tx) error {
 		b, err := tx.CreateBucketIfNotExists(holdBucket)
 		if err != nil {
 			return err
@@ -147,7 +149,7 @@ func (s *HoldSpool) Put(meta HeldMeta, msg io.Reader) (HeldMeta, error) {
 	if err != nil {
 		return HeldMeta{}, err
 	}
-	err = s.db.Update(func(tx *bolt.Tx) error {
+	err = boltsafe.Update(s.db, func(tx *bolt.Tx) error {
 		return tx.Bucket(holdBucket).Put([]byte(meta.ID), val)
 	})
 	if err != nil {
@@ -161,7 +163,7 @@ func (s *HoldSpool) Put(meta HeldMeta, msg io.Reader) (HeldMeta, error) {
 // List returns every held message, newest first.
 func (s *HoldSpool) List() ([]HeldMeta, error) {
 	var list []HeldMeta
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := boltsafe.View(s.db, func(tx *bolt.Tx) error {
 		c := tx.Bucket(holdBucket).Cursor()
 		for k, v := c.Last(); k != nil; k, v = c.Prev() {
 			var m HeldMeta
@@ -181,7 +183,7 @@ func (s *HoldSpool) Get(id string) (HeldMeta, error) {
 		return HeldMeta{}, ErrHeldBadID
 	}
 	var m HeldMeta
-	err := s.db.View(func(tx *bolt.Tx) error {
+	err := boltsafe.View(s.db, func(tx *bolt.Tx) error {
 		v := tx.Bucket(holdBucket).Get([]byte(id))
 		if v == nil {
 			return ErrHeldNotFound
@@ -264,7 +266,7 @@ func (s *HoldSpool) Delete(id string) error {
 func (s *HoldSpool) Count() int { return int(s.count.Load()) }
 
 func (s *HoldSpool) remove(id string) error {
-	err := s.db.Update(func(tx *bolt.Tx) error {
+	err := boltsafe.Update(s.db, func(tx *bolt.Tx) error {
 		b := tx.Bucket(holdBucket)
 		if b.Get([]byte(id)) == nil {
 			return ErrHeldNotFound

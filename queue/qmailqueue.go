@@ -2,11 +2,9 @@ package queue
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -16,7 +14,7 @@ import (
 // QmailQueue hands messages to qmail-queue (or anything speaking its
 // protocol) exactly as qmail-smtpd does (qmail.c): the message on fd 0, the
 // envelope on fd 1 once fd 0 is closed, and the exit code mapped to qmail's
-// reply texts (qmail-queue(8); reference/qmail.md §3.3, §9.4).
+// reply texts (qmail-queue(8); docs/qmail.md §1.5, §2.3).
 type QmailQueue struct {
 	Path    string        // the program, e.g. /var/qmail/bin/qmail-queue
 	Args    []string      // arguments after Path (none for qmail-queue itself)
@@ -49,108 +47,31 @@ func (q *QmailQueue) Deliver(ctx context.Context, env Envelope, msg io.Reader) (
 	if err := checkEnvelope(env); err != nil {
 		return Receipt{}, err
 	}
-	log := orDiscard(q.Logger)
 	ctx, cancel := withTimeout(ctx, q.Timeout)
 	defer cancel()
-
-	var p qqPipes
-	if err := p.open(); err != nil {
-		p.closeAll()
-		log.Error("qmail-queue: pipe", "err", err)
-		return Receipt{}, qmailError(451, qqTextExec)
+	h := childHandoff{
+		name:            "qmail-queue",
+		path:            q.Path,
+		args:            q.Args,
+		dir:             q.dir(),
+		envelope:        AppendEnvelope(make([]byte, 0, envelopeSize(env)), env),
+		errText:         true,
+		execText:        qqTextExec,
+		timeoutText:     qqTextTimeout,
+		crashedText:     qqTextCrashed,
+		waitText:        qqTextWait,
+		writeFailedText: qqTextRead, // qmail.c: exit 0 after our own write failed
+		exitError: func(code int, errText string) *Error {
+			if code == 82 {
+				return qqCustomError(errText)
+			}
+			return qqExitError(code)
+		},
 	}
-	defer p.closeAll()
-
-	cmd := exec.Command(q.Path, q.Args...)
-	cmd.Dir = q.dir()
-	cmd.Stdin = p.msgR  // fd 0: the message
-	cmd.Stdout = p.envR // fd 1: the envelope (read by the child)
 	if q.Stderr != nil {
-		cmd.Stderr = q.Stderr // fd 2
+		h.stderr = q.Stderr
 	}
-	cmd.ExtraFiles = []*os.File{nil, nil, nil, p.errW} // fd 6: notqmail's error text; 3–5 closed
-	if ctx.Err() != nil {
-		return Receipt{}, qmailError(451, qqTextTimeout)
-	}
-	err := cmd.Start()
-	p.closeChildEnds()
-	if err != nil {
-		log.Error("qmail-queue: cannot start", "path", q.Path, "err", err)
-		return Receipt{}, qmailError(451, qqTextExec)
-	}
-	// Every pipe is an *os.File, so os/exec starts no copying goroutine, and
-	// the timeout is a callback rather than a goroutine watching ctx: a
-	// message costs no goroutine beyond the session's own. The writes get
-	// the same deadline, because killing the child does not end them when
-	// something it started still holds the pipes (a wrapper's stuck
-	// filter).
-	msgW, envW := p.msgW, p.envW
-	if d, ok := ctx.Deadline(); ok {
-		msgW.SetWriteDeadline(d)
-		envW.SetWriteDeadline(d)
-	}
-	stopKill := context.AfterFunc(ctx, func() {
-		cmd.Process.Kill()
-		msgW.SetWriteDeadline(time.Now())
-		envW.SetWriteDeadline(time.Now())
-	})
-	defer stopKill()
-	pid := cmd.Process.Pid
-
-	src := &readTracker{r: msg}
-	_, copyErr := io.Copy(p.msgW, src)
-	if src.err != nil {
-		// The client's data is bad: kill the child before it sees an
-		// envelope, so nothing can be queued (qmail-queue queues only once
-		// the envelope's final NUL arrives).
-		cmd.Process.Kill()
-		p.closeParentWriters()
-		werr := cmd.Wait()
-		log.Warn("qmail-queue: message read failed, child killed before the envelope", "qp", pid, "err", src.err, "child", fmt.Sprint(werr))
-		return Receipt{}, readError(src.err)
-	}
-	// qmail.c: the message pipe is closed before the envelope is written.
-	writeErr := copyErr
-	if err := p.msgW.Close(); err != nil && writeErr == nil {
-		writeErr = err
-	}
-	p.msgW = nil
-	if writeErr == nil {
-		_, writeErr = p.envW.Write(AppendEnvelope(make([]byte, 0, envelopeSize(env)), env))
-	}
-	// After a failed write nothing more is sent; closing the envelope pipe
-	// early makes a live child exit 54 (qq read error) without queueing.
-	p.closeParentWriters()
-	waitErr := cmd.Wait()
-
-	state := cmd.ProcessState
-	if state == nil {
-		log.Error("qmail-queue: wait failed", "qp", pid, "err", waitErr)
-		return Receipt{}, qmailError(451, qqTextWait)
-	}
-	if state.Success() {
-		if writeErr != nil {
-			// qmail.c: exit 0 after our own write failed is still "qq read error".
-			log.Error("qmail-queue: exited 0 after a failed write", "qp", pid, "err", writeErr)
-			return Receipt{}, qmailError(451, qqTextRead)
-		}
-		return Receipt{QP: pid, Reply: fmt.Sprintf("ok %d qp %d", time.Now().Unix(), pid)}, nil
-	}
-	var qerr *Error
-	ws, _ := state.Sys().(syscall.WaitStatus)
-	switch {
-	case ctx.Err() != nil:
-		qerr = qmailError(451, qqTextTimeout)
-	case ws.Signaled():
-		qerr = qmailError(451, qqTextCrashed)
-	case state.ExitCode() == 82:
-		qerr = qqCustomError(readErrText(p.errR))
-	default:
-		qerr = qqExitError(state.ExitCode())
-	}
-	log.Warn("qmail-queue failed", "qp", pid, "status", state.String(), "reply", qerr.Error(),
-		"write_err", fmt.Sprint(writeErr))
-	return Receipt{}, qerr
+	return h.run(ctx, orDiscard(q.Logger), msg)
 }
 
 func (q *QmailQueue) dir() string {
@@ -161,76 +82,6 @@ func (q *QmailQueue) dir() string {
 		return "/var/qmail"
 	}
 	return "/"
-}
-
-// qqPipes are the three pipes between relay and qmail-queue.
-type qqPipes struct {
-	msgR, msgW *os.File // fd 0
-	envR, envW *os.File // fd 1
-	errR, errW *os.File // fd 6
-}
-
-// open makes the pipes. Only the two ends relay writes to (the message
-// and the envelope) are non-blocking and registered with Go's poller, so
-// a slow child parks the session's goroutine rather than a thread; the
-// child's ends, and the fd 6 end read once the child has exited, are
-// plain descriptors: registering and unregistering each with
-// epoll costs more than the hand-off's own writes.
-func (p *qqPipes) open() error {
-	var err error
-	if p.msgR, p.msgW, err = pipe(true); err != nil {
-		return err
-	}
-	if p.envR, p.envW, err = pipe(true); err != nil {
-		return err
-	}
-	p.errR, p.errW, err = pipe(false)
-	return err
-}
-
-// pipe returns a close-on-exec pipe; with pollWriter its write end is
-// non-blocking and polled.
-func pipe(pollWriter bool) (r, w *os.File, err error) {
-	var fds [2]int
-	if err := syscall.Pipe2(fds[:], syscall.O_CLOEXEC); err != nil {
-		return nil, nil, os.NewSyscallError("pipe2", err)
-	}
-	if pollWriter {
-		if err := syscall.SetNonblock(fds[1], true); err != nil {
-			syscall.Close(fds[0])
-			syscall.Close(fds[1])
-			return nil, nil, os.NewSyscallError("setnonblock", err)
-		}
-	}
-	// os.NewFile registers a descriptor with the poller only when it is
-	// already non-blocking.
-	return os.NewFile(uintptr(fds[0]), "|0"), os.NewFile(uintptr(fds[1]), "|1"), nil
-}
-
-// closeChildEnds closes relay's copies of the ends the child owns, so the
-// child alone holds them and EOF/EPIPE arrive when it should.
-func (p *qqPipes) closeChildEnds() {
-	closeFile(&p.msgR)
-	closeFile(&p.envR)
-	closeFile(&p.errW)
-}
-
-func (p *qqPipes) closeParentWriters() {
-	closeFile(&p.msgW)
-	closeFile(&p.envW)
-}
-
-func (p *qqPipes) closeAll() {
-	p.closeChildEnds()
-	p.closeParentWriters()
-	closeFile(&p.errR)
-}
-
-func closeFile(f **os.File) {
-	if *f != nil {
-		(*f).Close()
-		*f = nil
-	}
 }
 
 // readErrText returns the first maxErrText bytes (trimmed) of notqmail's

@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/emersion/go-sasl"
-	"github.com/emersion/go-smtp"
 	"golang.org/x/crypto/bcrypt"
 
 	"relay/config"
@@ -26,16 +25,6 @@ var (
 	ErrAuthTemporary = errors.New("authentication unavailable")      // 454 4.7.0
 	ErrAuthLocked    = errors.New("too many failed authentications") // 421/454: this IP is refused for a while
 )
-
-// ErrAuthMalformed is what the LOGIN and PLAIN servers return for a response
-// they cannot use (an empty login or password, a PLAIN response without
-// exactly three fields). It is an *smtp.SMTPError so go-smtp sends it as is:
-// qmail's AUTH patch answers "501 malformed auth input (#5.5.4)".
-var ErrAuthMalformed error = &smtp.SMTPError{Code: 501, EnhancedCode: smtp.EnhancedCode{5, 5, 4}, Message: "malformed auth input"}
-
-// errAuthzid rejects a PLAIN authorization identity other than the login:
-// RFC 4616 §2 lets a server refuse to act as another identity.
-var errAuthzid error = &smtp.SMTPError{Code: 535, EnhancedCode: smtp.EnhancedCode{5, 7, 8}, Message: "authorization identity must be empty or the login"}
 
 // Authenticator checks a login and password (checkpassword program or
 // users_file) and tracks failures per client address.
@@ -405,8 +394,8 @@ func evictBefore(a, b *failureRecord, now time.Time) bool {
 //
 // LOGIN (draft-murchison-sasl-login) sends "Username:" and "Password:" as
 // challenges; go-smtp base64-encodes them. An initial response on the AUTH
-// line is the username. An empty username or password is ErrAuthMalformed;
-// otherwise Next returns what authenticate returns.
+// line is the username. An empty username or password is answered
+// `501 5.5.4`; otherwise Next returns what authenticate returns.
 func NewLoginServer(authenticate func(username, password string) error) sasl.Server {
 	return &loginServer{authenticate: authenticate}
 }
@@ -440,18 +429,18 @@ func (s *loginServer) Next(response []byte) (challenge []byte, done bool, err er
 	case loginWantPassword:
 		s.state = loginDone
 		if len(response) == 0 {
-			return nil, true, ErrAuthMalformed
+			return nil, true, replyAuthMalformed
 		}
 		return nil, true, s.authenticate(s.username, string(response))
 	default:
-		return nil, true, sasl.ErrUnexpectedClientResponse
+		return nil, true, replyAuthMalformed
 	}
 }
 
 func (s *loginServer) takeUsername(response []byte) ([]byte, bool, error) {
 	if len(response) == 0 {
 		s.state = loginDone
-		return nil, true, ErrAuthMalformed
+		return nil, true, replyAuthMalformed
 	}
 	s.username = string(response)
 	s.state = loginWantPassword
@@ -459,8 +448,8 @@ func (s *loginServer) takeUsername(response []byte) ([]byte, bool, error) {
 }
 
 // NewPlainServer returns a SASL PLAIN server (RFC 4616) that, unlike
-// sasl.NewPlainServer, answers malformed input with ErrAuthMalformed and
-// refuses an authorization identity other than the login itself, so
+// sasl.NewPlainServer, answers malformed input with relay's `501 5.5.4`
+// and refuses an authorization identity other than the login itself, so
 // authenticate needs only the login and password. Without an initial
 // response it sends an empty challenge ("334 ").
 func NewPlainServer(authenticate func(username, password string) error) sasl.Server {
@@ -476,7 +465,7 @@ type plainServer struct {
 // Next implements sasl.Server.
 func (s *plainServer) Next(response []byte) (challenge []byte, done bool, err error) {
 	if s.done {
-		return nil, true, sasl.ErrUnexpectedClientResponse
+		return nil, true, replyAuthMalformed
 	}
 	if response == nil && !s.challenged {
 		s.challenged = true
@@ -487,10 +476,10 @@ func (s *plainServer) Next(response []byte) (challenge []byte, done bool, err er
 	authzid, rest, ok1 := bytes.Cut(response, []byte{0})
 	authcid, passwd, ok2 := bytes.Cut(rest, []byte{0})
 	if !ok1 || !ok2 || len(authcid) == 0 || len(passwd) == 0 || bytes.IndexByte(passwd, 0) >= 0 {
-		return nil, true, ErrAuthMalformed
+		return nil, true, replyAuthMalformed
 	}
 	if len(authzid) > 0 && !bytes.Equal(authzid, authcid) {
-		return nil, true, errAuthzid
+		return nil, true, replyAuthzid
 	}
 	return nil, true, s.authenticate(string(authcid), string(passwd))
 }

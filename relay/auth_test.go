@@ -555,16 +555,16 @@ func TestLoginServer(t *testing.T) {
 			{[]byte("p w"), "", true, nil},
 		}, "alice/p w"},
 		{"empty initial response", []saslStep{
-			{[]byte{}, "", false, ErrAuthMalformed},
+			{[]byte{}, "", false, replyAuthMalformed},
 		}, ""},
 		{"empty username", []saslStep{
 			{nil, "Username:", false, nil},
-			{[]byte{}, "", false, ErrAuthMalformed},
+			{[]byte{}, "", false, replyAuthMalformed},
 		}, ""},
 		{"empty password", []saslStep{
 			{nil, "Username:", false, nil},
 			{[]byte("alice"), "Password:", false, nil},
-			{[]byte{}, "", false, ErrAuthMalformed},
+			{[]byte{}, "", false, replyAuthMalformed},
 		}, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -597,12 +597,12 @@ func TestPlainServer(t *testing.T) {
 			{[]byte("\x00alice\x00pw"), "", true, nil},
 			{[]byte("\x00alice\x00pw"), "", false, errAnySASL},
 		}, "alice/pw"},
-		{"other authzid", []saslStep{{[]byte("root\x00alice\x00pw"), "", false, errAuthzid}}, ""},
-		{"two fields", []saslStep{{[]byte("alice\x00pw"), "", false, ErrAuthMalformed}}, ""},
-		{"four fields", []saslStep{{[]byte("\x00alice\x00pw\x00x"), "", false, ErrAuthMalformed}}, ""},
-		{"empty login", []saslStep{{[]byte("\x00\x00pw"), "", false, ErrAuthMalformed}}, ""},
-		{"empty password", []saslStep{{[]byte("\x00alice\x00"), "", false, ErrAuthMalformed}}, ""},
-		{"empty response", []saslStep{{[]byte{}, "", false, ErrAuthMalformed}}, ""},
+		{"other authzid", []saslStep{{[]byte("root\x00alice\x00pw"), "", false, replyAuthzid}}, ""},
+		{"two fields", []saslStep{{[]byte("alice\x00pw"), "", false, replyAuthMalformed}}, ""},
+		{"four fields", []saslStep{{[]byte("\x00alice\x00pw\x00x"), "", false, replyAuthMalformed}}, ""},
+		{"empty login", []saslStep{{[]byte("\x00\x00pw"), "", false, replyAuthMalformed}}, ""},
+		{"empty password", []saslStep{{[]byte("\x00alice\x00"), "", false, replyAuthMalformed}}, ""},
+		{"empty response", []saslStep{{[]byte{}, "", false, replyAuthMalformed}}, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var rec loginRecorder

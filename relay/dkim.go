@@ -11,7 +11,7 @@ import (
 
 // fromControl decides, once policy has let a message through, whether it
 // is signed, handed off unsigned, held or refused for its From: header
-// (DESIGN.md §11). Only mail from trusted origins is looked at: mail from
+// (docs/design.md §11). Only mail from trusted origins is looked at: mail from
 // the internet to our domains is never signed nor judged here, and neither
 // is mail of the exempt local users (qmail's own bounces and forwards).
 // head is the start of the message; complete says the whole header is in

@@ -68,24 +68,6 @@ func (l logins) Authenticate(_ context.Context, login, password string, _ netip.
 }
 func (l logins) Enabled() bool { return true }
 
-// lockedBuffer is a log sink tests read.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // dkimFixture is a server that signs for example.com (keys rsa1 and ed1;
 // its logins own it) and shop.example (key s1; owned by our uid on the
 // local socket and uid 1001 on web server web1 = 127.0.0.7), with a

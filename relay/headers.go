@@ -5,6 +5,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"relay/queue"
 )
 
 // maxHeadBytes bounds how much of a message is read into memory to find the
@@ -61,7 +63,7 @@ func headerFields(head []byte, visit func(name, value string) bool) {
 
 // firstReceivedUID looks at the first Received header field of a message
 // and, when qmail-queue wrote it, returns the uid from
-// "(qmail N invoked by uid U)" (qmail.md §3.2). Received fields further down
+// "(qmail N invoked by uid U)" (docs/qmail.md §2.2). Received fields further down
 // are never looked at: anyone can write them.
 func firstReceivedUID(head []byte) (uid uint32, ok bool) {
 	headerFields(head, func(name, value string) bool {
@@ -168,7 +170,7 @@ type receivedInfo struct {
 }
 
 // formatReceived writes the Received header in qmail-smtpd's format
-// (received.c, qmail.md §2.5), with LF line ends:
+// (received.c, docs/qmail.md §1.4), with LF line ends:
 //
 //	Received: from unknown (HELO <helo>) ([<user>@]<ip>)
 //	  by <me> with SMTP; 5 Mar 2024 07:04:09 -0000
@@ -232,10 +234,9 @@ func safeReceived(s string) string {
 	return string(b)
 }
 
-// formatDate writes qmail's date822fmt: "5 Mar 2024 07:04:09 -0000", UTC.
-func formatDate(t time.Time) string {
-	return t.UTC().Format("2 Jan 2006 15:04:05") + " -0000"
-}
+// formatDate writes qmail's date822fmt: "5 Mar 2024 07:04:09 -0000", UTC
+// (the queue writer's Received line uses the same).
+func formatDate(t time.Time) string { return queue.Date822(t) }
 
 // safeHeaderValue makes s safe to put in a header field we write: control
 // bytes (CR, LF, NUL, ...) become '?'.

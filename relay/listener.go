@@ -5,9 +5,12 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
+	"github.com/emersion/go-smtp"
 	"golang.org/x/sys/unix"
 
 	"relay/config"
@@ -15,21 +18,63 @@ import (
 
 // connInfo is what relay learns about a connection when it accepts it.
 type connInfo struct {
-	id     uint64
-	remote netip.Addr // client address, unmapped; invalid on the local socket
-	uid    uint32     // peer uid from SO_PEERCRED, local socket only
-	local  bool
-	rule   config.TCPRule // tcprules line that matched
-	ruled  bool           // rule is set
+	id        uint64
+	st        *settings  // the configuration the connection was accepted under
+	remote    netip.Addr // client address, unmapped; invalid on the local socket
+	uid       uint32     // peer uid from SO_PEERCRED, local socket only
+	local     bool
+	rule      config.TCPRule // tcprules line that matched
+	ruled     bool           // rule is set
+	databytes int64          // databytes, or the tcprules DATABYTES of this client
 }
 
 // trackedConn is an accepted connection that gives its slot back when it is
-// closed.
+// closed. On TCP it also ends the session at relay.max_session: every
+// deadline go-smtp sets (per command, from relay.timeout) is cut to end,
+// so a client that drips a byte at a time is still cut off.
 type trackedConn struct {
 	net.Conn
 	info    connInfo
 	release func()
 	once    sync.Once
+	smtp    *smtp.Server // its go-smtp server; set under Server.connMu
+	end     time.Time    // zero: no session limit (the local socket)
+}
+
+// sessionEndGrace lets the reply go out that go-smtp writes when a read
+// hits the session's end ("421 4.4.2 Idle timeout").
+const sessionEndGrace = time.Second
+
+func (c *trackedConn) SetDeadline(t time.Time) error {
+	if c.end.IsZero() {
+		return c.Conn.SetDeadline(t)
+	}
+	if err := c.Conn.SetReadDeadline(capTime(t, c.end)); err != nil {
+		return err
+	}
+	return c.Conn.SetWriteDeadline(capTime(t, c.end.Add(sessionEndGrace)))
+}
+
+func (c *trackedConn) SetReadDeadline(t time.Time) error {
+	if c.end.IsZero() {
+		return c.Conn.SetReadDeadline(t)
+	}
+	return c.Conn.SetReadDeadline(capTime(t, c.end))
+}
+
+func (c *trackedConn) SetWriteDeadline(t time.Time) error {
+	if c.end.IsZero() {
+		return c.Conn.SetWriteDeadline(t)
+	}
+	return c.Conn.SetWriteDeadline(capTime(t, c.end.Add(sessionEndGrace)))
+}
+
+// capTime is t, or limit when t is later or zero (no deadline).
+func capTime(t, limit time.Time) time.Time {
+	if t.IsZero() || t.After(limit) {
+		return limit
+	}
+	return t
 }
 
 func (c *trackedConn) Close() error {
@@ -38,13 +83,19 @@ func (c *trackedConn) Close() error {
 	return err
 }
 
-// connInfoOf finds relay's connInfo under what go-smtp hands a session
+// trackedConnOf finds relay's trackedConn under a connection go-smtp has
 // (a *tls.Conn after STARTTLS or on smtps).
-func connInfoOf(c net.Conn) (connInfo, bool) {
+func trackedConnOf(c net.Conn) (*trackedConn, bool) {
 	if tc, ok := c.(*tls.Conn); ok {
 		c = tc.NetConn()
 	}
 	t, ok := c.(*trackedConn)
+	return t, ok
+}
+
+// connInfoOf finds relay's connInfo under what go-smtp hands a session.
+func connInfoOf(c net.Conn) (connInfo, bool) {
+	t, ok := trackedConnOf(c)
 	if !ok {
 		return connInfo{}, false
 	}
@@ -55,7 +106,8 @@ func connInfoOf(c net.Conn) (connInfo, bool) {
 // banner: tcprules deny (closed without a word, as tcpserver does),
 // max_connections and max_connections_per_ip ("421 4.7.0 too many
 // connections", then closed), and it reads the peer's uid on the local
-// socket.
+// socket. The local socket has its own budget, local.max_connections:
+// however many TCP clients hold their slots, local scripts still get in.
 type gateListener struct {
 	net.Listener
 	srv   *Server
@@ -82,7 +134,7 @@ const tooManyConnections = "421 4.7.0 too many connections\r\n"
 // admit decides on one new connection; it returns nil after closing it.
 func (s *Server) admit(c net.Conn, local, isTLS bool) *trackedConn {
 	st := s.settings.Load()
-	info := connInfo{id: s.nextConnID.Add(1), local: local}
+	info := connInfo{id: s.nextConnID.Add(1), st: st, local: local, databytes: st.databytes}
 	if local {
 		uid, err := peerUID(c)
 		if err != nil {
@@ -105,14 +157,23 @@ func (s *Server) admit(c net.Conn, local, isTLS bool) *trackedConn {
 				c.Close()
 				return nil
 			}
+			if v, ok := info.rule.Env["DATABYTES"]; ok && info.ruled {
+				if n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64); err == nil && n >= 0 {
+					info.databytes = n
+				}
+			}
 		}
 	}
 	key := clientKeyOf(info)
+	total, limit := &s.connTotal, st.maxConns
+	if local {
+		total, limit = &s.localTotal, st.maxLocalConns
+	}
 	s.connMu.Lock()
-	over := (st.maxConns > 0 && s.connTotal >= st.maxConns) ||
+	over := (limit > 0 && *total >= limit) ||
 		(st.maxConnsPerIP > 0 && s.connPerClient[key] >= st.maxConnsPerIP)
 	if !over {
-		s.connTotal++
+		*total++
 		s.connPerClient[key]++
 	}
 	s.connMu.Unlock()
@@ -127,11 +188,15 @@ func (s *Server) admit(c net.Conn, local, isTLS bool) *trackedConn {
 	}
 	s.metrics.connectionsOpen.Inc()
 	tc := &trackedConn{Conn: c, info: info}
+	if !local && st.maxSession > 0 {
+		tc.end = time.Now().Add(st.maxSession)
+		tc.SetDeadline(time.Time{})
+	}
 	tc.release = func() {
 		s.metrics.connectionsOpen.Dec()
 		s.connMu.Lock()
 		delete(s.conns, tc)
-		s.connTotal--
+		*total--
 		if s.connPerClient[key]--; s.connPerClient[key] <= 0 {
 			delete(s.connPerClient, key)
 		}

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"errors"
 	"net"
 	"os"
 	"strings"
@@ -34,6 +35,12 @@ func TestPolicyDecisions(t *testing.T) {
 			"250", "550 5.7.1 ip:127.0.0.2 is over 100 recipients/1m; try again in 1m30s\r\n"},
 		{"per message", &fakeChecker{rcpt: []policy.Decision{{Action: policy.TooManyRcpts, Identity: "ip:127.0.0.2", Limit: "5 recipients per message"}}},
 			"250", "452 4.5.3 ip:127.0.0.2 is over 5 recipients per message\r\n"},
+		// Policy could not read its counters (a damaged relay.db): a
+		// temporary local problem, not a cap, and no internal text.
+		{"store failed at MAIL", &fakeChecker{check: policy.Decision{Action: policy.Defer, Limit: "counters unavailable", Err: errors.New("database file damaged: page 7")}},
+			"451 4.3.0 temporary local problem, try again later (#4.3.0)\r\n", ""},
+		{"store failed at RCPT", &fakeChecker{rcpt: []policy.Decision{{Action: policy.Defer, Limit: "counters unavailable", Err: errors.New("database file damaged: page 7")}}},
+			"250", "451 4.3.0 temporary local problem, try again later (#4.3.0)\r\n"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := testConfig()

@@ -16,7 +16,7 @@ func reply(code int, enhanced smtp.EnhancedCode, text string) *smtp.SMTPError {
 	return &smtp.SMTPError{Code: code, EnhancedCode: enhanced, Message: text}
 }
 
-// Replies with qmail-smtpd's texts (qmail.md §2.4, §9.2) and RFC 3463 codes.
+// Replies with qmail-smtpd's texts (docs/qmail.md §1.3) and RFC 3463 codes.
 var (
 	replyRcptHosts   = reply(553, smtp.EnhancedCode{5, 7, 1}, "sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)")
 	replyBadMailFrom = reply(553, smtp.EnhancedCode{5, 7, 1}, "sorry, your envelope sender is in my badmailfrom list (#5.7.1)")
@@ -33,10 +33,19 @@ var (
 	replyAuthFailed    = reply(535, smtp.EnhancedCode{5, 7, 8}, "authentication failed (#5.7.1)")
 	replyAuthTemporary = reply(454, smtp.EnhancedCode{4, 7, 0}, "temporary authentication failure (#4.3.0)")
 	replyAuthLocked    = reply(454, smtp.EnhancedCode{4, 7, 0}, "too many failed authentications, try again later (#4.7.0)")
-	replyAuthMismatch  = reply(535, smtp.EnhancedCode{5, 7, 8}, "authorization identity must be the login (#5.7.1)")
-	replyNothingToDo   = reply(503, smtp.EnhancedCode{5, 5, 1}, "no reserved message to commit (#5.5.1)")
-	replyShuttingDown  = reply(421, smtp.EnhancedCode{4, 3, 2}, "service shutting down, try again later (#4.3.2)")
-	replyInternal      = reply(451, smtp.EnhancedCode{4, 3, 0}, "temporary local problem, try again later (#4.3.0)")
+	// replyAuthMalformed answers an AUTH response relay cannot use (a
+	// PLAIN response without exactly three fields, an empty login or
+	// password), as qmail's AUTH patch does.
+	replyAuthMalformed = reply(501, smtp.EnhancedCode{5, 5, 4}, "malformed auth input (#5.5.4)")
+	// replyAuthzid refuses a PLAIN authorization identity other than the
+	// login: RFC 4616 §2 lets a server refuse to act as another identity.
+	replyAuthzid      = reply(535, smtp.EnhancedCode{5, 7, 8}, "authorization identity must be empty or the login (#5.7.1)")
+	replyNothingToDo  = reply(503, smtp.EnhancedCode{5, 5, 1}, "no reserved message to commit (#5.5.1)")
+	replyShuttingDown = reply(421, smtp.EnhancedCode{4, 3, 2}, "service shutting down, try again later (#4.3.2)")
+	replyInternal     = reply(451, smtp.EnhancedCode{4, 3, 0}, "temporary local problem, try again later (#4.3.0)")
+	// A [[webserver]]'s message whose first Received field is not its
+	// qmail-queue's "invoked by uid" line (require_uid).
+	replyNoUID = reply(550, smtp.EnhancedCode{5, 7, 1}, "sorry, mail from this web server must come through its qmail, not straight to port 25 (#5.7.1)")
 )
 
 // replyFor is the one funnel every error a Session returns to go-smtp goes
@@ -98,8 +107,13 @@ func enhancedFromText(text string) smtp.EnhancedCode {
 }
 
 // decisionReply maps a policy decision that stops a command to its reply
-// (DESIGN.md §5); nil for Accept and Hold, which go on.
+// (docs/design.md §5); nil for Accept and Hold, which go on.
 func decisionReply(d policy.Decision) *smtp.SMTPError {
+	if d.Err != nil {
+		// Policy could not read its counters (it logged why): a temporary
+		// local problem, not a cap.
+		return replyInternal
+	}
 	text := safeHeaderValue(d.Text())
 	switch d.Action {
 	case policy.TooManyRcpts:

@@ -146,3 +146,48 @@ func TestControlCharsInAddressRefused(t *testing.T) {
 		t.Fatalf("deliveries: %+v", d)
 	}
 }
+
+// TestMalformedAuthReplies: a PLAIN response relay cannot use, as the
+// initial response or after the 334, is answered 501 5.5.x with relay's
+// (or RFC 4954's) text, never a library's error text; an authorization
+// identity other than the login has one refusal. The session goes on.
+func TestMalformedAuthReplies(t *testing.T) {
+	cfg := testConfig()
+	cfg.Auth.RequireTLS = false
+	s := testServer(t, cfg, Deps{Auth: fakeAuth{"bob", "pw"}}, nil)
+	b64 := func(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
+	malformed := "501 5.5.4 malformed auth input (#5.5.4)\r\n"
+	for _, tc := range []struct {
+		name  string
+		lines []string // client lines; the reply to the last one is checked
+		want  string
+	}{
+		{"bad base64 as initial response", []string{"AUTH PLAIN !!notbase64"}, "501 5.5.2 "},
+		{"bad base64 after 334", []string{"AUTH PLAIN", "#$%"}, "501 5.5.2 "},
+		{"two fields as initial response", []string{"AUTH PLAIN " + b64("bob\x00pw")}, malformed},
+		{"two fields after 334", []string{"AUTH PLAIN", b64("bob\x00pw")}, malformed},
+		{"four fields", []string{"AUTH PLAIN " + b64("\x00bob\x00pw\x00x")}, malformed},
+		{"one field", []string{"AUTH PLAIN " + b64("bobpw")}, malformed},
+		{"empty response after 334", []string{"AUTH PLAIN", "="}, malformed},
+		{"empty login", []string{"AUTH LOGIN", "="}, malformed},
+		{"other authzid", []string{"AUTH PLAIN " + b64("root\x00bob\x00pw")}, "535 5.7.8 authorization identity must be empty or the login (#5.7.1)\r\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := dialRaw(t, "tcp", tcpAddr(s, 0))
+			c.hello("client.test")
+			var got string
+			for _, l := range tc.lines {
+				got = c.cmd(l)
+			}
+			if !strings.HasPrefix(got, tc.want) {
+				t.Fatalf("got %q, want %q", got, tc.want)
+			}
+			for _, lib := range []string{"sasl", "illegal", "454"} {
+				if strings.Contains(got, lib) {
+					t.Fatalf("library text in %q", got)
+				}
+			}
+			c.expect("AUTH PLAIN "+b64("\x00bob\x00pw"), "235")
+		})
+	}
+}

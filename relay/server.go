@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -21,6 +22,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/emersion/go-smtp"
@@ -81,7 +83,8 @@ type Server struct {
 
 	nextConnID    atomic.Uint64
 	connMu        sync.Mutex
-	connTotal     int
+	connTotal     int                       // TCP connections (relay.max_connections)
+	localTotal    int                       // local socket connections (local.max_connections)
 	connPerClient map[connKey]int           // per IP (IPv6 /64) or local uid
 	conns         map[*trackedConn]struct{} // open connections, for Shutdown
 
@@ -89,6 +92,11 @@ type Server struct {
 	draining atomic.Bool
 
 	storeBufs sync.Pool // *storeBuffers, one set per message in DATA
+
+	// tlsConf serves the certificate of the current settings (STARTTLS
+	// and smtps); smtpLog is go-smtp's error log.
+	tlsConf *tls.Config
+	smtpLog *log.Logger
 
 	dmarc     *dkim.DMARC // DMARC lookups and their cache, across reloads
 	dkimStats *dkim.Stats
@@ -98,11 +106,10 @@ type Server struct {
 	serving   sync.WaitGroup
 }
 
-// boundListener is one open [[listen]] entry and the go-smtp server on it.
+// boundListener is one open [[listen]] entry.
 type boundListener struct {
 	conf   config.Listener
 	ln     net.Listener
-	smtp   *smtp.Server
 	socket string // unix socket path to remove at shutdown
 }
 
@@ -149,15 +156,25 @@ func newServer(st *settings, deps Deps) (*Server, error) {
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.settings.Store(st)
+	s.smtpLog = slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)
+	s.tlsConf = &tls.Config{
+		MinVersion: tls.VersionTLS12,
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+			if c := s.settings.Load().cert; c != nil {
+				return c, nil
+			}
+			return nil, errors.New("no certificate configured")
+		},
+	}
 	return s, nil
 }
 
-// Reload makes new sessions use cfg: relay control, limits, control files,
-// tcprules, web servers, passwd, exempt users, the TLS certificate and
-// DKIM (keys, owners, actions, resolver).
-// Listeners are not rebound, and the greeting, the timeouts and whether
-// STARTTLS is offered stay as they were at Start (go-smtp fixes them per
-// listener). On error the running configuration stays.
+// Reload makes new connections use cfg: relay control, limits, control
+// files (the greeting and databytes included), tcprules, web servers,
+// passwd, exempt users, timeouts, the TLS certificate and whether STARTTLS
+// is offered, and DKIM (keys, owners, actions, resolver). Listeners are not
+// rebound, and a connection keeps the settings it was accepted under. On
+// error the running configuration stays.
 func (s *Server) Reload(cfg *config.Config) error {
 	st, err := newSettings(cfg, s.log)
 	if err != nil {
@@ -190,20 +207,8 @@ func (s *Server) Start() error {
 		}
 		return err
 	}
-	var tlsConf *tls.Config
-	if st.cert != nil {
-		tlsConf = &tls.Config{
-			MinVersion: tls.VersionTLS12,
-			GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
-				if c := s.settings.Load().cert; c != nil {
-					return c, nil
-				}
-				return nil, errors.New("no certificate configured")
-			},
-		}
-	}
 	for _, lc := range st.cfg.Listen {
-		b, err := s.listen(lc, st, tlsConf)
+		b, err := s.listen(lc)
 		if err != nil {
 			return fail(fmt.Errorf("listen %s %s: %w", lc.Mode, lc.Addr, err))
 		}
@@ -214,16 +219,13 @@ func (s *Server) Start() error {
 		s.serving.Add(1)
 		go func() {
 			defer s.serving.Done()
-			err := b.smtp.Serve(b.ln)
-			if err != nil && !errors.Is(err, net.ErrClosed) {
-				s.log.Error("listener stopped", "addr", b.conf.Addr, "err", err)
-			}
+			s.serve(b)
 		}()
 	}
 	return nil
 }
 
-func (s *Server) listen(lc config.Listener, st *settings, tlsConf *tls.Config) (*boundListener, error) {
+func (s *Server) listen(lc config.Listener) (*boundListener, error) {
 	b := &boundListener{conf: lc}
 	var ln net.Listener
 	var err error
@@ -250,42 +252,129 @@ func (s *Server) listen(lc config.Listener, st *settings, tlsConf *tls.Config) (
 		}
 	}
 	implicitTLS := lc.Mode == config.ModeSMTPS
-	if implicitTLS && tlsConf == nil {
+	if implicitTLS && s.settings.Load().cert == nil {
 		ln.Close()
 		return nil, errors.New("smtps needs [tls] cert and key")
 	}
 	var gated net.Listener = &gateListener{Listener: ln, srv: s, local: local, tls: implicitTLS}
 	if implicitTLS {
-		gated = tls.NewListener(gated, tlsConf)
+		gated = tls.NewListener(gated, s.tlsConf)
 	}
 	b.ln = gated
+	return b, nil
+}
 
-	srv := smtp.NewServer(&backend{srv: s, mode: lc.Mode})
+// serve accepts connections on b until it is closed. Each connection gets a
+// go-smtp server of its own, set up from the settings the gate admitted it
+// under: go-smtp fixes the greeting, SIZE, the timeouts and STARTTLS per
+// server, and this way they follow a reload (control/smtpgreeting and
+// databytes as qmail-smtpd, which reads them per connection).
+func (s *Server) serve(b *boundListener) {
+	var delay time.Duration
+	for {
+		c, err := b.ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) || s.draining.Load() {
+				return
+			}
+			if isTemporaryAccept(err) {
+				// Out of file descriptors and the like: wait, as net/http does.
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				s.log.Warn("accept failed; retrying", "addr", b.conf.Addr, "err", err, "in", delay)
+				time.Sleep(delay)
+				continue
+			}
+			s.log.Error("listener stopped", "addr", b.conf.Addr, "err", err)
+			return
+		}
+		delay = 0
+		tc, ok := trackedConnOf(c)
+		if !ok { // the gate returns nothing else
+			c.Close()
+			continue
+		}
+		srv := s.smtpServer(b.conf.Mode, tc.info)
+		s.connMu.Lock()
+		tc.smtp = srv
+		s.connMu.Unlock()
+		// Serve hands the one connection to its own goroutine, then returns.
+		go srv.Serve(&oneConnListener{conn: c})
+	}
+}
+
+// isTemporaryAccept reports an accept error worth waiting out: the process
+// or the system is out of descriptors or memory, or the peer gave up
+// before the accept.
+func isTemporaryAccept(err error) bool {
+	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ECONNABORTED, syscall.EINTR} {
+		if errors.Is(err, errno) {
+			return true
+		}
+	}
+	return false
+}
+
+// smtpServer is the go-smtp server for one connection of a listener in
+// mode, with info's settings.
+func (s *Server) smtpServer(mode string, info connInfo) *smtp.Server {
+	st := info.st
+	local := mode == config.ModeLocal
+	srv := smtp.NewServer(&backend{srv: s, mode: mode})
 	srv.Domain = st.greeting
 	srv.ReadTimeout = st.timeout
 	srv.WriteTimeout = st.timeout
 	srv.MaxLineLength = maxLineLength
+	srv.ErrorLog = s.smtpLog
+	// EHLO shows SIZE <databytes> (RFC 1870), and go-smtp refuses a
+	// declared or transferred size over it, counted as the message
+	// travels (CRLF line ends), as SIZE is; Data counts the stored size
+	// too. max_recipients is answered in Rcpt with relay's text.
+	srv.MaxMessageBytes = info.databytes
+	srv.MaxRecipients = 0
+	srv.AllowInsecureAuth = local || !st.cfg.Auth.RequireTLS
 	if local {
 		// go-smtp's line limit also applies inside DATA, and scripts do put
 		// a whole HTML body on one line: the local socket takes far longer
 		// lines than the network (qmail-queue takes any), yet still a
 		// bounded number of bytes per line from any local user. A message
 		// over it is deferred by relay qq, never passed on uncounted.
+		// qmail-queue has no size limit either, so `relay qq` check
+		// sessions get none; Data enforces databytes on other local mail.
 		srv.MaxLineLength = maxLocalLineLength
+		srv.MaxMessageBytes = 0
+	} else if st.cert != nil {
+		srv.TLSConfig = s.tlsConf
 	}
-	// databytes is enforced on the stored size in Data, not on the wire
-	// size go-smtp would count; max_recipients is answered in Rcpt with
-	// relay's text.
-	srv.MaxMessageBytes = 0
-	srv.MaxRecipients = 0
-	srv.AllowInsecureAuth = local || !st.cfg.Auth.RequireTLS
-	srv.ErrorLog = slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)
-	if !local && tlsConf != nil {
-		srv.TLSConfig = tlsConf
-	}
-	b.smtp = srv
-	return b, nil
+	return srv
 }
+
+// oneConnListener hands one connection to a go-smtp server's Serve, then
+// reports itself closed, which ends Serve; the connection goes on.
+type oneConnListener struct {
+	mu   sync.Mutex
+	conn net.Conn
+}
+
+func (l *oneConnListener) Accept() (net.Conn, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	c := l.conn
+	if c == nil {
+		return nil, net.ErrClosed
+	}
+	l.conn = nil
+	return c, nil
+}
+
+func (l *oneConnListener) Close() error { return nil }
+
+func (l *oneConnListener) Addr() net.Addr { return dummyAddr{} }
+
+// dummyAddr is oneConnListener's address: go-smtp never asks for it.
+type dummyAddr struct{}
+
+func (dummyAddr) Network() string { return "relay" }
+func (dummyAddr) String() string  { return "relay" }
 
 // removeStaleSocket removes a unix socket file left by an earlier run; any
 // other kind of file at path is an error, never removed.
@@ -333,9 +422,13 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	// go-smtp's Close waits for that lock (Logout) before it closes the
 	// connection: a stalled client would hold Shutdown until relay.timeout.
 	// Closing the connections first ends those reads.
-	s.closeConns()
+	servers := s.closeConns()
+	// go-smtp's Close ends each session (Logout) before it returns, so
+	// nothing is left reserved in policy when Shutdown returns.
+	for _, srv := range servers {
+		srv.Close()
+	}
 	for _, b := range bound {
-		b.smtp.Close()
 		if b.socket != "" {
 			os.Remove(b.socket)
 		}
@@ -344,17 +437,23 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	return err
 }
 
-// closeConns closes every open client connection.
-func (s *Server) closeConns() {
+// closeConns closes every open client connection and returns their go-smtp
+// servers.
+func (s *Server) closeConns() []*smtp.Server {
 	s.connMu.Lock()
 	open := make([]*trackedConn, 0, len(s.conns))
+	servers := make([]*smtp.Server, 0, len(s.conns))
 	for c := range s.conns {
 		open = append(open, c)
+		if c.smtp != nil {
+			servers = append(servers, c.smtp)
+		}
 	}
 	s.connMu.Unlock()
 	for _, c := range open {
 		c.Close()
 	}
+	return servers
 }
 
 // inflight counts sessions with a transaction open.
@@ -407,13 +506,15 @@ type settings struct {
 	maxRcpts      int
 	maxConns      int
 	maxConnsPerIP int
+	maxLocalConns int
+	maxSession    time.Duration // 0: none
 
 	rcptHostAllowed func(domain string) bool
 	badMailFrom     func(sender string) bool
 	tcpRules        func(netip.Addr) (config.TCPRule, bool) // nil: no tcprules file
 
 	relayNets  []netip.Prefix
-	webservers []webserver
+	webservers []*webserver
 	accounts   map[uint32]string // /etc/passwd uid -> name
 	exempt     map[string]bool
 	cert       *tls.Certificate
@@ -422,9 +523,11 @@ type settings struct {
 
 // webserver is one [[webserver]] entry.
 type webserver struct {
-	name     string
-	addr     netip.Addr
-	accounts map[uint32]string // its passwd file (config.Load reads it); nil when none is set
+	name       string
+	addr       netip.Addr
+	accounts   map[uint32]string // its passwd file (config.Load reads it); nil when none is set
+	requireUID bool
+	lastEvent  atomic.Int64 // unix ns of its last EventRefused
 }
 
 // passwdFile names the local accounts for uid:local identities and
@@ -463,6 +566,8 @@ func newSettings(cfg *config.Config, log *slog.Logger) (*settings, error) {
 		maxRcpts:        cfg.Relay.MaxRecipients,
 		maxConns:        cfg.Relay.MaxConnections,
 		maxConnsPerIP:   cfg.Relay.MaxConnectionsPerIP,
+		maxLocalConns:   cfg.Local.MaxConnections,
+		maxSession:      cfg.Relay.MaxSession.Duration,
 		rcptHostAllowed: ctl.RcptHostAllowed,
 		badMailFrom:     ctl.BadMailFrom,
 		exempt:          map[string]bool{},
@@ -495,7 +600,7 @@ func newSettings(cfg *config.Config, log *slog.Logger) (*settings, error) {
 		if err != nil {
 			return nil, fmt.Errorf("webserver %s: %w", w.Name, err)
 		}
-		st.webservers = append(st.webservers, webserver{name: w.Name, addr: a.Unmap().WithZone(""), accounts: w.Accounts})
+		st.webservers = append(st.webservers, &webserver{name: w.Name, addr: a.Unmap().WithZone(""), accounts: w.Accounts, requireUID: w.RequireUID})
 	}
 	st.accounts = readAccounts(passwdFile, log)
 	for _, u := range cfg.Local.ExemptUsers {
@@ -540,9 +645,9 @@ func (st *settings) relayNetwork(a netip.Addr) bool {
 
 // webserverAt returns the [[webserver]] whose address a is.
 func (st *settings) webserverAt(a netip.Addr) *webserver {
-	for i := range st.webservers {
-		if st.webservers[i].addr == a {
-			return &st.webservers[i]
+	for _, ws := range st.webservers {
+		if ws.addr == a {
+			return ws
 		}
 	}
 	return nil

@@ -38,7 +38,7 @@ func (b *backend) NewSession(c *smtp.Conn) (smtp.Session, error) {
 		s.log.Error("connection without relay's connection info")
 		return nil, replyInternal
 	}
-	st := s.settings.Load()
+	st := info.st
 	_, isTLS := c.TLSConnectionState()
 	ss := &session{
 		srv:       s,
@@ -51,7 +51,7 @@ func (b *backend) NewSession(c *smtp.Conn) (smtp.Session, error) {
 		uid:       info.uid,
 		helo:      c.Hostname(),
 		tls:       isTLS,
-		databytes: st.databytes,
+		databytes: info.databytes,
 	}
 	if info.local {
 		ss.account = st.accounts[info.uid]
@@ -66,11 +66,6 @@ func (b *backend) NewSession(c *smtp.Conn) (smtp.Session, error) {
 			if v, ok := info.rule.Env["RELAYCLIENT"]; ok {
 				ss.relayClient = true
 				ss.rcptSuffix = v
-			}
-			if v, ok := info.rule.Env["DATABYTES"]; ok {
-				if n, err := strconv.ParseInt(strings.TrimSpace(v), 10, 64); err == nil && n >= 0 {
-					ss.databytes = n
-				}
 			}
 		}
 		if ws := st.webserverAt(info.remote); ws != nil {
@@ -144,12 +139,12 @@ type transaction struct {
 
 // trusted reports whether mail from this session is counted by policy:
 // authenticated, relay clients (relay_networks, tcprules RELAYCLIENT),
-// configured web servers and the local socket (DESIGN.md §3). Mail from the
+// configured web servers and the local socket (docs/design.md §3). Mail from the
 // internet to local domains is not.
 func (s *session) trusted() bool { return s.relayClient || s.user != "" }
 
 // identities lists what the envelope tells about the sender, strongest
-// first (DESIGN.md §3).
+// first (docs/design.md §3).
 func (s *session) identities(from string) []policy.Identity {
 	var ids []policy.Identity
 	if s.user != "" {
@@ -199,12 +194,7 @@ func (s *session) Auth(mech string) (sasl.Server, error) {
 	case s.check || s.local || s.srv.deps.Auth == nil || !s.srv.deps.Auth.Enabled():
 		return nil, smtp.ErrAuthUnknownMechanism
 	case mech == sasl.Plain:
-		return sasl.NewPlainServer(func(identity, login, password string) error {
-			if identity != "" && identity != login {
-				return replyAuthMismatch
-			}
-			return s.authenticate(login, password)
-		}), nil
+		return NewPlainServer(s.authenticate), nil
 	case mech == sasl.Login:
 		return NewLoginServer(s.authenticate), nil
 	}
@@ -276,6 +266,9 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	}
 	if !addressAcceptable(from) {
 		return replyBadSender
+	}
+	if _, ok := policy.NormalAddress(from); !ok {
+		return replyBadSender // a domain literal that is not an IP address
 	}
 	// RFC 1870 §6.1: a declared size over the limit is refused at once.
 	if s.databytes > 0 && !s.check && opts != nil && opts.Size > s.databytes {
@@ -418,7 +411,12 @@ func (s *session) data(tx *transaction, msg *storeReader, headBuf []byte) *smtp.
 		tx.abort()
 		return s.storeFailure(msg)
 	}
-	if extra := s.headerIdentities(head); len(extra) > 0 {
+	extra, refusal := s.headerIdentities(head)
+	if refusal != nil {
+		tx.abort()
+		return refusal
+	}
+	if len(extra) > 0 {
 		tx.ids = append(tx.ids, extra...)
 		if tx.ptx != nil {
 			if r := s.decide(tx, "data", tx.ptx.AddIdentities(extra...)); r != nil {
@@ -432,6 +430,7 @@ func (s *session) data(tx *transaction, msg *storeReader, headBuf []byte) *smtp.
 			return r
 		}
 		tx.ids = tx.ptx.Identities()
+		msg.atEOF = func() error { return s.recheck(tx) }
 	}
 	if s.check && (s.exempt || tx.ptx == nil) {
 		// Nothing is counted: `relay qq` runs the real qmail-queue.
@@ -452,7 +451,7 @@ func (s *session) data(tx *transaction, msg *storeReader, headBuf []byte) *smtp.
 	}
 	body := io.MultiReader(strings.NewReader(s.traceHeaders(tx)), bytes.NewReader(head), msg)
 	if tx.fromVerdict.Action == dkim.Sign {
-		// Signed last, over every byte handed off (DESIGN.md §11).
+		// Signed last, over every byte handed off (docs/design.md §11).
 		signed, done, r := s.signed(tx, body, msg)
 		if r != nil {
 			return r
@@ -550,10 +549,13 @@ func (s *session) holdMessage(tx *transaction, head []byte, msg *storeReader, bo
 
 // storeFailure is the reply for a message that could not be stored.
 func (s *session) storeFailure(msg *storeReader) *smtp.SMTPError {
+	var refused *policyRefusal
 	switch err := msg.Err(); {
+	case errors.As(err, &refused):
+		return refused.reply
 	case errors.Is(err, errBareNewline):
 		return replyBareNewline
-	case errors.Is(err, errTooBig):
+	case errors.Is(err, errTooBig), errors.Is(err, smtp.ErrDataTooLarge):
 		return replyDatabytes
 	case errors.Is(err, errTooManyHops):
 		return replyHops
@@ -582,40 +584,6 @@ func readHead(msg *storeReader, head []byte) ([]byte, error) {
 		}
 	}
 	return head, nil
-}
-
-// headerIdentities are the identities the header adds. On a connection
-// from a [[webserver]]: uid:<name>:<uid> from the first Received field if
-// qmail-queue wrote it there ("invoked by uid U"), else from the first
-// X-PHP-Originating-Script, with that header's script when its uid agrees.
-// On the local socket the script of an X-PHP-Originating-Script whose uid
-// is the peer's own is recorded on uid:local:<uid>. Headers anywhere else
-// change nothing.
-func (s *session) headerIdentities(head []byte) []policy.Identity {
-	switch {
-	case s.webserver != nil:
-		uid, ok := firstReceivedUID(head)
-		phpUID, script, phpOK := phpOriginatingScript(head)
-		if !ok && phpOK {
-			uid, ok = phpUID, true
-		}
-		if !ok {
-			return nil
-		}
-		if !phpOK || phpUID != uid {
-			script = ""
-		}
-		return []policy.Identity{policy.WebUID(s.webserver.name, uid, s.webserver.accounts[uid], script)}
-	case s.local:
-		phpUID, script, ok := phpOriginatingScript(head)
-		if !ok || phpUID != s.uid || script == "" {
-			return nil
-		}
-		id := policy.LocalUID(s.uid, s.account)
-		id.Script = script
-		return []policy.Identity{id}
-	}
-	return nil
 }
 
 // traceHeaders are the header lines relay prepends: Received, and

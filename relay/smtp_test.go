@@ -206,16 +206,22 @@ func TestStoredFormAndReplies(t *testing.T) {
 	}
 	c.expect("RSET", "250")
 
-	// databytes: exactly 40 stored bytes pass, 41 do not, nothing handed off.
-	body40 := strings.Repeat("x", 39) + "\r\n.\r\n"
+	// databytes is counted as SIZE counts (RFC 1870: CRLF line ends, dots
+	// unstuffed): exactly 40 bytes pass, 41 do not (40 once stored),
+	// nothing handed off; with qmail's text.
+	body40 := strings.Repeat("x", 38) + "\r\n.\r\n"
 	if got := c.mail("a@remote.test", []string{"u@example.test"}, body40); !strings.HasPrefix(got, "250 ") {
 		t.Fatalf("40 bytes: %q", got)
 	}
-	body41 := strings.Repeat("x", 40) + "\r\n" + strings.Repeat("y", 5000) + "\r\n.\r\n"
+	body41 := strings.Repeat("x", 39) + "\r\n.\r\n"
 	if got := c.mail("a@remote.test", []string{"u@example.test"}, body41); got != "552 5.3.4 sorry, that message size exceeds my databytes limit (#5.3.4)\r\n" {
 		t.Fatalf("41 bytes: %q", got)
 	}
-	if got := c.cmd("MAIL FROM:<a@remote.test> SIZE=41"); !strings.HasPrefix(got, "552 5.3.4 sorry") {
+	bodyBig := strings.Repeat("x", 40) + "\r\n" + strings.Repeat("y", 5000) + "\r\n.\r\n"
+	if got := c.mail("a@remote.test", []string{"u@example.test"}, bodyBig); got != "552 5.3.4 sorry, that message size exceeds my databytes limit (#5.3.4)\r\n" {
+		t.Fatalf("5000 bytes: %q", got)
+	}
+	if got := c.cmd("MAIL FROM:<a@remote.test> SIZE=41"); !strings.HasPrefix(got, "552 5.3.4 ") {
 		t.Fatalf("SIZE=41: %q", got)
 	}
 	// The session goes on after the 552.
@@ -380,3 +386,71 @@ func TestLocalSocketPeerUID(t *testing.T) {
 func uidString() string { return strconv.Itoa(os.Getuid()) }
 
 func waitABit() { time.Sleep(20 * time.Millisecond) }
+
+// ehloLine reports whether the EHLO reply has exactly the keyword line kw.
+func ehloLine(ehlo, kw string) bool {
+	for _, l := range strings.Split(strings.TrimRight(ehlo, "\r\n"), "\r\n") {
+		if len(l) > 4 && l[4:] == kw {
+			return true
+		}
+	}
+	return false
+}
+
+// TestEHLOSizeAndGreetingFollowReload: EHLO shows SIZE <databytes> when
+// there is a limit (max_message_bytes, control/databytes, a tcprules
+// DATABYTES), and a reload changes the greeting and SIZE of the next
+// connection, as qmail-smtpd reads its control files per connection; a
+// connection keeps what it started with.
+func TestEHLOSizeAndGreetingFollowReload(t *testing.T) {
+	cfg := testConfig()
+	cfg.Relay.MaxMessageBytes = 40960
+	rules, err := config.ParseTCPRules("tcp.smtp", strings.NewReader("127.0.0.9:allow,DATABYTES=\"777\"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.TCPRules = rules
+	s := testServer(t, cfg, Deps{}, nil)
+
+	old := dialRaw(t, "tcp", tcpAddr(s, 0))
+	if b := old.reply(); b != "220 mail.example.test ESMTP Service Ready\r\n" {
+		t.Fatalf("greeting %q", b)
+	}
+	if ehlo := old.cmd("EHLO a"); !ehloLine(ehlo, "SIZE 40960") {
+		t.Fatalf("EHLO without SIZE 40960: %q", ehlo)
+	}
+	ruled := dialRawFrom(t, "tcp", tcpAddr(s, 0), "127.0.0.9")
+	if ehlo := ruled.hello("b"); !ehloLine(ehlo, "SIZE 777") {
+		t.Fatalf("tcprules DATABYTES=777: EHLO %q", ehlo)
+	}
+
+	// control/smtpgreeting and control/databytes, re-read by a reload.
+	cfg2 := testConfig()
+	cfg2.Relay.MaxMessageBytes = 40960
+	cfg2.Control = config.NewControl(cfg2)
+	cfg2.Control.Greeting = "mx.example.test NO UCE"
+	cfg2.Control.Databytes = 1234
+	if err := s.Reload(cfg2); err != nil {
+		t.Fatal(err)
+	}
+	c := dialRaw(t, "tcp", tcpAddr(s, 0))
+	if b := c.reply(); b != "220 mx.example.test NO UCE ESMTP Service Ready\r\n" {
+		t.Fatalf("greeting after reload %q", b)
+	}
+	if ehlo := c.cmd("EHLO a"); !ehloLine(ehlo, "SIZE 1234") {
+		t.Fatalf("EHLO after reload: %q", ehlo)
+	}
+	if ehlo := old.cmd("EHLO a"); !ehloLine(ehlo, "SIZE 40960") {
+		t.Fatalf("EHLO on the older connection: %q", ehlo)
+	}
+
+	// No limit: SIZE without a number (RFC 1870 §4).
+	cfg3 := testConfig()
+	if err := s.Reload(cfg3); err != nil {
+		t.Fatal(err)
+	}
+	c = dialRaw(t, "tcp", tcpAddr(s, 0))
+	if ehlo := c.hello("a"); !ehloLine(ehlo, "SIZE") {
+		t.Fatalf("EHLO without a limit: %q", ehlo)
+	}
+}

@@ -39,6 +39,11 @@ type storeReader struct {
 	strict bool
 	limit  int64 // databytes; 0 = unlimited
 
+	// atEOF, when set, runs once when src ends cleanly; an error it
+	// returns ends the stream in place of io.EOF (the policy check at the
+	// end of DATA).
+	atEOF func() error
+
 	in      []byte // raw bytes from src
 	out     []byte // converted bytes not yet returned
 	pending []byte // unread part of out
@@ -142,6 +147,11 @@ func (r *storeReader) fill() {
 				r.err = errBareNewline
 			} else {
 				r.emit('\r')
+			}
+		}
+		if r.err == nil && err == io.EOF && r.atEOF != nil {
+			if refused := r.atEOF(); refused != nil {
+				err = refused
 			}
 		}
 		if r.err == nil {

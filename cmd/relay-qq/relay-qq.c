@@ -914,7 +914,7 @@ static int read_envelope(struct envelope *e)
 }
 
 /* ---------------------------------------------------------------------
- * The real qmail-queue, exec'd in place as the caller (DESIGN §7): the
+ * The real qmail-queue, exec'd in place as the caller (docs/design.md §7): the
  * caller waits for it and gets its exit code, and qmail's "invoked by uid"
  * line names the caller. fd 0 and fd 1 are files holding the message and
  * the envelope from their start: the spool file, or a memfd (an unlinked

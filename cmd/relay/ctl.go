@@ -57,7 +57,7 @@ func runCtl(args []string, stdout, stderr io.Writer) int {
 		if err != nil {
 			return nil, err
 		}
-		return admin.NewClient(cfg.Admin.Listen, token)
+		return admin.NewClient(cfg.Admin.Listen, token, cfg.Admin.TLSCert)
 	})
 }
 

@@ -45,7 +45,7 @@ func runCtlAgainst(t *testing.T, ts *httptest.Server, args ...string) (int, stri
 	t.Helper()
 	var out, errb bytes.Buffer
 	code := ctl(args, &out, &errb, func() (*admin.Client, error) {
-		return admin.NewClient(strings.TrimPrefix(ts.URL, "http://"), ctlTestToken)
+		return admin.NewClient(strings.TrimPrefix(ts.URL, "http://"), ctlTestToken, "")
 	})
 	return code, out.String(), errb.String()
 }

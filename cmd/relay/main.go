@@ -20,6 +20,8 @@ commands:
   qmail-queue    list who is in qmail's queue right now
   scan           list processes talking SMTP (run on a web server)
   dkim           DKIM keys: keygen, dns (records to publish), check (against DNS)
+  queue-writer   write qmail's queue for delivery method qmail-direct
+                 (relay serve runs it; not for use by hand)
 
 --config defaults to $RELAY_CONFIG, then /etc/relay/relay.toml.
 Invoked as "sendmail" or "qmail-queue" (a symlink), relay acts as
@@ -59,6 +61,8 @@ func dispatch(argv []string, stdout, stderr io.Writer) int {
 		return runScan(args, stdout, stderr)
 	case "dkim":
 		return runDKIM(args, stdout, stderr)
+	case "queue-writer":
+		return runQueueWriter(args, stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return 0

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -49,15 +50,25 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	if cfg.Path == "" {
 		log.Info("no config file: running on the embedded defaults", "looked_for", path)
 	}
-	d, err := startDaemon(cfg, log)
+	if cfg.Delivery.Method == config.DeliverQmailDirect && os.Getenv(envSupervisorFD) == "" && os.Geteuid() == 0 {
+		return superviseServe(args, cfg, log) // supervise.go
+	}
+	logWarnings(log, cfg)
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+	writers, stopWriters, err := writerConns(cfg, log, sigs)
+	if err != nil {
+		log.Error("cannot start", "err", err)
+		return 1
+	}
+	defer stopWriters()
+	d, err := startDaemon(cfg, log, writers)
 	if err != nil {
 		log.Error("cannot start", "err", err)
 		return 1
 	}
 	log.Info("relay started", "config", cfg.Path, "smtp", d.smtp.Addrs(), "admin", d.admin.Addr())
 
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
 	for sig := range sigs {
 		if sig == syscall.SIGHUP {
 			if err := d.reload(); err != nil {
@@ -104,10 +115,9 @@ type daemon struct {
 	closeDB func() error
 }
 
-func startDaemon(cfg *config.Config, log *slog.Logger) (*daemon, error) {
-	if err := admin.CheckListen(cfg.Admin.Listen, cfg.Admin.TokenFile); err != nil {
-		return nil, err
-	}
+// startDaemon starts everything; writers brings method qmail-direct its
+// queue-writer connections.
+func startDaemon(cfg *config.Config, log *slog.Logger, writers <-chan net.Conn) (*daemon, error) {
 	db, err := policy.OpenDB(cfg.DataDir)
 	if err != nil {
 		return nil, err
@@ -120,7 +130,7 @@ func startDaemon(cfg *config.Config, log *slog.Logger) (*daemon, error) {
 		db.Close()
 		return nil, err
 	}
-	d.handoff, err = queue.New(cfg.Delivery, cfg.Control.Me, queue.Options{Logger: log, Registerer: reg, ChildStderr: os.Stderr})
+	d.handoff, err = queue.New(cfg.Delivery, cfg.Control.Me, queue.Options{Logger: log, Registerer: reg, ChildStderr: os.Stderr, Writers: writers})
 	if err != nil {
 		return fail(err)
 	}
@@ -178,6 +188,9 @@ func startDaemon(cfg *config.Config, log *slog.Logger) (*daemon, error) {
 		Gatherer: reg,
 		Logger:   log,
 		Pprof:    cfg.Admin.Pprof,
+		Health:   d.policy.Health,
+		TLSCert:  cfg.Admin.TLSCert,
+		TLSKey:   cfg.Admin.TLSKey,
 		DKIM:     d.smtp,
 	})
 	if err == nil {
@@ -204,6 +217,7 @@ func (d *daemon) reload() error {
 	for _, w := range restartOnly(d.cfg, cfg) {
 		d.log.Warn("reload: this setting changes only at restart", "key", w)
 	}
+	logWarnings(d.log, cfg)
 	if err := d.smtp.Reload(cfg); err != nil {
 		return err
 	}
@@ -213,6 +227,13 @@ func (d *daemon) reload() error {
 	d.log.Info("config reloaded", "config", cfg.Path)
 	d.cfg = cfg
 	return nil
+}
+
+// logWarnings logs what check-config warns about in cfg.
+func logWarnings(log *slog.Logger, cfg *config.Config) {
+	for _, w := range cfg.Warnings {
+		log.Warn("config: " + w.Error())
+	}
 }
 
 func (d *daemon) recordReload(detail string) {

@@ -126,7 +126,7 @@ func asciiEqualFold(b []byte, s string) bool {
 
 // parseOrigin reads where a message came from out of its first Received
 // lines (values, unfolded). qmail-queue always writes the top one
-// (qmail.md §3.2):
+// (docs/qmail.md §2.2):
 //
 //	(qmail <pid> invoked by uid <n>); <date>
 //	(qmail <pid> invoked from network); <date>
@@ -134,7 +134,7 @@ func asciiEqualFold(b []byte, s string) bool {
 //	(qmail <pid> invoked for bounce); <date>
 //
 // and for "from network" qmail-smtpd's (or relay's) line follows
-// (qmail.md §2.5, §9.3):
+// (docs/qmail.md §1.4):
 //
 //	from <host> (HELO <helo>) (<info>@<ip>) by <local> with <proto>; <date>
 //

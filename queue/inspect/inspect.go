@@ -7,7 +7,7 @@
 // It is safe on a live queue: it only opens files for reading, and a message
 // whose files vanish or are still being written while it reads is left out
 // rather than reported as an error. The layout it reads is qmail 1.03's
-// (qmail.md §5): the message id is the inode number of mess/<split>/<id>,
+// (docs/qmail.md §4): the message id is the inode number of mess/<split>/<id>,
 // split directories hold <id % split>/<id>, info/local/remote hold
 // NUL-terminated records, and todo/<id> holds the envelope until qmail-send
 // has preprocessed the message.
@@ -33,7 +33,7 @@ import (
 // DefaultDir is where qmail keeps its queue.
 const DefaultDir = "/var/qmail/queue"
 
-// Origin kinds: how qmail-queue was invoked (qmail.md §3.2).
+// Origin kinds: how qmail-queue was invoked (docs/qmail.md §2.2).
 const (
 	KindUID     = "uid"     // "invoked by uid N": a local user or script
 	KindNetwork = "network" // "invoked from network": qmail-smtpd or relay
@@ -222,7 +222,7 @@ var errNotCommitted = errors.New("message not committed")
 // is the message id, cannot be given to a new message, so every file named
 // after the id that is read afterwards belongs to this message (qmail-send
 // removes mess last, after info, local and remote). Then the envelope is
-// read, because its files are qmail's commit points (qmail.md §5): todo/<id>
+// read, because its files are qmail's commit points (docs/qmail.md §4): todo/<id>
 // appears only once qmail-queue has written and synced mess, and while todo
 // exists it is the envelope (qmail-send may be half-way through writing
 // info/local/remote); once todo is gone, info/local/remote are complete. A
@@ -337,7 +337,7 @@ func (r *Reader) readPreprocessed(l *layout, id uint64, name string) (envelope, 
 // ReceivedLines returns the Received fields of message id as stored (the
 // old "for f in queue/mess/*/*; grep Received" loop), topmost first.
 func (r *Reader) ReceivedLines(id uint64) ([]string, error) {
-	split, err := splitOf(r.dir())
+	split, err := SplitOf(r.dir())
 	if err != nil {
 		return nil, err
 	}

@@ -12,7 +12,7 @@ import (
 )
 
 // lifecycle takes one message through qmail's whole life, step by step, the
-// way qmail-queue and qmail-send change the files (qmail.md §5), writing
+// way qmail-queue and qmail-send change the files (docs/qmail.md §4), writing
 // files in pieces so a reader can see them half-written.
 func lifecycle(dir string, k int) error {
 	name := func(sub string, id uint64, split bool) string {

@@ -39,7 +39,7 @@ func OriginKey(o Origin) string {
 }
 
 // SenderKey is the group of an envelope sender: sender:<addr>, lowercased,
-// and sender:<> for the null sender (the identity ids of DESIGN §3).
+// and sender:<> for the null sender (the identity ids of docs/design.md §3).
 func SenderKey(sender string) string {
 	return "sender:" + cmp.Or(strings.ToLower(sender), "<>")
 }

@@ -70,10 +70,15 @@ func newDataReader(c *Conn) *dataReader {
 
 func (r *dataReader) Read(b []byte) (n int, err error) {
 	if r.limited {
-		if r.n <= 0 {
+		if r.n < 0 {
 			return 0, ErrDataTooLarge
 		}
-		if int64(len(b)) > r.n {
+		if r.n == 0 && len(b) > 1 {
+			// At the limit, read on with room for one byte: the final
+			// ".\r\n" yields none and ends a message of exactly
+			// MaxMessageBytes; any other byte is one too many.
+			b = b[0:1]
+		} else if int64(len(b)) > r.n && r.n > 0 {
 			b = b[0:r.n]
 		}
 	}
@@ -122,9 +127,9 @@ func (r *dataReader) Read(b []byte) (n int, err error) {
 				r.state = stateEOF
 				continue
 			}
-			// relay patch, as net/textproto does: not part of .\r\n, so
-			// the leading dot is consumed and the saved \r is emitted
-			// (upstream dropped it, silently changing the message).
+			// Not the end of the data: the leading dot is dropped, but the
+			// CR that followed it is part of the message, as in
+			// net/textproto's DotReader.
 			r.r.UnreadByte()
 			c = '\r'
 			r.state = stateData
@@ -148,6 +153,9 @@ func (r *dataReader) Read(b []byte) (n int, err error) {
 
 	if r.limited {
 		r.n -= int64(n)
+		if r.n < 0 {
+			return 0, ErrDataTooLarge
+		}
 	}
 	return
 }

@@ -15,7 +15,7 @@ func testServerGreetedLMTP(t *testing.T, fn ...serverConfigureFunc) (be *backend
 	be, s, c, scanner = testServer(t, fn...)
 
 	scanner.Scan()
-	if scanner.Text() != "220 localhost LMTP" { // relay patch
+	if scanner.Text() != "220 localhost LMTP Service Ready" {
 		t.Fatal("Invalid greeting:", scanner.Text())
 	}
 

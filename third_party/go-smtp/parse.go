@@ -147,13 +147,19 @@ func (p *parser) parseReversePath() (string, error) {
 	return p.parsePath()
 }
 
-func (p *parser) parsePath() (string, error) {
-	// relay patch: RFC 5321 §4.5.1 requires accepting "<Postmaster>"
-	// without a domain.
-	if len(p.s) >= len("<postmaster>") && strings.EqualFold(p.s[:len("<postmaster>")], "<postmaster>") {
-		p.s = p.s[len("<postmaster>"):]
+// parseForwardPath parses the argument of RCPT TO. Besides a path it
+// accepts "<Postmaster>" without a domain, in any case (RFC 5321 §4.1.1.3,
+// §4.5.1), which it returns as "postmaster".
+func (p *parser) parseForwardPath() (string, error) {
+	const postmaster = "<postmaster>"
+	if len(p.s) >= len(postmaster) && strings.EqualFold(p.s[:len(postmaster)], postmaster) {
+		p.s = p.s[len(postmaster):]
 		return "postmaster", nil
 	}
+	return p.parsePath()
+}
+
+func (p *parser) parsePath() (string, error) {
 	hasBracket := p.acceptByte('<')
 	if p.acceptByte('@') {
 		i := strings.IndexByte(p.s, ':')

@@ -42,3 +42,40 @@ func TestParser(t *testing.T) {
 		}
 	}
 }
+
+func TestParserForwardPath(t *testing.T) {
+	valid := []struct {
+		raw, path, after string
+	}{
+		{"<root@nsa.gov>", "root@nsa.gov", ""},
+		{"<postmaster>", "postmaster", ""},
+		{"<Postmaster>", "postmaster", ""},
+		{"<POSTMASTER> NOTIFY=NEVER", "postmaster", " NOTIFY=NEVER"},
+		{"<postmaster@nsa.gov>", "postmaster@nsa.gov", ""},
+	}
+	for _, tc := range valid {
+		p := parser{tc.raw}
+		path, err := p.parseForwardPath()
+		if err != nil {
+			t.Errorf("parser.parseForwardPath(%q) = %v", tc.raw, err)
+		} else if path != tc.path {
+			t.Errorf("parser.parseForwardPath(%q) = %q, want %q", tc.raw, path, tc.path)
+		} else if p.s != tc.after {
+			t.Errorf("parser.parseForwardPath(%q): got after = %q, want %q", tc.raw, p.s, tc.after)
+		}
+	}
+
+	// Only RCPT TO takes <Postmaster> without a domain.
+	for _, tc := range []string{"<postmaster>", "<Postmaster>", "<postmasterx>"} {
+		p := parser{tc}
+		if path, err := p.parseReversePath(); err == nil {
+			t.Errorf("parser.parseReversePath(%q) = %q, want error", tc, path)
+		}
+	}
+	for _, tc := range []string{"<postmasterx>", "<postmaster"} {
+		p := parser{tc}
+		if path, err := p.parseForwardPath(); err == nil {
+			t.Errorf("parser.parseForwardPath(%q) = %q, want error", tc, path)
+		}
+	}
+}

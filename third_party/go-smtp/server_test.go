@@ -268,7 +268,7 @@ func testServerGreeted(t *testing.T, fn ...serverConfigureFunc) (be *backend, s 
 	be, s, c, scanner = testServer(t, fn...)
 
 	scanner.Scan()
-	if scanner.Text() != "220 localhost ESMTP" { // relay patch: qmail-smtpd's greeting
+	if scanner.Text() != "220 localhost ESMTP Service Ready" {
 		t.Fatal("Invalid greeting:", scanner.Text())
 	}
 
@@ -425,6 +425,35 @@ func TestServerCancelSASL(t *testing.T) {
 	io.WriteString(c, "*\r\n")
 	scanner.Scan()
 	if !strings.HasPrefix(scanner.Text(), "501 ") {
+		t.Fatal("Invalid AUTH response:", scanner.Text())
+	}
+}
+
+func TestServerAuthInvalidBase64(t *testing.T) {
+	// RFC 4954 §4: a response that cannot be decoded gets 501 5.5.2, as an
+	// initial response and after a 334 challenge.
+	_, _, c, scanner, _ := testServerEhlo(t)
+
+	io.WriteString(c, "AUTH PLAIN !!!\r\n")
+	scanner.Scan()
+	if !strings.HasPrefix(scanner.Text(), "501 5.5.2 ") {
+		t.Fatal("Invalid AUTH response:", scanner.Text())
+	}
+
+	io.WriteString(c, "AUTH PLAIN\r\n")
+	scanner.Scan()
+	if scanner.Text() != "334 " {
+		t.Fatal("Invalid AUTH response:", scanner.Text())
+	}
+	io.WriteString(c, "not base64\r\n")
+	scanner.Scan()
+	if !strings.HasPrefix(scanner.Text(), "501 5.5.2 ") {
+		t.Fatal("Invalid AUTH response:", scanner.Text())
+	}
+
+	io.WriteString(c, "AUTH PLAIN AHVzZXJuYW1lAHBhc3N3b3Jk\r\n")
+	scanner.Scan()
+	if !strings.HasPrefix(scanner.Text(), "235 ") {
 		t.Fatal("Invalid AUTH response:", scanner.Text())
 	}
 }
@@ -803,6 +832,36 @@ func TestServer_tooLongMessage(t *testing.T) {
 	}
 }
 
+func TestServer_messageOfMaxMessageBytes(t *testing.T) {
+	for _, tc := range []struct {
+		data string
+		code string
+	}{
+		{strings.Repeat("x", 48) + "\r\n", "250 "}, // exactly 50 bytes
+		{strings.Repeat("x", 49) + "\r\n", "552 "}, // one too many
+		{strings.Repeat("x", 48) + "\r\n..\r\n", "552 "},
+	} {
+		be, s, c, scanner := testServerAuthenticated(t)
+		s.MaxMessageBytes = 50
+
+		io.WriteString(c, "MAIL FROM:<root@nsa.gov>\r\n")
+		scanner.Scan()
+		io.WriteString(c, "RCPT TO:<root@gchq.gov.uk>\r\n")
+		scanner.Scan()
+		io.WriteString(c, "DATA\r\n")
+		scanner.Scan()
+		io.WriteString(c, tc.data+".\r\n")
+		scanner.Scan()
+		if !strings.HasPrefix(scanner.Text(), tc.code) {
+			t.Errorf("%d bytes: DATA response %q, want %q", len(tc.data), scanner.Text(), tc.code)
+		}
+		if got := len(be.messages); (got == 1) != (tc.code == "250 ") {
+			t.Errorf("%d bytes: %d messages", len(tc.data), got)
+		}
+		s.Close()
+	}
+}
+
 // See https://www.postfix.org/smtp-smuggling.html
 func TestServer_smtpSmuggling(t *testing.T) {
 	cases := []struct {
@@ -861,6 +920,59 @@ func TestServer_smtpSmuggling(t *testing.T) {
 				t.Fatalf("Invalid mail data: %q", string(msg.Data))
 			}
 		})
+	}
+}
+
+func TestServer_dotCRNotFollowedByLF(t *testing.T) {
+	be, s, c, scanner := testServerAuthenticated(t)
+	defer s.Close()
+
+	io.WriteString(c, "MAIL FROM:<root@nsa.gov>\r\n")
+	scanner.Scan()
+	io.WriteString(c, "RCPT TO:<root@gchq.gov.uk>\r\n")
+	scanner.Scan()
+	io.WriteString(c, "DATA\r\n")
+	scanner.Scan()
+
+	// ".\rX" is a dot-stuffed line starting with a CR: only the dot goes.
+	io.WriteString(c, "a\r\n.\rX\r\n..b\r\n.\r\n")
+	scanner.Scan()
+	if !strings.HasPrefix(scanner.Text(), "250 ") {
+		t.Fatal("Invalid DATA response:", scanner.Text())
+	}
+	if len(be.messages) != 1 {
+		t.Fatal("Invalid number of sent messages:", len(be.messages))
+	}
+	if got, want := string(be.messages[0].Data), "a\r\n\rX\r\n.b\r\n"; got != want {
+		t.Fatalf("Invalid mail data: %q, want %q", got, want)
+	}
+}
+
+func TestServer_rcptPostmaster(t *testing.T) {
+	be, s, c, scanner := testServerAuthenticated(t)
+	defer s.Close()
+
+	io.WriteString(c, "MAIL FROM:<postmaster>\r\n")
+	scanner.Scan()
+	if !strings.HasPrefix(scanner.Text(), "501 ") {
+		t.Fatal("Invalid MAIL response:", scanner.Text())
+	}
+	io.WriteString(c, "MAIL FROM:<root@nsa.gov>\r\n")
+	scanner.Scan()
+	io.WriteString(c, "RCPT TO:<Postmaster>\r\n")
+	scanner.Scan()
+	if !strings.HasPrefix(scanner.Text(), "250 ") {
+		t.Fatal("Invalid RCPT response:", scanner.Text())
+	}
+	io.WriteString(c, "DATA\r\n")
+	scanner.Scan()
+	io.WriteString(c, "Hey\r\n.\r\n")
+	scanner.Scan()
+	if !strings.HasPrefix(scanner.Text(), "250 ") {
+		t.Fatal("Invalid DATA response:", scanner.Text())
+	}
+	if len(be.messages) != 1 || len(be.messages[0].To) != 1 || be.messages[0].To[0] != "postmaster" {
+		t.Fatal("Invalid recipients:", be.messages)
 	}
 }
 
@@ -974,7 +1086,7 @@ func TestServerBdatDiscard(t *testing.T) {
 	// below comes back as 501.
 	io.WriteString(c, "BDAT 9 LAST\r\nMAIL FROM")
 	scanner.Scan()
-	if !strings.HasPrefix(scanner.Text(), "503 ") {
+	if !strings.HasPrefix(scanner.Text(), "502 ") {
 		t.Fatal("Invalid BDAT response:", scanner.Text())
 	}
 
@@ -1000,7 +1112,7 @@ func TestServerBdatNoRecipientsDiscard(t *testing.T) {
 
 	io.WriteString(c, "BDAT 7 LAST\r\nRCPT TO")
 	scanner.Scan()
-	if !strings.HasPrefix(scanner.Text(), "503 ") {
+	if !strings.HasPrefix(scanner.Text(), "502 ") {
 		t.Fatal("Invalid BDAT response:", scanner.Text())
 	}
 

@@ -110,8 +110,10 @@ func decode(path string, doc []byte) (*loaded, Errors, bool) {
 		if !fatal {
 			break
 		}
+		// A DecodeError has a place; so has a bare value given to a key
+		// that reads text (textValueError), found by its key.
 		var de *toml.DecodeError
-		if !pos.syntaxOK || attempt == maxDecodeRetries || !errors.As(err, &de) {
+		if !pos.syntaxOK || attempt == maxDecodeRetries || (!errors.As(err, &de) && found[0].Key == "") {
 			return nil, errs, true
 		}
 		blank, key, ok := pos.blankExpr(doc, found[0].Line, found[0].Col)

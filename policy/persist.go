@@ -28,14 +28,16 @@ var (
 )
 
 // OpenDB opens (creating if needed) dataDir/relay.db, creating dataDir with
-// mode 0700, and checks the whole file before anything uses it. It never
+// mode 0711 (others may reach qq.settings there by name, as relay-qq must,
+// but not list the directory; everything else in it is 0600 or 0700), and
+// checks the whole file before anything uses it. It never
 // writes to or replaces an existing file that is not a sound bbolt
 // database: one that is empty (bbolt would make a fresh database of it,
 // dropping every suspension), cut short, damaged anywhere (tx.Check reads
 // every page) or locked by another process is an error of one line that
 // names the file and says what to do.
 func OpenDB(dataDir string) (*bolt.DB, error) {
-	if err := os.MkdirAll(dataDir, 0o700); err != nil {
+	if err := os.MkdirAll(dataDir, 0o711); err != nil {
 		return nil, fmt.Errorf("creating data_dir: %w", err)
 	}
 	path := filepath.Join(dataDir, DBFile)

@@ -11,14 +11,18 @@ import (
 
 // fromControl decides, once policy has let a message through, whether it
 // is signed, handed off unsigned, held or refused for its From: header
-// (docs/design.md §11). Only mail from trusted origins is looked at: mail from
-// the internet to our domains is never signed nor judged here, and neither
-// is mail of the exempt local users (qmail's own bounces and forwards).
-// head is the start of the message; complete says the whole header is in
-// it.
-func (s *session) fromControl(tx *transaction, head []byte, complete bool) dkim.Verdict {
+// (docs/design.md §11), and keeps the verdict in tx.fromVerdict. A refusal
+// is returned (550 5.7.1, the policy reservation released); a hold marks
+// tx for the hold spool. Only mail from trusted origins is looked at: mail
+// from the internet to our domains is never signed nor judged here, and
+// neither is mail of the exempt local users (qmail's own bounces and
+// forwards) or mail policy does not count. head is the start of the
+// message; complete says the whole header is in it. signable is false for
+// relay qq's checks: relay qq hands the message to qmail-queue itself, so
+// it cannot carry our signature.
+func (s *session) fromControl(tx *transaction, head []byte, complete, signable bool) *smtp.SMTPError {
 	if !s.trusted() || s.exempt {
-		return dkim.Verdict{}
+		return nil
 	}
 	var from []string
 	headerFields(head, func(name, value string) bool {
@@ -33,15 +37,21 @@ func (s *session) fromControl(tx *transaction, head []byte, complete bool) dkim.
 	}
 	v := s.st.dkim.Decide(s.srv.ctx, dkim.Message{From: from, IDs: ids, HeaderComplete: complete, Ours: s.st.rcptHostAllowed},
 		s.srv.dmarc.Policy)
-	if v.Action == dkim.Sign && s.check {
-		// relay qq hands the message to qmail-queue itself: it cannot
-		// carry our signature.
+	if !signable && (v.Action == dkim.Sign || v.Reason == dkim.ReasonLongHeader) {
 		v = dkim.Verdict{Action: dkim.Unsigned, Domain: v.Domain, Reason: dkim.ReasonLocalQQ}
 	}
 	if v.Action == dkim.Hold || v.Action == dkim.Reject || v.Reason != "" {
 		s.log.Info("From: control", "action", actionName(v.Action), "domain", v.Domain, "reason", v.Reason)
 	}
-	return v
+	tx.fromVerdict = v
+	switch v.Action {
+	case dkim.Reject:
+		tx.abort()
+		return reply(550, smtp.EnhancedCode{5, 7, 1}, safeHeaderValue(v.Text)+" (#5.7.1)")
+	case dkim.Hold:
+		tx.hold, tx.holdReason = true, v.Text
+	}
+	return nil
 }
 
 func actionName(a dkim.Action) string {
@@ -64,12 +74,6 @@ func dkimLogValue(v dkim.Verdict) string {
 		out += ":" + v.Reason
 	}
 	return out
-}
-
-// replyFromRefused is the 550 for a From: that unowned_from or
-// foreign_dmarc refuses.
-func replyFromRefused(v dkim.Verdict) *smtp.SMTPError {
-	return reply(550, smtp.EnhancedCode{5, 7, 1}, safeHeaderValue(v.Text)+" (#5.7.1)")
 }
 
 // signed reads the rest of the message through a dkim.Signing and returns

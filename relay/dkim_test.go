@@ -188,6 +188,7 @@ func TestDKIMSignsOwnersOverAuth(t *testing.T) {
 	if sigs := dkimtest.Verify(t, f.last(t), f.records()); len(sigs) != 2 {
 		t.Fatalf("subdomain: %d signatures", len(sigs))
 	}
+	c.expect("NOOP", "250") // the transaction has ended: counted and logged
 	if !strings.Contains(f.log.String(), "dkim=sign:example.com") {
 		t.Errorf("the transaction log line does not say it was signed:\n%s", f.log.String())
 	}
@@ -222,12 +223,15 @@ func TestDKIMUnownedFrom(t *testing.T) {
 				if got != "550 5.7.1 not allowed to send From: example.com here (#5.7.1)\r\n" || len(f.h.deliveries()) != 0 {
 					t.Fatalf("%q", got)
 				}
+			}
+			// The session goes on: an owned From: is signed after it.
+			c.mail("bob@other.test", []string{"x@far.test"}, message("bob@other.test", ""))
+			c.expect("NOOP", "250") // both transactions have ended and are counted
+			if action == config.FromReject {
 				if v := testutil.ToFloat64(mustCounter(t, f.reg, "relay_dkim_refused_total", "unowned_from")); v != 1 {
 					t.Errorf("dkim_refused_total{reason=unowned_from} = %v", v)
 				}
 			}
-			// The session goes on: an owned From: is signed after it.
-			c.mail("bob@other.test", []string{"x@far.test"}, message("bob@other.test", ""))
 			rows := f.srv.DKIMReport().Domains
 			if rows[0].Domain != "example.com" || rows[0].Unsigned[dkim.ReasonUnownedFrom]+rows[0].Held[dkim.ReasonUnownedFrom]+rows[0].Refused[dkim.ReasonUnownedFrom] != 1 {
 				t.Errorf("tally %+v", rows[0])
@@ -357,6 +361,7 @@ func TestDKIMForeignDMARC(t *testing.T) {
 	if f.dns.Queries("", "_dmarc.bank.example") != n {
 		t.Error("not cached")
 	}
+	c.expect("NOOP", "250") // the transaction has ended and is counted
 	rows := map[string]dkim.DomainStats{}
 	for _, d := range f.srv.DKIMReport().Domains {
 		rows[d.Domain] = d
@@ -414,28 +419,53 @@ func TestDKIMLargeClientSignedEightBit(t *testing.T) {
 	}
 }
 
-// TestDKIMCheckSession: relay qq's check session gets From: control but
-// cannot be signed (relay qq hands the message to qmail-queue itself).
-func TestDKIMCheckSession(t *testing.T) {
-	f := newDKIMFixture(t, func(d *config.DKIM) { d.UnownedFrom = config.FromReject }, &fakeChecker{})
-	c := checkSession(t, f.sock, message("alice@example.com", ""))
-	if got := c.reply(); !strings.HasPrefix(got, "550 5.7.1 not allowed to send From: example.com") {
-		t.Fatalf("unowned in a check session: %q", got)
+// TestDKIMCheck: relay qq's local check gets From: control (a refusal is
+// R with the SMTP reply, a hold is Q) but cannot be signed: relay qq hands
+// the message to qmail-queue itself.
+func TestDKIMCheck(t *testing.T) {
+	lf := func(s string) string { return strings.ReplaceAll(strings.TrimSuffix(s, ".\r\n"), "\r\n", "\n") }
+	f := newDKIMFixture(t, func(d *config.DKIM) { d.UnownedFrom = config.FromReject; d.ForeignDMARC = config.FromHold }, &fakeChecker{})
+	f.dns.SetTXT("_dmarc.bank.example", "v=DMARC1; p=reject")
+	c := dialCheck(t, f.sock)
+	c.request("www@example.test", []string{"x@far.test"}, lf(message("alice@example.com", "")))
+	if typ, text := c.verdict(); typ != frameReject || !strings.HasPrefix(text, "550 5.7.1 not allowed to send From: example.com") {
+		t.Fatalf("unowned: %q %q", typ, text)
 	}
-	c = checkSession(t, f.sock, message("orders@shop.example", ""))
-	if got := c.reply(); got != "250 ok reserved\r\n" {
-		t.Fatalf("owned: %q", got)
+	c = dialCheck(t, f.sock)
+	c.request("www@example.test", []string{"x@far.test"}, lf(message("orders@shop.example", "")))
+	if typ, text := c.verdict(); typ != frameAccepted {
+		t.Fatalf("owned: %q %q", typ, text)
 	}
-	c.expect("AUTH X-RELAY-COMMIT", "235")
-	var row dkim.DomainStats
-	for _, d := range f.srv.DKIMReport().Domains {
-		if d.Domain == "shop.example" {
-			row = d
+	c.write(appendFrame(nil, frameCommit, ""))
+	if typ, _ := c.frame(); typ != frameOK {
+		t.Fatalf("commit answered %q", typ)
+	}
+	held := lf(message("x@bank.example", ""))
+	c = dialCheck(t, f.sock)
+	c.request("www@example.test", []string{"x@far.test"}, held)
+	if typ, text := c.verdict(); typ != frameHold {
+		t.Fatalf("foreign p=reject: %q %q", typ, text)
+	}
+	c.write(append(appendFrame(nil, frameMessage, held), appendFrame(nil, frameEnd, "")...))
+	if typ, text := c.frame(); typ != frameOK || !strings.HasPrefix(text, "held ") {
+		t.Fatalf("hold answered %q %q", typ, text)
+	}
+	if len(f.h.deliveries()) != 0 || !strings.Contains(f.hold.held[0].Reason, "p=reject") || signatures(f.hold.msgs[0]) != 0 {
+		t.Fatalf("held %+v", f.hold.held)
+	}
+	defer func() {
+		if t.Failed() {
+			t.Logf("report %+v\nlog %s", f.srv.DKIMReport(), f.log.String())
 		}
-	}
-	if row.Unsigned[dkim.ReasonLocalQQ] != 1 || row.Signed != 0 {
-		t.Fatalf("tally %+v", row)
-	}
+	}()
+	waitFor(t, func() bool {
+		rows := map[string]dkim.DomainStats{}
+		for _, d := range f.srv.DKIMReport().Domains {
+			rows[d.Domain] = d
+		}
+		return rows["shop.example"].Unsigned[dkim.ReasonLocalQQ] == 1 && rows["shop.example"].Signed == 0 &&
+			rows["example.com"].Refused[dkim.ReasonUnownedFrom] == 1 && rows["bank.example"].Held[dkim.ReasonDMARCReject] == 1
+	})
 }
 
 // TestDKIMKeysOnReload: keys added or removed take effect on reload; a bad

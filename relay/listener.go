@@ -89,6 +89,9 @@ func trackedConnOf(c net.Conn) (*trackedConn, bool) {
 	if tc, ok := c.(*tls.Conn); ok {
 		c = tc.NetConn()
 	}
+	if sn, ok := c.(*checkSniffer); ok {
+		c = sn.trackedConn
+	}
 	t, ok := c.(*trackedConn)
 	return t, ok
 }
@@ -107,7 +110,8 @@ func connInfoOf(c net.Conn) (connInfo, bool) {
 // max_connections and max_connections_per_ip ("421 4.7.0 too many
 // connections", then closed), and it reads the peer's uid on the local
 // socket. The local socket has its own budget, local.max_connections:
-// however many TCP clients hold their slots, local scripts still get in.
+// however many TCP clients hold their slots, local scripts still get in;
+// its connections may carry a check instead of SMTP (checkSniffer).
 type gateListener struct {
 	net.Listener
 	srv   *Server
@@ -121,7 +125,12 @@ func (l *gateListener) Accept() (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		if tc := l.srv.admit(c, l.local, l.tls); tc != nil {
+		tc := l.srv.admit(c, l.local, l.tls)
+		switch {
+		case tc == nil:
+		case l.local:
+			return &checkSniffer{trackedConn: tc, srv: l.srv}, nil
+		default:
 			return tc, nil
 		}
 	}

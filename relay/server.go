@@ -4,8 +4,9 @@
 // open relay (rcpthosts, relay_networks, tcprules, AUTH), attributes each
 // message to its identities (login, uid, web server uid and script, sender,
 // domain, client IP), asks package policy about them, and hands accepted
-// mail to package queue in qmail's stored form. It also answers the check
-// sessions of `relay qq` on the local socket.
+// mail to package queue in qmail's stored form. On the local socket it also
+// answers `relay qq`'s checks, in their own protocol (check.go,
+// docs/local-check.md).
 package relay
 
 import (
@@ -62,9 +63,6 @@ const (
 	maxLineLength = 64 << 10
 	// maxLocalLineLength is the line limit on mode = "local" sockets.
 	maxLocalLineLength = 1 << 20
-	// checkHelo is the EHLO name with which `relay qq` opens a check session
-	// on the local socket.
-	checkHelo = "relay-qq"
 )
 
 // Server is the SMTP front end. Build it with New, then Start it.
@@ -335,13 +333,11 @@ func (s *Server) smtpServer(mode string, info connInfo) *smtp.Server {
 	if local {
 		// go-smtp's line limit also applies inside DATA, and scripts do put
 		// a whole HTML body on one line: the local socket takes far longer
-		// lines than the network (qmail-queue takes any), yet still a
-		// bounded number of bytes per line from any local user. A message
-		// over it is deferred by relay qq, never passed on uncounted.
-		// qmail-queue has no size limit either, so `relay qq` check
-		// sessions get none; Data enforces databytes on other local mail.
+		// lines than the network, yet still a bounded number of bytes per
+		// line from any local user. (relay qq's checks do not speak SMTP:
+		// neither this nor databytes applies to them, as qmail-queue has
+		// no such limits; check.go.)
 		srv.MaxLineLength = maxLocalLineLength
-		srv.MaxMessageBytes = 0
 	} else if st.cert != nil {
 		srv.TLSConfig = s.tlsConf
 	}
@@ -405,7 +401,7 @@ func (s *Server) Addrs() []net.Addr {
 
 // Shutdown stops accepting connections, refuses new transactions (421), and
 // waits until every transaction in flight has had its final reply (and every
-// check session its commit or abort) or ctx ends. Then it closes all
+// check its commit or abort) or ctx ends. Then it closes all
 // connections, killing hand-offs still running, and removes the unix
 // sockets. It returns ctx's error when it had to cut transactions short.
 func (s *Server) Shutdown(ctx context.Context) error {
@@ -641,6 +637,13 @@ func (st *settings) relayNetwork(a netip.Addr) bool {
 		}
 	}
 	return false
+}
+
+// localAccount returns the passwd name of a local uid and whether it is in
+// local.exempt_users.
+func (st *settings) localAccount(uid uint32) (name string, exempt bool) {
+	name = st.accounts[uid]
+	return name, name != "" && st.exempt[name]
 }
 
 // webserverAt returns the [[webserver]] whose address a is.

@@ -20,6 +20,7 @@ import (
 
 	"relay/admin"
 	"relay/config"
+	"relay/local"
 	"relay/policy"
 	"relay/queue"
 	"relay/relay"
@@ -113,6 +114,9 @@ type daemon struct {
 	smtp    *relay.Server
 	admin   *admin.Server
 	closeDB func() error
+	// qqSocket is the local listener's path as bound at start (a reload
+	// does not rebind), for qq.settings; "" without one.
+	qqSocket string
 }
 
 // startDaemon starts everything; writers brings method qmail-direct its
@@ -163,6 +167,10 @@ func startDaemon(cfg *config.Config, log *slog.Logger, writers <-chan net.Conn) 
 	if err := d.smtp.Start(); err != nil {
 		d.policy.Close()
 		return fail(err)
+	}
+	d.qqSocket, _ = local.SocketPath(cfg)
+	if err := d.writeQQSettings(cfg); err != nil {
+		log.Error("relay-qq's settings not written: it runs relay-local for every message", "err", err)
 	}
 	token, tokenPath, created, err := admin.LoadOrCreateToken(cfg.Admin.TokenFile, cfg.DataDir)
 	if err != nil {
@@ -226,8 +234,46 @@ func (d *daemon) reload() error {
 	}
 	d.log.Info("config reloaded", "config", cfg.Path)
 	d.cfg = cfg
+	if err := d.writeQQSettings(cfg); err != nil {
+		return fmt.Errorf("config reloaded, but relay-qq's settings were not written (it runs relay-local for every message): %w", err)
+	}
 	return nil
 }
+
+// writeQQSettings writes <data_dir>/qq.settings for relay-qq: the local
+// socket bound at start, the rest from cfg, exempt users as uids from
+// /etc/passwd. Without a local listener, or when the file cannot be
+// written, an old file is removed, so relay-qq hands every message to
+// relay-local (which reads relay.toml) rather than follow stale settings.
+func (d *daemon) writeQQSettings(cfg *config.Config) error {
+	path := filepath.Join(cfg.DataDir, local.SettingsFile)
+	if d.qqSocket == "" {
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		return nil
+	}
+	accounts, err := config.ReadPasswdFile(passwdFile)
+	if err != nil {
+		d.log.Warn("cannot read local accounts: no exempt uids for relay-qq", "file", passwdFile, "err", err)
+	}
+	st, err := local.NewSettings(cfg, accounts)
+	if err == nil {
+		st.Socket = d.qqSocket
+		err = local.WriteSettings(path, st)
+	}
+	if err != nil {
+		os.Remove(path)
+		return err
+	}
+	if err := local.OthersCanRead(path); err != nil {
+		d.log.Warn("relay-qq runs as the caller and cannot read its settings: it runs relay-local for every message", "err", err)
+	}
+	return nil
+}
+
+// passwdFile is where local.exempt_users are looked up.
+const passwdFile = "/etc/passwd"
 
 // logWarnings logs what check-config warns about in cfg.
 func logWarnings(log *slog.Logger, cfg *config.Config) {

@@ -169,7 +169,8 @@ func prepareDaemonDirs(cfg *config.Config, a account) error {
 		}
 		return os.Chown(dir, int(a.uid), int(a.gid))
 	}
-	if err := mk(cfg.DataDir, 0o700); err != nil {
+	// 0711: relay-qq, running as the caller, reads qq.settings there.
+	if err := mk(cfg.DataDir, 0o711); err != nil {
 		return fmt.Errorf("data_dir: %w", err)
 	}
 	err := filepath.WalkDir(cfg.DataDir, func(path string, d fs.DirEntry, err error) error {

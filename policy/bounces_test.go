@@ -179,4 +179,13 @@ func TestSignalsConfigCompiles(t *testing.T) {
 	if ls := c.defaults[0]; ls.ratioWindow != 3*time.Hour || ls.minSample != config.DefaultMinBounceSample {
 		t.Errorf("ratio window %v, sample %d", ls.ratioWindow, ls.minSample)
 	}
+	// Recipients are hashed only when some cap asks for first-time ones.
+	cfg.Policy.Limits.User = &config.Limits{Rcpts: rates(t, "10/1h")}
+	if c, _ := compileConf(cfg); c.anyNewRcpts {
+		t.Error("anyNewRcpts without new_rcpts")
+	}
+	cfg.Policy.Allow = []config.AllowRule{{Match: "sender:*@lists.example.com", NewRcpts: rates(t, "5000/24h")}}
+	if c, _ := compileConf(cfg); !c.anyNewRcpts {
+		t.Error("new_rcpts in an allow entry not seen")
+	}
 }

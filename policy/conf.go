@@ -56,6 +56,7 @@ type policyConf struct {
 	notifyEmail    string
 	webhook        string
 	memoryDays     int64 // recipient_memory in whole days
+	anyNewRcpts    bool  // some limits section or allow entry has new_rcpts
 }
 
 func compileConf(cfg *config.Config) (*policyConf, error) {
@@ -131,6 +132,12 @@ func compileConf(cfg *config.Config) (*policyConf, error) {
 			}
 		}
 		c.rules = append(c.rules, allowRule{kind: kind, match: compileGlob(pattern), limits: ls})
+	}
+	for _, ls := range c.defaults {
+		c.anyNewRcpts = c.anyNewRcpts || len(ls.newRcpts) > 0
+	}
+	for _, r := range c.rules {
+		c.anyNewRcpts = c.anyNewRcpts || len(r.limits.newRcpts) > 0
 	}
 	return c, nil
 }

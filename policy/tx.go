@@ -533,20 +533,30 @@ func (t *tx) AddRcpt(rcpt string) Decision {
 		t.rcpts++
 		return t.afterUnlock(t.holdDec)
 	}
-	key := t.e.rcptKey(rcpt)
+	// The recipient's key for the first-time-recipient memories, when
+	// any cap asks for them (the transaction's config is fixed).
+	var key uint32
+	remember := t.conf.anyNewRcpts
+	if remember {
+		key = t.e.rcptKey(rcpt)
+	}
 	now := t.e.now()
 	ns := now.UnixNano()
 	t.today = ns / dayNanos
 	locked := t.lock()
-	t.warm(key)
+	if remember {
+		t.warm(key)
+	}
 	t.expire(ns)
 	needR, needM := t.revival()
 	needR++
-	t.adding = t.addingWith(key)
+	if remember {
+		t.adding = t.addingWith(key)
+	}
 	dec, hits := t.evaluate(0, ns, needR, needM, t.rcpts+1, TooManyRcpts)
 	dec = t.settle(dec, hits, now)
 	t.accept(dec, 0, needR, needM, 1, 0, ns)
-	if dec.Action == Accept {
+	if dec.Action == Accept && remember {
 		if t.keys == nil {
 			t.keys = t.keyBuf[:0]
 		}

@@ -173,10 +173,12 @@ func defaults() *Config {
 			MaxConnections:      1000,
 			MaxConnectionsPerIP: 20,
 			Timeout:             Duration{1200 * time.Second},
+			ConnRatePerIP:       OptRate{Rate{60, time.Minute}},
 		},
 		Auth: Auth{
 			RequireTLS: true,
 			Timeout:    Duration{10 * time.Second},
+			FailLimit:  OptRate{Rate{10, 10 * time.Minute}},
 		},
 		Delivery: Delivery{
 			Method:  DeliverMaildir,
@@ -194,6 +196,7 @@ func defaults() *Config {
 			Mode:         PolicyEnforce,
 			OverLimit:    OverLimitDefer,
 			SuspendAfter: 5,
+			QueueMax:     10000,
 			Limits: KindLimits{
 				User: &Limits{
 					MaxRcptsPerMsg: 50,
@@ -283,7 +286,7 @@ func friendlyDecodeMessage(msg string) string {
 		want = "an integer"
 	case want == "config.Duration":
 		want = `a duration string such as "60s"`
-	case want == "config.Rate":
+	case want == "config.Rate", want == "config.OptRate":
 		want = `a rate string such as "500/1h"`
 	default:
 		want = "a table"

@@ -4,6 +4,8 @@ import (
 	"strconv"
 	"time"
 
+	"golang.org/x/time/rate"
+
 	"relay/config"
 )
 
@@ -16,6 +18,9 @@ type txEnt struct {
 	rcpts int64     // recipients reserved on its rcpts windows
 	msgs  int64     // messages reserved on its msgs windows
 	over  bool      // an over-limit event was recorded for it in this transaction
+	// paceRes is the token its pace gave this message (pace.go): kept on
+	// Commit, given back otherwise.
+	paceRes *rate.Reservation
 }
 
 // overHit is one cap that a check found exceeded.
@@ -46,9 +51,17 @@ type tx struct {
 	hitBuf   [4]overHit
 	rcpts    int64 // recipients accepted so far (reserved, or bound for hold)
 	msg      bool  // Message reserved one message
-	holding  bool  // a Hold decision was given: the rest of the message goes to hold
+	holding  bool  // a Hold or Queue decision was given: the rest of the message goes to the hold spool
 	holdDec  Decision
 	done     bool
+	// slot is the state whose release queue this message has a place in
+	// since its Queue decision (slotShard its shard); Held keeps the place
+	// for the spooled message, Abort gives it back.
+	slot      *idState
+	slotShard int
+	// releasing marks a queued message's way out (release.go): it checks
+	// windows, pace and suspensions, records nothing and is never queued.
+	releasing bool
 	// err: the counters of an identity could not be read (a damaged
 	// file); every check then answers storeFailure.
 	err error
@@ -178,16 +191,25 @@ func (t *tx) evaluate(from int, now int64, needR, needM, total int64, perMsg Act
 				best = h
 			}
 		}
-		return Decision{
-			Action:   t.conf.overAction,
+		dec := Decision{
+			Action:   t.ents[best.ent].lim.action,
 			Identity: t.ents[best.ent].id.ID,
 			Limit:    limitText(best.metric, best.rate.N, best.rate.Window),
 			RetryIn:  best.retry,
-		}, hits
+		}
+		switch {
+		case t.releasing:
+			dec.Action = Defer // not yet
+		case dec.Action == Queue:
+			dec = t.queueOrFull(best.ent, dec)
+		case dec.Action == Accept: // noLimits has no caps to hit
+			dec.Action = t.conf.overAction
+		}
+		return dec, hits
 	case tooMany != nil:
 		return Decision{Action: perMsg, Identity: tooMany.id.ID, Limit: perMsgText(tooManyN)}, hits
 	}
-	return Decision{Action: Accept}, hits
+	return t.smooth(from, now, needR, needM), hits
 }
 
 // settle applies what a refused check means to the identities: the last
@@ -250,7 +272,12 @@ func (t *tx) overEvent(ent *txEnt, h overHit, dec Decision, now time.Time, ns in
 	if len(keep) == maxOverTimes {
 		keep = keep[:copy(keep, keep[1:])]
 	}
-	st.overTimes = append(keep, ns)
+	st.overTimes = keep
+	if dec.Action != Queue {
+		// Queued mail is smoothed, not refused: it is no offence towards
+		// suspend_after, so a list over its caps keeps flowing.
+		st.overTimes = append(st.overTimes, ns)
+	}
 	t.e.shards[ent.shard].markDirty(st)
 
 	limit := limitText(h.metric, h.rate.N, h.rate.Window)
@@ -261,7 +288,7 @@ func (t *tx) overEvent(ent *txEnt, h overHit, dec Decision, now time.Time, ns in
 	}
 	if c.observe {
 		if logSpaced {
-			t.postEvents = append(t.postEvents, t.event(ent, EventObserve, now, "would "+c.overAction.String()+": "+detail))
+			t.postEvents = append(t.postEvents, t.event(ent, EventObserve, now, "would "+dec.Action.String()+": "+detail))
 		}
 		if c.suspendAfter > 0 && len(st.overTimes) >= c.suspendAfter && st.suspension == nil {
 			t.postEvents = append(t.postEvents, t.event(ent, EventObserve, now,
@@ -273,7 +300,7 @@ func (t *tx) overEvent(ent *txEnt, h overHit, dec Decision, now time.Time, ns in
 	note := func(kind string) notification {
 		n := notification{
 			Event: kind, Identity: ent.id.ID, Kind: ent.id.Kind, Account: st.account, Script: ent.id.Script,
-			Limit: limit, Used: h.used, OverLimitEvents: len(st.overTimes), Action: c.overAction.String(),
+			Limit: limit, Used: h.used, OverLimitEvents: len(st.overTimes), Action: dec.Action.String(),
 			MessageID: t.sampleID, Subject: t.sampleSubject, Time: now,
 		}
 		if n.MessageID == "" && n.Subject == "" {
@@ -286,7 +313,7 @@ func (t *tx) overEvent(ent *txEnt, h overHit, dec Decision, now time.Time, ns in
 		t.postNotes = append(t.postNotes, note(EventThrottleStart))
 	}
 	if logSpaced {
-		t.postEvents = append(t.postEvents, t.event(ent, EventOverLimit, now, c.overAction.String()+": "+detail))
+		t.postEvents = append(t.postEvents, t.event(ent, EventOverLimit, now, dec.Action.String()+": "+detail))
 	}
 	if c.suspendAfter > 0 && len(st.overTimes) >= c.suspendAfter && st.suspension == nil {
 		reason := strconv.Itoa(len(st.overTimes)) + " over-limit events in 24h, the last " + detail
@@ -384,6 +411,12 @@ func (t *tx) release(charge bool, ns int64) {
 			}
 		}
 		ent.rcpts, ent.msgs = 0, 0
+		if ent.paceRes != nil {
+			if !charge {
+				ent.paceRes.CancelAt(time.Unix(0, ns))
+			}
+			ent.paceRes = nil
+		}
 		st.refs--
 		st.lastUsed = ns
 		if charge {
@@ -451,6 +484,12 @@ func (t *tx) accept(dec Decision, from int, needR, needM int64) {
 		if from == 0 {
 			t.rcpts += needR
 		}
+	case Queue:
+		t.holding, t.holdDec = true, dec
+		if from == 0 {
+			t.rcpts += needR
+		}
+		t.takeSlot(dec.Identity)
 	}
 }
 
@@ -478,7 +517,7 @@ func (t *tx) AddIdentities(ids ...Identity) Decision {
 	}
 	now := t.e.now()
 	locked := t.lock()
-	dec, hits := t.evaluate(from, now.UnixNano(), t.rcpts, needM, t.rcpts, t.conf.overAction)
+	dec, hits := t.evaluate(from, now.UnixNano(), t.rcpts, needM, t.rcpts, t.conf.fullAction)
 	dec = t.settle(dec, hits, now)
 	t.accept(dec, from, t.rcpts, needM)
 	t.e.unlockShards(locked)
@@ -517,6 +556,7 @@ func (t *tx) Commit() {
 	locked := t.lock()
 	t.release(true, ns)
 	t.e.unlockShards(locked)
+	t.giveSlotBack() // handed off, not queued: nothing waits
 }
 
 // Held releases the reservations without charging them and records that
@@ -529,7 +569,12 @@ func (t *tx) Held(holdID string) {
 	locked := t.lock()
 	t.release(false, now.UnixNano())
 	var ev Event
-	if len(t.ents) > 0 {
+	if t.slot != nil {
+		// Queued: the spooled message keeps its place. No event per
+		// message (a paced list would flood the log); the cap's
+		// over_limit events and the page's release queue tell it.
+		t.slot = nil
+	} else if len(t.ents) > 0 {
 		ent := &t.ents[0]
 		for i := range t.ents {
 			if t.ents[i].id.ID == t.holdDec.Identity {
@@ -548,7 +593,8 @@ func (t *tx) Held(holdID string) {
 	}
 }
 
-// Abort releases every reservation (RSET, disconnect, failed hand-off).
+// Abort releases every reservation (RSET, disconnect, failed hand-off),
+// and the message's place in a release queue.
 func (t *tx) Abort() {
 	if t.done {
 		return
@@ -557,6 +603,7 @@ func (t *tx) Abort() {
 	locked := t.lock()
 	t.release(false, ns)
 	t.e.unlockShards(locked)
+	t.giveSlotBack()
 }
 
 // Identities lists the transaction's identities, strongest first.

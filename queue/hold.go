@@ -12,4 +12,10 @@ type HeldMeta struct {
 	Reason     string    `json:"reason"` // the decision text that held it
 	Subject    string    `json:"subject"`
 	Size       int64     `json:"size"`
+	// Queue is the identity whose release queue the message waits in
+	// (over_limit = "queue", or a pace): relay releases it itself. Empty
+	// for mail held for an admin.
+	Queue string `json:"queue,omitempty"`
+	// Paced: a pace queued it (not a cap).
+	Paced bool `json:"paced,omitempty"`
 }

@@ -19,3 +19,17 @@ type HeldMeta struct {
 	// Paced: a pace queued it (not a cap).
 	Paced bool `json:"paced,omitempty"`
 }
+
+// ReleaseQueue describes one identity's release queue (over_limit =
+// "queue", pace) for the admin page and API.
+type ReleaseQueue struct {
+	Identity   string    `json:"identity"`
+	Messages   int       `json:"messages"`
+	Recipients int       `json:"recipients"`
+	Paced      int       `json:"paced"` // of Messages, those a pace queued
+	Oldest     time.Time `json:"oldest"`
+	State      string    `json:"state"`            // ready, waiting for a window, paced, suspended, retrying after a failed hand-off, releasing
+	Detail     string    `json:"detail,omitempty"` // what it waits for, or its last failure
+	NextTry    time.Time `json:"next_try"`
+	DrainsBy   time.Time `json:"drains_by"` // an estimate from the identity's own caps and pace
+}

@@ -331,7 +331,7 @@ func TestConnRateAndFailLimit(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := newDaemon(t, daemonOpts{
-		relay: "[relay]\nlocal_domains = [\"example.com\"]\nrelay_networks = []\nconn_rate_per_ip = \"3/1m\"\n",
+		relay:     "[relay]\nlocal_domains = [\"example.com\"]\nrelay_networks = []\nconn_rate_per_ip = \"3/1m\"\n",
 		extraTOML: fmt.Sprintf("[auth]\nusers_file = %q\nrequire_tls = false\nfail_limit = \"2/10m\"\n", usersFile),
 	})
 

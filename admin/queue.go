@@ -3,11 +3,11 @@ package admin
 import (
 	"net/http"
 	"slices"
-	"strings"
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
 
+	"relay/policy"
 	"relay/queue"
 )
 
@@ -54,7 +54,7 @@ func inFuture(now, t time.Time) string {
 	if d < time.Second {
 		return "now"
 	}
-	return "in " + strings.TrimSuffix(d.Round(time.Second).String(), "0s")
+	return "in " + policy.FormatRetry(d)
 }
 
 // queueSection fills the page's release queue part: the queues, the

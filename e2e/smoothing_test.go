@@ -6,8 +6,10 @@ package e2e
 // hand-off times.
 
 import (
+	"bufio"
 	"encoding/base64"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -15,6 +17,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -399,4 +402,85 @@ func rawGreeting(t *testing.T, addr, localIP string) string {
 // plain is the initial response of AUTH PLAIN for login and password.
 func plain(login, pass string) string {
 	return base64.StdEncoding.EncodeToString([]byte("\x00" + login + "\x00" + pass))
+}
+
+// TestRSSOf20000Addresses: 20,000 distinct client addresses (each
+// connecting once, greeted, QUIT) grow relay's RSS by less than 50 MB,
+// conn_rate_per_ip on, after a warm-up of 2,000 others.
+func TestRSSOf20000Addresses(t *testing.T) {
+	t.Parallel()
+	d := newDaemon(t, daemonOpts{relay: "[relay]\nlocal_domains = [\"example.com\"]\nrelay_networks = [\"127.0.0.0/8\"]\nconn_rate_per_ip = \"60/1m\"\nmax_connections_per_ip = 20\n"})
+	connect := func(base, n int) {
+		t.Helper()
+		var wg sync.WaitGroup
+		errs := make(chan error, 16)
+		for w := range 16 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := w; i < n; i += 16 {
+					k := base + i
+					ip := net.IPv4(127, byte(k>>16), byte(k>>8), byte(k))
+					if err := greetAndQuit(d.smtp, ip); err != nil {
+						errs <- fmt.Errorf("%v: %w", ip, err)
+						return
+					}
+				}
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Fatal(err)
+		}
+	}
+	connect(1<<16, 2000) // 127.1.x.y
+	before := rssOf(t, d.cmd.Process.Pid)
+	connect(2<<16, 20000) // 127.2.x.y
+	after := rssOf(t, d.cmd.Process.Pid)
+	t.Logf("RSS %d MB before, %d MB after 20,000 addresses", before>>20, after>>20)
+	if after-before > 50<<20 {
+		t.Fatalf("RSS grew %d MB for 20,000 client addresses", (after-before)>>20)
+	}
+}
+
+// greetAndQuit connects from ip, wants the 220 greeting, says QUIT.
+func greetAndQuit(addr string, ip net.IP) error {
+	dl := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: ip}}
+	c, err := dl.Dial("tcp", addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	r := bufio.NewReader(c)
+	line, err := r.ReadString('\n')
+	if err != nil || !strings.HasPrefix(line, "220 ") {
+		return fmt.Errorf("greeting %q: %v", line, err)
+	}
+	if _, err := io.WriteString(c, "QUIT\r\n"); err != nil {
+		return err
+	}
+	_, err = r.ReadString('\n')
+	return err
+}
+
+// rssOf reads a process's resident set size from /proc.
+func rssOf(t *testing.T, pid int) int64 {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) == 3 && f[0] == "VmRSS:" {
+			kb, err := strconv.ParseInt(f[1], 10, 64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return kb << 10
+		}
+	}
+	t.Fatal("no VmRSS")
+	return 0
 }

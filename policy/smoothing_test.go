@@ -427,3 +427,35 @@ func TestAdjustQueuedAndDrain(t *testing.T) {
 		t.Fatalf("queued %d", n)
 	}
 }
+
+// BenchmarkDecisionPaced is BenchmarkDecision with a pace on every kind
+// (never reached): the cost of a token per identity per message.
+func BenchmarkDecisionPaced(b *testing.B) {
+	db, err := OpenDB(b.TempDir())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer db.Close()
+	cfg := benchConfig(b)
+	for _, k := range []*config.Limits{cfg.Policy.Limits.User, cfg.Policy.Limits.UID, cfg.Policy.Limits.Sender, cfg.Policy.Limits.Domain, cfg.Policy.Limits.IP} {
+		k.Pace = config.OptRate{Rate: mustRate(b, "1000000/1s")}
+	}
+	e, err := New(db, cfg, Options{FlushInterval: time.Hour})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer e.Close()
+	msgs := manyIdentities(100000)
+	for _, ids := range msgs {
+		send(e, ids, 1)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; b.Loop(); i++ {
+		tx := e.Begin(msgs[i%len(msgs)])
+		if tx.AddRcpt().Action != Accept || tx.Message().Action != Accept {
+			b.Fatal("refused")
+		}
+		tx.Commit()
+	}
+}

@@ -354,8 +354,12 @@ func (t *tx) afterUnlock(dec Decision) Decision {
 		if dec.Observed {
 			action = dec.WouldBe
 		}
-		e.log.Info("policy: over a limit", "identity", dec.Identity, "limit", dec.Limit, "action", action.String(),
-			"observe", dec.Observed, "retry_in", dec.RetryIn)
+		msg := "policy: over a limit"
+		if action == Queue {
+			msg = "policy: queued" // over a cap, over a pace, or behind mail waiting
+		}
+		e.log.Info(msg, "identity", dec.Identity, "limit", dec.Limit, "action", action.String(),
+			"observe", dec.Observed, "retry_in", dec.RetryIn, "reason", dec.Text())
 	}
 	e.metrics.decision(dec, t.kindOf(dec.Identity))
 	return dec

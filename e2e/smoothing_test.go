@@ -166,6 +166,9 @@ func TestQueueOverCapReleasesInOrder(t *testing.T) {
 	if q.Messages == 0 || q.DrainsBy.IsZero() {
 		t.Errorf("the release queue as the API shows it: %+v", q)
 	}
+	if code, out, errOut := ctlRun(t, d, "queue"); code != 0 || !strings.Contains(out, "sender:news@example.com") || !strings.Contains(out, "WAITING") {
+		t.Errorf("relay ctl queue: %d %q %q", code, out, errOut)
+	}
 	got := d.waitHandoffs(8, 2*window+time.Minute)
 	exactlyOnceInOrder(t, got, want)
 	slack := window / 60

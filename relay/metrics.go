@@ -6,7 +6,7 @@ import "github.com/prometheus/client_golang/prometheus"
 // only, never an address or identity.
 type metrics struct {
 	connectionsOpen prometheus.Gauge
-	transactions    *prometheus.CounterVec // result: accepted|held|deferred|rejected|failed
+	transactions    *prometheus.CounterVec // result: accepted|held|queued|deferred|rejected|failed
 	recipients      *prometheus.CounterVec // result: accepted|rejected|deferred|relay_denied
 	connRefused     *prometheus.CounterVec // reason: conn_rate|max_connections|tcprules
 	authRefused     *prometheus.CounterVec // reason: fail_limit_address|fail_limit_login
@@ -37,6 +37,7 @@ const (
 const (
 	txAccepted = "accepted"
 	txHeld     = "held"
+	txQueued   = "queued" // into a release queue (releaser.go)
 	txDeferred = "deferred"
 	txRejected = "rejected"
 	txFailed   = "failed"
@@ -88,7 +89,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	for _, r := range []string{queuedOverLimit, queuedPace, queuedBehind} {
 		m.queued.WithLabelValues(r)
 	}
-	for _, r := range []string{txAccepted, txHeld, txDeferred, txRejected, txFailed} {
+	for _, r := range []string{txAccepted, txHeld, txQueued, txDeferred, txRejected, txFailed} {
 		m.transactions.WithLabelValues(r)
 	}
 	for _, r := range []string{rcptAccepted, rcptRejected, rcptDeferred, rcptRelayDenied} {

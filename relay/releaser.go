@@ -562,6 +562,7 @@ func (r *Releaser) Stop(ctx context.Context) error {
 // then leaves it to the daemon, as for held mail).
 func (s *session) queued(tx *transaction, meta queue.HeldMeta) *smtp.SMTPError {
 	s.srv.deps.Queue.Enqueued(meta)
+	tx.result = txQueued
 	s.srv.metrics.queued.WithLabelValues(tx.queueWhy).Inc()
 	s.log.Info("queued", "id", meta.ID, "queue", meta.Queue, "why", tx.queueWhy, "reason", tx.holdReason)
 	if s.check {

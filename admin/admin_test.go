@@ -462,7 +462,7 @@ func TestSenderByID(t *testing.T) {
 	if code, _ := f.api(t, "GET", "/api/senders/"+esc("user:nobody"), nil); code != 404 {
 		t.Errorf("unknown sender: %d, want 404", code)
 	}
-	for _, bad := range []string{"nokind", "bogus:x", "user:", esc("user:a\x01b"), esc(strings.Repeat("user:", 200))} {
+	for _, bad := range []string{"nokind", "bogus:x", "user:", esc("user:a\x01b"), esc(strings.Repeat("user:", 300))} {
 		if code, _ := f.api(t, "GET", "/api/senders/"+bad, nil); code != 400 {
 			t.Errorf("GET /api/senders/%s: %d, want 400", bad, code)
 		}

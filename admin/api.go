@@ -14,26 +14,24 @@ import (
 	"strings"
 	"unicode/utf8"
 
+	"relay/policy"
 	"relay/queue"
 )
 
 // Bounds of the API.
 const (
-	maxIDLen          = 512
+	maxIDLen          = 1024
 	defaultEventLimit = 100
 	maxEventLimit     = 1000
 	senderEventLimit  = 50
 	maxHeaderBlock    = 256 << 10
 )
 
-// identityKinds are the id prefixes of docs/design.md §3.
-var identityKinds = []string{"user", "uid", "sender", "domain", "ip"}
-
-// validIdentity reports whether id looks like "<kind>:<something>" with no
-// control characters. Ids may hold ':' '/' '@' (uid:web1:33, ip:2001:db8::/64).
+// validIdentity reports whether id looks like "<kind>:<something>" (one
+// of policy's kinds, docs/design.md §3) with no control characters. Ids may hold ':' '/' '@'
+// and spaces (uid:web1:33, ip:2001:db8::/64, script:local:33:/var/www/a b.php).
 func validIdentity(id string) bool {
-	kind, rest, ok := strings.Cut(id, ":")
-	if !ok || rest == "" || len(id) > maxIDLen || !slices.Contains(identityKinds, kind) || !utf8.ValidString(id) {
+	if len(id) > maxIDLen || !policy.ValidID(id) || !utf8.ValidString(id) {
 		return false
 	}
 	for _, c := range id {

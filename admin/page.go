@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"relay/policy"
 )
 
 //go:embed web/page.html
@@ -31,6 +33,11 @@ func parsePages() (*template.Template, error) {
 		"stamp":  stamp,
 		"high":   func(limit int64) int64 { return limit * 8 / 10 },
 		"join":   strings.Join,
+		// scriptid links a script a uid identity recorded to that
+		// script's own identity; "" when id is not a uid.
+		"scriptid": func(id, path string) string { sid, _ := policy.ScriptOfUID(id, path); return sid },
+		// uidof is the account (uid identity) a script identity is under.
+		"uidof": func(id string) string { uid, _ := policy.UIDOfScript(id); return uid },
 	}).ParseFS(pageFS, "web/page.html")
 }
 

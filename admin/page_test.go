@@ -152,3 +152,47 @@ func TestLocalPath(t *testing.T) {
 		}
 	}
 }
+
+// Issue 12: a script identity shows under its account, and the account
+// links to each of its scripts.
+func TestScriptsUnderTheirAccount(t *testing.T) {
+	f := newFixture(t)
+	const scriptID = "script:web1:1001:contact.php"
+	f.policy.mu.Lock()
+	f.policy.senders[scriptID] = &Sender{ID: scriptID, Kind: "script", State: StateThrottled, Account: "alice",
+		Scripts: []string{"contact.php"}, Rule: "default script", LastSeen: f.clock.Now()}
+	f.policy.mu.Unlock()
+
+	_, page := f.do(t, req{method: "GET", path: "/ui/senders/" + esc(webID), bearer: testToken})
+	if !strings.Contains(page, `<a href="/ui/senders/script:web1:1001:contact.php" class="script"><code>contact.php</code></a>`) {
+		t.Error("the account's page does not link its script to the script's identity")
+	}
+	if !strings.Contains(page, `<a href="/ui/senders/script:web1:1001:%3Cb%3Ex%3C%2Fb%3E.php" class="script"><code>&lt;b&gt;x&lt;/b&gt;.php</code></a>`) {
+		t.Error("an odd script name is not linked safely")
+	}
+	resp, page := f.do(t, req{method: "GET", path: "/ui/senders/" + esc(scriptID), bearer: testToken})
+	if resp.StatusCode != 200 {
+		t.Fatalf("script page: %d", resp.StatusCode)
+	}
+	for _, want := range []string{`<dt>Under</dt><dd><a href="/ui/senders/uid:web1:1001" class="owner">uid:web1:1001</a>`,
+		"<dt>Account</dt><dd>alice</dd>", "default script", `action="/ui/senders/script:web1:1001:contact.php/suspend"`} {
+		if !strings.Contains(page, want) {
+			t.Errorf("script page lacks %q", want)
+		}
+	}
+	_, page = f.do(t, req{method: "GET", path: "/", bearer: testToken})
+	throttled, _, _ := strings.Cut(page, `<section id="suspended">`)
+	if !strings.Contains(throttled, `<span class="muted">under</span> <a href="/ui/senders/uid:web1:1001" class="owner">`) {
+		t.Error("the dashboard does not show the script under its account")
+	}
+	// The API lists and suspends it.
+	if code, body := f.api(t, "GET", "/api/senders?state=all", nil); code != 200 || !strings.Contains(body, `"id":"script:web1:1001:contact.php"`) {
+		t.Errorf("state=all: %d %s", code, body)
+	}
+	if code, body := f.api(t, "POST", "/api/senders/"+esc(scriptID)+"/suspend", nil); code != 200 {
+		t.Errorf("suspend: %d %s", code, body)
+	}
+	if s, _ := f.policy.Sender(scriptID); s.State != StateSuspended {
+		t.Errorf("not suspended: %+v", s)
+	}
+}

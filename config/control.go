@@ -20,7 +20,8 @@ import (
 // wins, as qmail-smtpd would read it: databytes over
 // relay.max_message_bytes, timeoutsmtpd over relay.timeout, me over an
 // empty hostname. rcpthosts and morercpthosts are merged with
-// relay.local_domains.
+// relay.local_domains (which Load leaves empty when the file does not
+// write it: qmail's lists are then the whole list).
 //
 // Two differences from qmail-smtpd, both on the safe side: an absent
 // rcpthosts does not make an open relay (only local_domains are then

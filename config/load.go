@@ -3,6 +3,7 @@ package config
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -109,8 +110,10 @@ func decode(path string, doc []byte) (*loaded, Errors, bool) {
 		if !fatal {
 			break
 		}
+		// A DecodeError has a place; so has a bare value given to a key
+		// that reads text (textValueError), found by its key.
 		var de *toml.DecodeError
-		if !pos.syntaxOK || attempt == maxDecodeRetries || !errors.As(err, &de) {
+		if !pos.syntaxOK || attempt == maxDecodeRetries || (!errors.As(err, &de) && found[0].Key == "") {
 			return nil, errs, true
 		}
 		blank, key, ok := pos.blankExpr(doc, found[0].Line, found[0].Col)
@@ -119,6 +122,7 @@ func decode(path string, doc []byte) (*loaded, Errors, bool) {
 		}
 		doc, blanked[key] = blank, true
 	}
+	fileDefaults(cfg, pos)
 	v := &validator{file: path, pos: pos, skip: blanked}
 	v.config(cfg)
 	errs = append(errs, v.errs...)
@@ -126,6 +130,29 @@ func decode(path string, doc []byte) (*loaded, Errors, bool) {
 	sortErrors(v.warns)
 	cfg.Warnings = v.warns
 	return &loaded{cfg: cfg, pos: pos}, errs, false
+}
+
+// fileDefaults sets the defaults that depend on what the file writes:
+//   - [[webserver]] require_uid is true unless the entry says otherwise;
+//   - with relay.qmail_control_dir set, control/rcpthosts and
+//     morercpthosts are the whole list of local domains unless the file
+//     writes relay.local_domains too (the built-in "example.com" would
+//     otherwise be accepted from anyone);
+//   - with relay.tcprules set, relay rights are what tcprules says unless
+//     the file writes relay.relay_networks too (the built-in 127.0.0.0/8
+//     would otherwise relay as well).
+func fileDefaults(cfg *Config, pos *positions) {
+	for i := range cfg.Webservers {
+		if !pos.has(fmt.Sprintf("webserver[%d].require_uid", i)) {
+			cfg.Webservers[i].RequireUID = true
+		}
+	}
+	if cfg.Relay.QmailControlDir != "" && !pos.has("relay.local_domains") {
+		cfg.Relay.LocalDomains = nil
+	}
+	if cfg.Relay.TCPRules != "" && !pos.has("relay.relay_networks") {
+		cfg.Relay.RelayNetworks = nil
+	}
 }
 
 // maxDecodeRetries bounds how many bad values decode reports one by one.
@@ -173,6 +200,7 @@ func defaults() *Config {
 			MaxConnections:      1000,
 			MaxConnectionsPerIP: 20,
 			Timeout:             Duration{1200 * time.Second},
+			MaxSession:          Duration{30 * time.Minute},
 			ConnRatePerIP:       OptRate{Rate{60, time.Minute}},
 		},
 		Auth: Auth{
@@ -181,22 +209,26 @@ func defaults() *Config {
 			FailLimit:  OptRate{Rate{10, 10 * time.Minute}},
 		},
 		Delivery: Delivery{
-			Method:  DeliverMaildir,
-			Command: "/var/qmail/bin/qmail-queue",
-			Maildir: "./relay-data/maildir",
-			Timeout: Duration{60 * time.Second},
+			Method:   DeliverMaildir,
+			Command:  "/var/qmail/bin/qmail-queue",
+			Maildir:  "./relay-data/maildir",
+			Timeout:  Duration{60 * time.Second},
+			QueueDir: "/var/qmail/queue",
 		},
 		Local: Local{
-			QmailQueue:   "/var/qmail/bin/qmail-queue.orig",
-			OnDaemonDown: "accept",
-			ExemptUsers:  []string{"alias", "qmaild", "qmaill", "qmailp", "qmailq", "qmailr", "qmails"},
+			QmailQueue:     "/var/qmail/bin/qmail-queue.orig",
+			OnDaemonDown:   "accept",
+			ExemptUsers:    []string{"alias", "qmaild", "qmaill", "qmailp", "qmailq", "qmailr", "qmails"},
+			MaxConnections: 200,
 		},
 		Admin: Admin{Listen: "127.0.0.1:8025"},
 		Policy: Policy{
-			Mode:         PolicyEnforce,
-			OverLimit:    OverLimitDefer,
-			SuspendAfter: 5,
-			QueueMax:     10000,
+			Mode:           PolicyEnforce,
+			OverLimit:      OverLimitDefer,
+			SuspendAfter:   5,
+			SuspendKinds:   DefaultSuspendKinds(),
+			ReserveTimeout: Duration{60 * time.Second},
+			QueueMax:       10000,
 			Limits: KindLimits{
 				User: &Limits{
 					MaxRcptsPerMsg: 50,
@@ -207,6 +239,11 @@ func defaults() *Config {
 					MaxRcptsPerMsg: 50,
 					Rcpts:          []Rate{{100, time.Minute}, {500, time.Hour}, {2000, 24 * time.Hour}},
 					Msgs:           []Rate{{200, time.Hour}},
+				},
+				Script: &Limits{
+					MaxRcptsPerMsg: 50,
+					Rcpts:          []Rate{{50, time.Minute}, {250, time.Hour}, {1000, 24 * time.Hour}},
+					Msgs:           []Rate{{100, time.Hour}},
 				},
 				Sender: &Limits{
 					Rcpts: []Rate{{1000, time.Hour}, {5000, 24 * time.Hour}},

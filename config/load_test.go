@@ -516,6 +516,98 @@ func TestAdminListenRules(t *testing.T) {
 	}
 }
 
+// Issue 12's relay hole: with qmail's control files named, the built-in
+// local_domains and relay_networks are not added to them unless the file
+// writes those keys; [[webserver]] require_uid is true unless written.
+func TestDefaultsThatDependOnTheFile(t *testing.T) {
+	dir := t.TempDir()
+	ctl := filepath.Join(dir, "control")
+	writeFile(t, filepath.Join(ctl, "rcpthosts"), "mail.test\n")
+	writeFile(t, filepath.Join(dir, "tcp.smtp"), "10.1.:allow,RELAYCLIENT=\"\"\n")
+	path := writeFile(t, filepath.Join(dir, "relay.toml"), `
+[relay]
+qmail_control_dir = "control"
+tcprules = "tcp.smtp"
+[[webserver]]
+name = "web1"
+addr = "10.0.0.11"
+[[webserver]]
+name = "web2"
+addr = "10.0.0.12"
+require_uid = false
+`)
+	c, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Relay.LocalDomains) != 0 || c.Control.RcptHostAllowed("example.com") || !c.Control.RcptHostAllowed("mail.test") {
+		t.Errorf("local_domains %q: example.com must not be added to control/rcpthosts", c.Relay.LocalDomains)
+	}
+	if len(c.Relay.RelayNetworks) != 0 {
+		t.Errorf("relay_networks %q: 127.0.0.0/8 must not be added to tcprules", c.Relay.RelayNetworks)
+	}
+	if !c.Webservers[0].RequireUID || c.Webservers[1].RequireUID {
+		t.Errorf("require_uid = %v, %v; want true (left out), false (written)", c.Webservers[0].RequireUID, c.Webservers[1].RequireUID)
+	}
+
+	// Written out, they are added; without control dir or tcprules the
+	// defaults stay.
+	path = writeFile(t, filepath.Join(dir, "more.toml"), `
+[relay]
+qmail_control_dir = "control"
+tcprules = "tcp.smtp"
+local_domains = ["extra.test"]
+relay_networks = ["192.0.2.0/24"]
+`)
+	if c, err = Load(path); err != nil {
+		t.Fatal(err)
+	}
+	if !c.Control.RcptHostAllowed("extra.test") || !c.Control.RcptHostAllowed("mail.test") || !reflect.DeepEqual(c.Relay.RelayNetworks, []string{"192.0.2.0/24"}) {
+		t.Errorf("written keys lost: %q %q", c.Relay.LocalDomains, c.Relay.RelayNetworks)
+	}
+	path = writeFile(t, filepath.Join(dir, "plain.toml"), "hostname = \"mx.test\"\n")
+	if c, err = Load(path); err != nil {
+		t.Fatal(err)
+	}
+	if !c.Control.RcptHostAllowed("example.com") || len(c.Relay.RelayNetworks) != 2 {
+		t.Errorf("defaults lost without control dir: %q %q", c.Relay.LocalDomains, c.Relay.RelayNetworks)
+	}
+}
+
+func TestIdentityKindsAreOneList(t *testing.T) {
+	kinds := IdentityKinds()
+	if len(kinds) != NumKinds {
+		t.Fatalf("%d kinds, NumKinds %d", len(kinds), NumKinds)
+	}
+	for i, k := range kinds {
+		if KindRank(k) != i {
+			t.Errorf("KindRank(%q) = %d, want %d", k, KindRank(k), i)
+		}
+		if (KindLimits{}).ForKind(k) != nil {
+			t.Errorf("ForKind(%q) on empty limits", k)
+		}
+	}
+	if KindRank("mailbox") != NumKinds {
+		t.Error("unknown kind has a rank")
+	}
+	if got := DefaultSuspendKinds(); !reflect.DeepEqual(got, []string{KindUser, KindUID, KindScript, KindIP}) {
+		t.Errorf("DefaultSuspendKinds = %q", got)
+	}
+	// ForKind knows every kind: each field of KindLimits answers for one.
+	all := KindLimits{}
+	v := reflect.ValueOf(&all).Elem()
+	for i := 0; i < v.NumField(); i++ {
+		v.Field(i).Set(reflect.ValueOf(&Limits{MaxRcptsPerMsg: i + 1}))
+	}
+	for i, k := range kinds {
+		if l := all.ForKind(k); l == nil {
+			t.Errorf("ForKind(%q) = nil", k)
+		} else if tag := v.Type().Field(l.MaxRcptsPerMsg - 1).Tag.Get("toml"); tag != k {
+			t.Errorf("ForKind(%q) answers with field %q (kind %d)", k, tag, i)
+		}
+	}
+}
+
 // TestSmoothingKeys: the keys of issue 15 load with their defaults, ""
 // turns an optional rate off, and an allow entry takes pace and action.
 func TestSmoothingKeys(t *testing.T) {

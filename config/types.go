@@ -69,8 +69,11 @@ type Relay struct {
 	MaxConnections      int      `toml:"max_connections"`
 	MaxConnectionsPerIP int      `toml:"max_connections_per_ip"`
 	Timeout             Duration `toml:"timeout"`
-	QmailControlDir     string   `toml:"qmail_control_dir"`
-	TCPRules            string   `toml:"tcprules"`
+	// MaxSession ends a TCP session this long after it was accepted,
+	// whatever it is doing (a client dripping bytes resets every timeout).
+	MaxSession      Duration `toml:"max_session"`
+	QmailControlDir string   `toml:"qmail_control_dir"`
+	TCPRules        string   `toml:"tcprules"`
 	// SenderIDHeader adds "X-Sender-Id: <primary identity>" to handed-off mail.
 	SenderIDHeader bool `toml:"sender_id_header"`
 	// ConnRatePerIP bounds new connections per client address (IPv6 by
@@ -100,6 +103,7 @@ const (
 	DeliverQmailInject = "qmail-inject"
 	DeliverSMTP        = "smtp"
 	DeliverMaildir     = "maildir"
+	DeliverQmailDirect = "qmail-direct"
 )
 
 // Delivery is the [delivery] section: where accepted mail goes.
@@ -109,6 +113,7 @@ type Delivery struct {
 	SMTPAddr string   `toml:"smtp_addr"`
 	Maildir  string   `toml:"maildir"`
 	Timeout  Duration `toml:"timeout"`
+	QueueDir string   `toml:"queue_dir"` // qmail's queue, for method qmail-direct
 }
 
 // Local is the [local] section: relay qq and relay sendmail.
@@ -116,6 +121,9 @@ type Local struct {
 	QmailQueue   string   `toml:"qmail_queue"`
 	OnDaemonDown string   `toml:"on_daemon_down"` // accept | defer
 	ExemptUsers  []string `toml:"exempt_users"`
+	// MaxConnections is the local socket's own budget of connections at
+	// once, never shared with the TCP listeners' relay.max_connections.
+	MaxConnections int `toml:"max_connections"`
 }
 
 // Admin is the [admin] section.
@@ -146,6 +154,13 @@ type Policy struct {
 	Mode         string `toml:"mode"`
 	OverLimit    string `toml:"over_limit"`
 	SuspendAfter int    `toml:"suspend_after"`
+	// SuspendKinds are the identity kinds suspend_after may suspend; an
+	// over-limit attempt counts only towards identities of these kinds.
+	SuspendKinds []string `toml:"suspend_kinds"`
+	// ReserveTimeout is how long a transaction may hold the recipients it
+	// reserved before finishing its DATA; then they are released and the
+	// transaction is checked again.
+	ReserveTimeout Duration `toml:"reserve_timeout"`
 	// QueueMax bounds the release queue (over_limit = "queue", pace) per
 	// identity, in messages; beyond it the over_limit reply, with defer
 	// standing for queue.
@@ -154,22 +169,78 @@ type Policy struct {
 	Allow    []AllowRule `toml:"allow"`
 }
 
-// Identity kinds (docs/design.md §3).
+// Identity kinds (docs/design.md §3). IdentityKinds lists them in order.
 const (
 	KindUser   = "user"
 	KindUID    = "uid"
+	KindScript = "script"
+	KindIP     = "ip"
 	KindSender = "sender"
 	KindDomain = "domain"
-	KindIP     = "ip"
 )
+
+// IdentityKinds returns every identity kind, strongest first (the order a
+// message's identities are listed in). It is the one list of kinds: the
+// config's limits tables, policy's ranks and the admin API's ids all
+// follow it.
+func IdentityKinds() []string {
+	return []string{KindUser, KindUID, KindScript, KindIP, KindSender, KindDomain}
+}
+
+// KindRank is kind's place in IdentityKinds, or len(IdentityKinds()) for
+// a string that is not a kind.
+func KindRank(kind string) int {
+	switch kind {
+	case KindUser:
+		return 0
+	case KindUID:
+		return 1
+	case KindScript:
+		return 2
+	case KindIP:
+		return 3
+	case KindSender:
+		return 4
+	case KindDomain:
+		return 5
+	}
+	return NumKinds
+}
+
+// NumKinds is how many identity kinds there are.
+const NumKinds = 6
+
+// StrongKind reports whether ids of kind come from something the sender
+// cannot choose (a login, the kernel's uid, a web server's qmail, the
+// client's address) rather than from what the client writes (the envelope
+// sender and its domain): docs/design.md §3's trust column.
+func StrongKind(kind string) bool {
+	r := KindRank(kind)
+	return r <= KindRank(KindIP)
+}
+
+// DefaultSuspendKinds are the kinds suspend_after suspends unless
+// policy.suspend_kinds says otherwise: the strong ones. A suspended
+// sender: or domain: would stop the address's real owner, whom anyone can
+// name in MAIL FROM.
+func DefaultSuspendKinds() []string {
+	var out []string
+	for _, k := range IdentityKinds() {
+		if StrongKind(k) {
+			out = append(out, k)
+		}
+	}
+	return out
+}
 
 // KindLimits holds [policy.limits.<kind>]; a nil kind is not capped.
 type KindLimits struct {
 	User   *Limits `toml:"user"`
 	UID    *Limits `toml:"uid"`
+	Script *Limits `toml:"script"`
+	IP     *Limits `toml:"ip"`
 	Sender *Limits `toml:"sender"`
 	Domain *Limits `toml:"domain"`
-	IP     *Limits `toml:"ip"`
 }
 
 // ForKind returns the limits of one identity kind, nil when not capped.
@@ -179,12 +250,14 @@ func (k KindLimits) ForKind(kind string) *Limits {
 		return k.User
 	case KindUID:
 		return k.UID
+	case KindScript:
+		return k.Script
+	case KindIP:
+		return k.IP
 	case KindSender:
 		return k.Sender
 	case KindDomain:
 		return k.Domain
-	case KindIP:
-		return k.IP
 	}
 	return nil
 }
@@ -218,6 +291,10 @@ type Webserver struct {
 	Name   string `toml:"name"`
 	Addr   string `toml:"addr"`
 	Passwd string `toml:"passwd"`
+	// RequireUID refuses mail from Addr whose first Received field is not
+	// qmail's "(qmail N invoked by uid U)" line. Load makes it true when
+	// the file leaves it out.
+	RequireUID bool `toml:"require_uid"`
 
 	// Accounts is the passwd file read by Load: uid -> account name.
 	Accounts map[uint32]string `toml:"-"`

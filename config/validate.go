@@ -180,6 +180,7 @@ func (v *validator) relay(r *Relay) {
 	v.nonNegative("relay.max_connections", int64(r.MaxConnections))
 	v.nonNegative("relay.max_connections_per_ip", int64(r.MaxConnectionsPerIP))
 	v.positive("relay.timeout", r.Timeout.Duration)
+	v.positive("relay.max_session", r.MaxSession.Duration)
 	v.pace("relay.conn_rate_per_ip", r.ConnRatePerIP)
 }
 
@@ -234,8 +235,12 @@ func (v *validator) delivery(d *Delivery) {
 		if !filepath.IsAbs(d.Command) {
 			v.add("delivery.command", "method %s needs an absolute path here, not %q", d.Method, d.Command)
 		}
+	case DeliverQmailDirect:
+		if !filepath.IsAbs(d.QueueDir) {
+			v.add("delivery.queue_dir", "method qmail-direct needs qmail's queue as an absolute path, not %q", d.QueueDir)
+		}
 	default:
-		v.add("delivery.method", "unknown method %q; one of qmail-queue, qmail-inject, smtp, maildir", d.Method)
+		v.add("delivery.method", "unknown method %q; one of qmail-queue, qmail-inject, smtp, maildir, qmail-direct", d.Method)
 	}
 	v.positive("delivery.timeout", d.Timeout.Duration)
 }
@@ -252,6 +257,7 @@ func (v *validator) local(l *Local) {
 			v.add(fmt.Sprintf("local.exempt_users[%d]", i), "%q is not a user name", u)
 		}
 	}
+	v.nonNegative("local.max_connections", int64(l.MaxConnections))
 }
 
 func (v *validator) admin(a *Admin) {
@@ -304,7 +310,19 @@ func (v *validator) policy(p *Policy) {
 	if p.QueueMax < 1 {
 		v.add("policy.queue_max", "must be at least 1 (messages waiting per identity)")
 	}
-	for _, kind := range []string{KindUser, KindUID, KindSender, KindDomain, KindIP} {
+	seenKind := map[string]int{}
+	for i, kind := range p.SuspendKinds {
+		key := fmt.Sprintf("policy.suspend_kinds[%d]", i)
+		if KindRank(kind) == NumKinds {
+			v.add(key, "%q is not an identity kind; one of %s", kind, strings.Join(IdentityKinds(), ", "))
+		} else if j, dup := seenKind[kind]; dup {
+			v.add(key, "%q repeats policy.suspend_kinds[%d]", kind, j)
+		} else {
+			seenKind[kind] = i
+		}
+	}
+	v.positive("policy.reserve_timeout", p.ReserveTimeout.Duration)
+	for _, kind := range IdentityKinds() {
 		if l := p.Limits.ForKind(kind); l != nil {
 			key := "policy.limits." + kind
 			v.nonNegative(key+".max_rcpts_per_msg", int64(l.MaxRcptsPerMsg))
@@ -350,10 +368,8 @@ func checkAllowMatch(m string) error {
 	if m == "" {
 		return fmt.Errorf("missing; an identity such as \"sender:news@example.com\"")
 	}
-	switch kind {
-	case KindUser, KindUID, KindSender, KindDomain, KindIP:
-	default:
-		return fmt.Errorf("%q must start with a kind: user, uid, sender, domain or ip, then ':'", m)
+	if KindRank(kind) == NumKinds {
+		return fmt.Errorf("%q must start with a kind: %s, then ':'", m, strings.Join(IdentityKinds(), ", "))
 	}
 	if !ok || rest == "" {
 		return fmt.Errorf("%q: nothing after the kind %q", m, kind)

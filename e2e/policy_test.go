@@ -230,10 +230,10 @@ func TestPolicyIdentityKinds(t *testing.T) {
 		}
 	})
 
-	webCase := func(t *testing.T, header string) *daemon {
+	webCase := func(t *testing.T, header, web string) *daemon {
 		d := newDaemon(t, daemonOpts{
 			policy:    policyWith("defer", 0, "[policy.limits.uid]\nrcpts = [\"2/1h\"]\n"),
-			extraTOML: web1,
+			extraTOML: web,
 		})
 		s := dialSMTPFrom(t, d.smtp, "127.0.0.2")
 		s.expect("EHLO web1.example.test", "250")
@@ -246,10 +246,12 @@ func TestPolicyIdentityKinds(t *testing.T) {
 		return d
 	}
 	t.Run("uid-webserver-received", func(t *testing.T) {
-		webCase(t, "Received: (qmail 123 invoked by uid 1001); 1 Jan 2026 00:00:00 -0000\r\n")
+		webCase(t, "Received: (qmail 123 invoked by uid 1001); 1 Jan 2026 00:00:00 -0000\r\n", web1)
 	})
+	// With require_uid = false (a web server whose PHP talks SMTP itself),
+	// the PHP header alone names the uid.
 	t.Run("uid-webserver-php", func(t *testing.T) {
-		d := webCase(t, "X-PHP-Originating-Script: 1001:form.php\r\n")
+		d := webCase(t, "X-PHP-Originating-Script: 1001:form.php\r\n", web1+"require_uid = false\n")
 		var snd apiSender
 		d.getJSON("/api/senders/"+url.PathEscape("uid:web1:1001"), &snd)
 		if len(snd.Scripts) != 1 || snd.Scripts[0] != "form.php" {
@@ -440,12 +442,14 @@ func TestPolicyOverLimitActions(t *testing.T) {
 }
 
 // TestPolicySuspension: suspend_after over-limit events suspend the
-// identity, durably at once, and the webhook is told.
+// identity, durably at once, and the webhook is told. (Senders are
+// suspended only when suspend_kinds names them, as here; by default the
+// attempts count for the client's address: e2e/trust_test.go.)
 func TestPolicySuspension(t *testing.T) {
 	const id = "sender:a@example.com"
 	h := newHook(t, nil)
 	d := newDaemon(t, daemonOpts{
-		policy:    policyWith("defer", 2, "[policy.limits.sender]\nrcpts = [\"1/1h\"]\n"),
+		policy:    strings.Replace(policyWith("defer", 2, "[policy.limits.sender]\nrcpts = [\"1/1h\"]\n"), "suspend_after = 2\n", "suspend_after = 2\nsuspend_kinds = [\"sender\"]\n", 1),
 		extraTOML: fmt.Sprintf("[notify]\nwebhook = %q\n", h.url()),
 	})
 	s := dialSMTP(t, d.smtp)
@@ -598,7 +602,8 @@ func TestPolicyReloadKeepsCounters(t *testing.T) {
 }
 
 // TestPolicyForgedUIDHeaders: uid lines count only from a configured web
-// server, and only in the first Received field.
+// server, and only in the first Received field (with require_uid, mail
+// without one there is refused: e2e/trust_test.go).
 func TestPolicyForgedUIDHeaders(t *testing.T) {
 	d := newDaemon(t, daemonOpts{
 		policy:    policyWith("defer", 0, "[policy.limits.uid]\nrcpts = [\"100/1h\"]\n"),
@@ -629,9 +634,11 @@ func TestPolicyForgedUIDHeaders(t *testing.T) {
 	// A script's own Received line below qmail's is not the uid.
 	w.mustSend("www@example.com", rcpts("b", 1),
 		fmt.Sprintf(invoked, 123, 1001)+fmt.Sprintf(invoked, 9, 666)+"Subject: two\r\n\r\nx\r\n")
-	// Nor is one below a Received line that is not qmail's.
-	w.mustSend("www@example.com", rcpts("c", 1),
-		"Received: from x by y; 1 Jan 2026 00:00:00 -0000\r\n"+fmt.Sprintf(invoked, 9, 777)+"Subject: three\r\n\r\nx\r\n")
+	// Nor is one below a Received line that is not qmail's: refused.
+	if got := w.send("www@example.com", rcpts("c", 1),
+		"Received: from x by y; 1 Jan 2026 00:00:00 -0000\r\n"+fmt.Sprintf(invoked, 9, 777)+"Subject: three\r\n\r\nx\r\n"); !strings.HasPrefix(got, "550 5.7.1 ") {
+		t.Fatalf("qmail line below another Received: %q, want 550 5.7.1", got)
+	}
 	if got := uidIDs(); len(got) != 1 || got[0] != "uid:web1:1001" {
 		t.Fatalf("uid identities %q, want only uid:web1:1001", got)
 	}

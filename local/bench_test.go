@@ -15,10 +15,10 @@ import (
 //   - direct:  the stand-in run with the message and envelope on pipes
 //   - check:   only the check conversation and the commit, no process
 //   - filter:  the same through QQ.Filter, with the check conversation
-//     against an in-process go-smtp daemon on a unix socket
+//     against an in-process fake daemon on a unix socket
 //   - process: the stand-in exec'd as a program, as qmail-inject runs it
 //   - process-qq: relay qq's code as a program (the test binary acting as
-//     relay qq: startup, config read, check, then the stand-in)
+//     relay qq: startup, config and passwd read, check, then the stand-in)
 //
 // filter minus direct is the per-message cost of the check itself;
 // process-qq minus process adds the extra process and the config read.
@@ -65,9 +65,10 @@ func BenchmarkQQOverhead(b *testing.B) {
 			if res.verdict != verdictReserved {
 				b.Fatalf("verdict %d: %s", res.verdict, res.reply)
 			}
-			res.client.Auth(commitAuth{})
-			res.client.Quit()
-			res.client.Close()
+			if err := res.conn.commit(); err != nil {
+				b.Fatal(err)
+			}
+			res.conn.Close()
 			drain()
 		})
 	})

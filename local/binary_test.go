@@ -73,8 +73,8 @@ func testBinaryUnderQmailNames(t *testing.T, bin string) {
 		if len(got) != 1 || !bytes.Equal(got[0].Message, testMessage) || !bytes.Equal(got[0].Envelope, testEnvelope) {
 			t.Fatalf("not passed through unchanged (%d calls)", len(got))
 		}
-		if s := d.session(t); s.helo != CheckHelo || !s.committed {
-			t.Errorf("session helo %q committed %v", s.helo, s.committed)
+		if s := d.session(t); s.kind != "check" || !s.committed {
+			t.Errorf("session %s committed %v", s.kind, s.committed)
 		}
 	})
 	t.Run("qmail-queue with a broken config", func(t *testing.T) {
@@ -94,7 +94,7 @@ func testBinaryUnderQmailNames(t *testing.T, bin string) {
 			t.Fatalf("%v: %s", err, out)
 		}
 		s := d.session(t)
-		if s.helo != "localhost" || s.from != "shop@example.com" || strings.Join(s.rcpts, ",") != "a@example.com" {
+		if s.kind != "smtp" || s.helo != "localhost" || s.from != "shop@example.com" || strings.Join(s.rcpts, ",") != "a@example.com" {
 			t.Errorf("session %+v", s)
 		}
 	})

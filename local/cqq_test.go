@@ -12,17 +12,14 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/emersion/go-smtp"
-
-	"relay/config"
 	"relay/internal/fakeqq"
 )
 
-// cmd/relay-qq is relay qq in C, the build installed for speed; the Go
-// code in this package is the reference. These tests hold the C build to
-// it: the same config values (or "unsure", and then it runs relay-local),
-// and the same exit codes, daemon conversation and hand-off as relay-local
-// for the same scenarios.
+// cmd/relay-qq is relay qq in C, the build installed for speed. It reads
+// qq.settings, which the daemon writes (Settings), and falls back to
+// relay-local when that file is not as the daemon writes it. These tests
+// run both builds as processes through the same scenarios: the same exit
+// codes, the same check conversation, the same hand-off.
 
 // cqqBuild is relay-qq compiled for the tests: the binary, the same code
 // under AddressSanitizer and UndefinedBehaviorSanitizer (empty where the
@@ -77,8 +74,9 @@ func compileCQQWith(t testing.TB, cc, bin string, flags []string, defines ...str
 }
 
 // testCQQ is relay-qq built for tests: replies wait at most 500ms, more
-// than 4 KiB of message goes to the spool file, and the fallback is a
-// freshly built relay-local.
+// than 4 KiB of message goes to the spool file, the fallback is a freshly
+// built relay-local, and the settings file is $RELAY_QQ_SETTINGS (its
+// built-in path does not exist).
 func testCQQ(t testing.TB) cqqBuild {
 	t.Helper()
 	cCompiler(t)
@@ -100,7 +98,7 @@ func testCQQ(t testing.TB) cqqBuild {
 			cqqOnce.err = fmt.Errorf("%v %s", err, out)
 			return
 		}
-		defines := []string{"RELAY_QQ_TIMEOUT_MS=500", "RELAY_QQ_SPOOL_MEMORY=4096", fmt.Sprintf("RELAY_LOCAL_PATH=%q", keep)}
+		defines := []string{"RELAY_QQ_TIMEOUT_MS=500", "RELAY_QQ_SPOOL_MEMORY=4096", fmt.Sprintf("RELAY_LOCAL_PATH=%q", keep), `RELAY_QQ_SETTINGS="/nonexistent/qq.settings"`}
 		bin, err := compileCQQ(t, dir, defines...)
 		cqqOnce.build, cqqOnce.err = cqqBuild{bin: bin, relayLocal: keep}, err
 		// gcc's sanitizers, with every block from malloc so that
@@ -120,174 +118,6 @@ func testCQQ(t testing.TB) cqqBuild {
 		t.Fatal(cqqOnce.err)
 	}
 	return cqqOnce.build
-}
-
-// qqSettings is what relay qq takes from a config, as relay-qq --settings
-// prints it.
-type qqSettings struct {
-	Socket, QmailQueue, OnDaemonDown, ExemptUsers string
-}
-
-func goSettings(path string) (qqSettings, error) {
-	cfg, err := config.LoadFile(path)
-	if err != nil {
-		return qqSettings{}, err
-	}
-	q, err := NewQQ(cfg, nil)
-	if err != nil {
-		return qqSettings{}, err
-	}
-	return qqSettings{q.Socket, q.QmailQueue, q.OnDaemonDown, strings.Join(q.ExemptUsers, ",")}, nil
-}
-
-// cSettings runs relay-qq --settings; sure is false when it would leave
-// the config to relay-local.
-func cSettings(t testing.TB, bin, path string) (s qqSettings, sure bool) {
-	t.Helper()
-	cmd := exec.Command(bin, "--config", path, "--settings")
-	cmd.Dir = filepath.Dir(path)
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("relay-qq --settings: %v", err)
-	}
-	if string(out) == "unsure\n" {
-		return s, false
-	}
-	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
-		k, v, _ := strings.Cut(line, "=")
-		switch k {
-		case "socket":
-			s.Socket = v
-		case "qmail_queue":
-			s.QmailQueue = v
-		case "on_daemon_down":
-			s.OnDaemonDown = v
-		case "exempt_users":
-			s.ExemptUsers = v
-		case "account": // the caller's passwd name, checked by TestCQQAccountName
-		default:
-			t.Fatalf("relay-qq --settings printed %q", line)
-		}
-	}
-	return s, true
-}
-
-// checkSettings holds relay-qq's reading of the config doc to Go's: when
-// it is sure, Go must read the same values (or reject the file, which the
-// daemon then refuses too). It returns whether relay-qq was sure.
-func checkSettings(t testing.TB, bin string, doc []byte) bool {
-	t.Helper()
-	path := filepath.Join(t.TempDir(), "relay.toml")
-	if err := os.WriteFile(path, doc, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	c, sure := cSettings(t, bin, path)
-	g, err := goSettings(path)
-	if sure && err == nil && c != g {
-		t.Errorf("%s read\n%+v\nrelay-local read\n%+v\nfrom:\n%s", filepath.Base(bin), c, g, doc)
-	}
-	return sure
-}
-
-func TestCQQSettingsMatchGo(t *testing.T) {
-	for _, bin := range cBinaries(t) {
-		t.Run(filepath.Base(bin), func(t *testing.T) { testCQQSettings(t, bin) })
-	}
-}
-
-func testCQQSettings(t *testing.T, bin string) {
-	root, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}").Output()
-	if err != nil {
-		t.Fatal(err)
-	}
-	files, _ := filepath.Glob(filepath.Join(strings.TrimSpace(string(root)), "config", "testdata", "*", "*.toml"))
-	files = append(files, filepath.Join(strings.TrimSpace(string(root)), "relay.example.toml"))
-	for _, f := range files {
-		doc, err := os.ReadFile(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Run(filepath.Base(f), func(t *testing.T) { checkSettings(t, bin, doc) })
-	}
-	if !checkSettings(t, bin, mustRead(t, filepath.Join(strings.TrimSpace(string(root)), "relay.example.toml"))) {
-		t.Error("relay-qq is unsure of relay.example.toml: every installation would run relay-local")
-	}
-
-	for _, tc := range cqqSettingsCases {
-		t.Run(tc.name, func(t *testing.T) {
-			if sure := checkSettings(t, bin, []byte(tc.doc)); sure != tc.sure {
-				t.Errorf("sure = %v, want %v for:\n%s", sure, tc.sure, tc.doc)
-			}
-		})
-	}
-}
-
-func mustRead(t testing.TB, path string) []byte {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
-// cqqSettingsCases are configs written in the ways TOML allows: relay-qq
-// reads those it can be sure of and leaves the rest to relay-local.
-var cqqSettingsCases = []struct {
-	name string
-	doc  string
-	sure bool
-}{
-	{"plain", "[[listen]]\naddr = \"/run/relay/submit.sock\"\nmode = \"local\"\n\n[local]\nqmail_queue = \"/var/qmail/bin/qmail-queue.orig\"\non_daemon_down = \"defer\"\nexempt_users = [\"qmaild\"]\n", true},
-	{"no listen: the default socket", "[local]\non_daemon_down = \"accept\"\n", true},
-	{"nothing at all", "", true},
-	{"relative socket", "[[listen]]\naddr = \"../run/./x/../submit.sock\"\nmode = \"local\"\n", true},
-	{"second listener is the local one", "[[listen]]\naddr = \"127.0.0.1:25\"\n\n[[listen]]\nmode = \"local\"\naddr = '/run/q.sock'\n", true},
-	{"no local listener", "[[listen]]\naddr = \"127.0.0.1:25\"\nmode = \"smtp\"\n", false},
-	{"dotted keys at the root", "local.qmail_queue = \"/q\"\nlocal.on_daemon_down = 'defer'\n", true},
-	{"quoted key parts", "\"local\".'qmail_queue' = \"/q\"\n[\"local\"]\non_daemon_down = \"defer\"\n", true},
-	{"a dot inside a quoted key", "\"local.qmail_queue\" = \"/q\"\n", false},
-	{"local as an inline table", "local = { qmail_queue = \"/q\", on_daemon_down = \"defer\" }\n", false},
-	{"listen as an inline array", "listen = [{ addr = \"/s.sock\", mode = \"local\" }]\n", false},
-	{"[local] sub-table", "[local.more]\nx = 1\n", false},
-	{"escapes in a value", "[local]\nqmail_queue = \"/var/qmail/bin/q\\u0071\"\n", false},
-	{"multi-line value", "[local]\nqmail_queue = \"\"\"/q\"\"\"\n", false},
-	{"relative qmail_queue", "[local]\nqmail_queue = \"qmail-queue\"\n", false},
-	{"bad on_daemon_down", "[local]\non_daemon_down = \"maybe\"\n", false},
-	{"duplicate key", "[local]\non_daemon_down = \"defer\"\non_daemon_down = \"accept\"\n", false},
-	{"byte order mark", "\xef\xbb\xbf[local]\non_daemon_down = \"defer\"\n", false},
-	{"capitals in a key", "[local]\nOn_Daemon_Down = \"defer\"\n", true},
-	{"capitals in a table name", "[LOCAL]\non_daemon_down = \"defer\"\n", false},
-	{"two listen arrays by case", "[[listen]]\naddr = \"/a.sock\"\nmode = \"local\"\n[[LISTEN]]\naddr = \"/b.sock\"\nmode = \"local\"\n", false},
-	{"CRLF and comments", "# relay\r\n[local] # the local section\r\nexempt_users = [ # who\r\n  \"qmaild\", # bounces\r\n  'qmails',\r\n] # end\r\non_daemon_down = \"defer\"\r\n", true},
-	{"a multi-line string hiding a [local] table",
-		"hostname = \"\"\"\n[local]\non_daemon_down = \"defer\"\n\"\"\"\n[local]\nqmail_queue = \"/q\"\n", true},
-	{"a literal multi-line string with quotes",
-		"hostname = '''x''y'''\n[[listen]]\naddr = \"/s.sock\"\nmode = \"local\"\n", true},
-	{"arrays of tables elsewhere", "[[policy.allow]]\nmatch = \"sender:list-*@example.com\"\nrcpts = [\"5000/24h\"]\n[[webserver]]\nname = \"web1\"\naddr = \"10.0.0.5\"\n[local]\non_daemon_down = \"defer\"\n", true},
-	{"nested values skipped", "[policy.limits.user]\nrcpts = [ [\"1\"], { a = [1, 2] } ]\n[local]\non_daemon_down = \"defer\"\n", true},
-	{"unterminated string", "hostname = \"x\n[local]\n", false},
-	{"empty on_daemon_down", "[local]\non_daemon_down = \"\"\n", false},
-	{"an empty key part", "\"\".local.qmail_queue = \"/evil\"\n", false},
-	{"an empty table name", "[\"\"]\nlocal.qmail_queue = \"/evil\"\n", false},
-	{"non-ASCII in a value", "[local]\nqmail_queue = \"/q\xff\"\n", false},
-	{"absolute socket with dots, as written", "[[listen]]\naddr = \"/run/a/../b//s.sock\"\nmode = \"local\"\n", true},
-	{"garbage after a value", "[local]\non_daemon_down = \"defer\" x\n", false},
-}
-
-// FuzzCQQSettings holds relay-qq's config reader to Go's on any input:
-// when relay-qq is sure of a file Go reads without error, both read the
-// same values. (Each input runs relay-qq once: fuzz it by hand.)
-func FuzzCQQSettings(f *testing.F) {
-	b := testCQQ(f)
-	for _, tc := range cqqSettingsCases {
-		f.Add([]byte(tc.doc))
-	}
-	f.Fuzz(func(t *testing.T, doc []byte) {
-		if bytes.IndexByte(doc, 0) >= 0 {
-			return
-		}
-		checkSettings(t, b.bin, doc)
-	})
 }
 
 // qqBinaries are the builds of relay qq run as processes: relay-local,
@@ -310,55 +140,25 @@ func cBinaries(t testing.TB) []string {
 	return []string{b.bin}
 }
 
+// qqCmd runs a build of relay qq on the config cfg and the qq.settings
+// beside it (writeConfig writes both).
 func qqCmd(bin, cfg, calls string, env ...string) *exec.Cmd {
 	cmd := exec.Command(bin)
 	if filepath.Base(bin) == "relay-local" {
 		cmd.Args = append(cmd.Args, "qq")
 	}
 	cmd.Args = append(cmd.Args, "--config", cfg)
-	cmd.Env = append(append(os.Environ(), "FAKEQQ_DIR="+calls, "RELAY_CONFIG="), env...)
+	cmd.Env = append(append(os.Environ(), "FAKEQQ_DIR="+calls, "RELAY_CONFIG=", "RELAY_QQ_SETTINGS="+settingsBeside(cfg)), env...)
 	return cmd
 }
 
-// The decisions of TestQQDecisions, for both builds as processes.
+// The decisions of TestQQDecisions, for both builds as processes, with one
+// recipient and with two.
 func TestQQBuildsDecideAlike(t *testing.T) {
-	rcptFails := func(which int, err error) func(int, string) error {
-		return func(n int, _ string) error {
-			if n == which {
-				return err
-			}
-			return nil
-		}
-	}
-	tests := []struct {
-		name       string
-		script     daemonScript
-		realExit   string
-		wantCode   int
-		wantQueued bool
-		wantCommit bool
-		wantStderr string
-	}{
-		{name: "reserved and queued", wantCode: 0, wantQueued: true, wantCommit: true},
-		{name: "real qmail-queue fails", realExit: "53", wantCode: 53, wantQueued: true, wantCommit: true},
-		{name: "exempt on the daemon", script: daemonScript{data: replyExempt}, wantCode: 0, wantQueued: true},
-		{name: "held", script: daemonScript{data: replyHeld}, wantCode: 0},
-		{name: "suspended at MAIL", script: daemonScript{mail: replyRejected}, wantCode: 31, wantStderr: "550 5.7.1 uid:local:1001 is suspended"},
-		{name: "second recipient over a rate", script: daemonScript{rcpt: rcptFails(1, replyOverLimit)}, wantCode: 71, wantStderr: "451 4.7.1"},
-		{name: "recipient rejected", script: daemonScript{rcpt: rcptFails(0, replyRejected)}, wantCode: 31},
-		{name: "deferred at DATA", script: daemonScript{data: replyOverLimit}, wantCode: 71},
-		{name: "rejected at DATA", script: daemonScript{data: reply(554, smtp.EnhancedCode{5, 7, 1}, "no")}, wantCode: 31},
-		{name: "reply not understood", script: daemonScript{data: reply(250, smtp.NoEnhancedCode, "ok queued as 12")}, wantCode: 71, wantStderr: "not understood"},
-		{name: "commit refused", script: daemonScript{commitFail: true}, wantCode: 71, wantStderr: "did not take the commit"},
-		{name: "not a check listener", script: daemonScript{noCommit: true}, wantCode: 71, wantStderr: "does not speak the check protocol"},
-	}
 	for name, bin := range qqBinaries(t) {
-		for _, tc := range tests {
+		for _, tc := range qqDecisions {
 			for _, envelope := range [][]byte{testEnvelope, []byte("Fa@example.com\x00Tb@example.net\x00\x00")} {
 				t.Run(fmt.Sprintf("%s/%s/%d", name, tc.name, bytes.Count(envelope, []byte("\x00T"))), func(t *testing.T) {
-					if tc.script.rcpt != nil && bytes.Count(envelope, []byte("\x00T")) < 2 && tc.name == "second recipient over a rate" {
-						t.Skip("one recipient")
-					}
 					d := startDaemon(t, tc.script)
 					calls := worldDir(t)
 					// accept: whatever goes wrong once connected must
@@ -380,18 +180,24 @@ func TestQQBuildsDecideAlike(t *testing.T) {
 							t.Errorf("real qmail-queue ran as %q, not exec'd in place (%s)", got[0].Info, want)
 						}
 					}
+					if !strings.Contains(stderr, tc.wantStderr) {
+						t.Errorf("stderr %q does not contain %q", stderr, tc.wantStderr)
+					}
+					if tc.script.notCheck {
+						return
+					}
 					s := d.session(t)
 					if s.committed != tc.wantCommit {
 						t.Errorf("committed = %v, want %v", s.committed, tc.wantCommit)
 					}
-					if s.helo != CheckHelo || s.uid != os.Getuid() {
-						t.Errorf("session helo %q uid %d", s.helo, s.uid)
+					if s.kind != "check" || s.uid != os.Getuid() || s.from != "a@example.com" || len(s.rcpts) != bytes.Count(envelope, []byte("\x00T")) {
+						t.Errorf("session %s uid %d from %q rcpts %q", s.kind, s.uid, s.from, s.rcpts)
 					}
-					if tc.wantCode == 0 && !bytes.Equal(s.data, crlf(testMessage)) && tc.script.mail == nil {
-						t.Errorf("daemon got %q", s.data)
+					if string(s.head) != string(headerOf(testMessage)) || s.size != int64(len(testMessage)) {
+						t.Errorf("daemon got header %q, size %d", s.head, s.size)
 					}
-					if !strings.Contains(stderr, tc.wantStderr) {
-						t.Errorf("stderr %q does not contain %q", stderr, tc.wantStderr)
+					if held := bytes.Equal(s.data, testMessage); held != tc.wantHeld {
+						t.Errorf("daemon got the message whole: %v, want %v", held, tc.wantHeld)
 					}
 				})
 			}
@@ -442,7 +248,7 @@ func TestQQBuildsPassUncountedAlike(t *testing.T) {
 	}
 	for name, bin := range qqBinaries(t) {
 		t.Run(name+"/no recipients", func(t *testing.T) {
-			d := startDaemon(t, daemonScript{mail: replyRejected})
+			d := startDaemon(t, daemonScript{verdict: 'R', text: "550 5.7.1 suspended"})
 			calls := worldDir(t)
 			code, _, stderr := runProcess(t, qqCmd(bin, writeConfig(t, d.socket, "defer", nil), calls), testMessage, []byte("F\x00\x00"))
 			if n := len(fakeqq.Calls(t, calls)); code != 0 || n != 1 || d.connections() != 0 {
@@ -450,7 +256,7 @@ func TestQQBuildsPassUncountedAlike(t *testing.T) {
 			}
 		})
 		t.Run(name+"/exempt", func(t *testing.T) {
-			d := startDaemon(t, daemonScript{mail: replyRejected})
+			d := startDaemon(t, daemonScript{verdict: 'R', text: "550 5.7.1 suspended"})
 			calls := worldDir(t)
 			code, pid, stderr := runProcess(t, qqCmd(bin, writeConfig(t, d.socket, "defer", []string{"qmails", me}), calls), testMessage, testEnvelope)
 			got := fakeqq.Calls(t, calls)
@@ -537,11 +343,27 @@ func testCQQEdges(t *testing.T, b cqqBuild) {
 		if got := fakeqq.Calls(t, calls); len(got) != 1 || !bytes.Equal(got[0].Message, msg.Bytes()) {
 			t.Fatal("large message not passed through unchanged")
 		}
-		if s := d.session(t); !bytes.Equal(s.data, crlf(msg.Bytes())) || !s.committed {
-			t.Errorf("daemon got %d bytes (want %d), committed %v", len(s.data), len(crlf(msg.Bytes())), s.committed)
+		if s := d.session(t); string(s.head) != "Subject: big\n\n" || s.size != int64(msg.Len()) || !s.committed {
+			t.Errorf("daemon got header %q, size %d (want %d), committed %v", s.head, s.size, msg.Len(), s.committed)
 		}
 		if left, _ := os.ReadDir(tmp); len(left) != 0 {
 			t.Errorf("spool left %d files behind", len(left))
+		}
+	})
+	t.Run("large message held", func(t *testing.T) {
+		d := startDaemon(t, daemonScript{verdict: 'Q'})
+		calls := worldDir(t)
+		var msg bytes.Buffer
+		msg.WriteString("Subject: big\n\n")
+		for i := 0; msg.Len() < 300<<10; i++ {
+			fmt.Fprintf(&msg, ".line %d of a large message\n", i)
+		}
+		code, _, stderr := runProcess(t, qqCmd(b.bin, writeConfig(t, d.socket, "defer", nil), calls), msg.Bytes(), testEnvelope)
+		if code != 0 || len(fakeqq.Calls(t, calls)) != 0 {
+			t.Fatalf("exit %d, stderr %s; want 0 and the real qmail-queue not run", code, stderr)
+		}
+		if s := d.session(t); !bytes.Equal(s.data, msg.Bytes()) || string(s.head) != "Subject: big\n\n" {
+			t.Errorf("daemon got %d bytes to hold (want %d), header %q", len(s.data), msg.Len(), s.head)
 		}
 	})
 	t.Run("arguments", func(t *testing.T) {
@@ -552,37 +374,163 @@ func testCQQEdges(t *testing.T, b cqqBuild) {
 	})
 }
 
-// What relay-qq is unsure of, relay-local decides, on the same fds: a
-// config in a form relay-qq does not read still works, a broken one exits
-// 55 naming the key, and without relay-local relay-qq exits 55 itself.
-func TestCQQFallsBackToRelayLocal(t *testing.T) {
-	b := testCQQ(t)
-	d := startDaemon(t, daemonScript{})
-	dir := worldDir(t)
-	inline := filepath.Join(dir, "inline.toml")
-	os.WriteFile(inline, []byte(fmt.Sprintf("listen = [{ addr = %q, mode = \"local\" }]\nlocal = { qmail_queue = %q, on_daemon_down = \"defer\" }\n", d.socket, fakeQQ)), 0o644)
-	calls := worldDir(t)
-	code, _, stderr := runProcess(t, qqCmd(b.bin, inline, calls), testMessage, testEnvelope)
-	if got := fakeqq.Calls(t, calls); code != 0 || len(got) != 1 || !bytes.Equal(got[0].Message, testMessage) {
-		t.Fatalf("exit %d (%s), %d calls", code, stderr, len(got))
+// A qq.settings relay-qq cannot be sure of (missing, not a file, not
+// exactly as the daemon writes it) hands over to relay-local, on the same
+// fds, which reads relay.toml: here the settings name daemon a, the
+// config daemon b, and the daemon that gets the check tells which build
+// decided. Without relay-local relay-qq exits 55.
+func TestCQQReadsSettings(t *testing.T) {
+	a, b := startDaemon(t, daemonScript{}), startDaemon(t, daemonScript{})
+	cfg := writeConfig(t, b.socket, "defer", nil)
+	uid := strconv.Itoa(os.Getuid())
+	valid := func(edit func(string) string) string {
+		doc := "# written by relay serve\nsocket=" + a.socket + "\nqmail_queue=" + fakeQQ + "\non_daemon_down=accept\nexempt_uids=1,2\n"
+		if edit != nil {
+			doc = edit(doc)
+		}
+		return doc
 	}
-	if s := d.session(t); !s.committed {
-		t.Error("not committed")
+	replace := func(old, new string) func(string) string {
+		return func(doc string) string { return strings.Replace(doc, old, new, 1) }
+	}
+	// The sanitized build runs the same files as FuzzCQQSettingsFile's
+	// seeds.
+	bin := testCQQ(t).bin
+	for _, tc := range cqqSettingsCases(valid, replace, a.socket, uid) {
+		t.Run(tc.name, func(t *testing.T) {
+			settings := filepath.Join(worldDir(t), "qq.settings")
+			if tc.doc == "<dir>" {
+				os.Mkdir(settings, 0o755)
+			} else if tc.doc != "<missing>" {
+				os.WriteFile(settings, []byte(tc.doc), 0o644)
+			}
+			calls := worldDir(t)
+			cmd := qqCmd(bin, cfg, calls)
+			cmd.Env = append(cmd.Env, "RELAY_QQ_SETTINGS="+settings)
+			code, _, stderr := runProcess(t, cmd, testMessage, testEnvelope)
+			if n := len(fakeqq.Calls(t, calls)); code != 0 || n != 1 {
+				t.Fatalf("exit %d with %d runs; stderr %s", code, n, stderr)
+			}
+			switch tc.want {
+			case "a", "b":
+				asked, other := a, b
+				if tc.want == "b" {
+					asked, other = b, a
+				}
+				if s := asked.session(t); !s.committed {
+					t.Errorf("daemon %s: not committed", tc.want)
+				}
+				if n := other.connections(); n != 0 {
+					t.Errorf("the other daemon was asked too")
+				}
+			case "exempt":
+				if a.connections()+b.connections() != 0 {
+					t.Error("an exempt caller's message was checked")
+				}
+			}
+			a.reset()
+			b.reset()
+		})
 	}
 
-	broken := filepath.Join(dir, "broken.toml")
+	// relay-local reads the whole config: one the daemon would refuse is
+	// refused (55, naming the key).
+	broken := filepath.Join(worldDir(t), "relay.toml")
 	os.WriteFile(broken, []byte("[local]\non_daemon_down = \"maybe\"\n"), 0o644)
-	if code, _, stderr := runProcess(t, qqCmd(b.bin, broken, worldDir(t)), testMessage, testEnvelope); code != ExitConfigError || !strings.Contains(stderr, "on_daemon_down") {
+	cmd := qqCmd(bin, broken, worldDir(t))
+	cmd.Env = append(cmd.Env, "RELAY_QQ_SETTINGS=/nonexistent/qq.settings")
+	if code, _, stderr := runProcess(t, cmd, testMessage, testEnvelope); code != ExitConfigError || !strings.Contains(stderr, "on_daemon_down") {
 		t.Errorf("exit %d, stderr %q; want 55 naming the bad key", code, stderr)
 	}
 
-	alone, err := compileCQQ(t, worldDir(t), `RELAY_LOCAL_PATH="/nonexistent/relay-local"`)
+	alone, err := compileCQQ(t, worldDir(t), `RELAY_LOCAL_PATH="/nonexistent/relay-local"`, `RELAY_QQ_SETTINGS="/nonexistent/qq.settings"`)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if code, _, stderr := runProcess(t, qqCmd(alone, broken, worldDir(t)), testMessage, testEnvelope); code != ExitConfigError || !strings.Contains(stderr, "/nonexistent/relay-local") {
+	if code, _, stderr := runProcess(t, exec.Command(alone), testMessage, testEnvelope); code != ExitConfigError || !strings.Contains(stderr, "/nonexistent/relay-local") {
 		t.Errorf("exit %d, stderr %q; want 55 naming the missing relay-local", code, stderr)
 	}
+}
+
+type cqqSettingsCase struct {
+	name, doc string
+	want      string // "a": the settings were used; "b": relay-local decided; "exempt"
+}
+
+func cqqSettingsCases(valid func(func(string) string) string, replace func(string, string) func(string) string, socket, uid string) []cqqSettingsCase {
+	return []cqqSettingsCase{
+		{"as written", valid(nil), "a"},
+		{"blank lines and comments", valid(replace("\n", "\n\n# more\n\n")), "a"},
+		{"no exempt uids", valid(replace("exempt_uids=1,2", "exempt_uids=")), "a"},
+		{"caller exempt", valid(replace("exempt_uids=1,2", "exempt_uids=1,"+uid+",2")), "exempt"},
+		{"missing", "<missing>", "b"},
+		{"a directory", "<dir>", "b"},
+		{"empty", "", "b"},
+		{"no final newline", strings.TrimSuffix(valid(nil), "\n"), "b"},
+		{"a key missing", valid(replace("on_daemon_down=accept\n", "")), "b"},
+		{"a key twice", valid(replace("on_daemon_down=accept", "on_daemon_down=accept\non_daemon_down=accept")), "b"},
+		{"an unknown key", valid(replace("# written", "hostname=x\n# written")), "b"},
+		{"a line without =", valid(replace("# written", "socket\n# written")), "b"},
+		{"spaces around =", valid(replace("on_daemon_down=accept", "on_daemon_down = accept")), "b"},
+		{"relative socket", valid(replace("socket=/", "socket=")), "b"},
+		{"socket path too long", valid(replace("socket="+socket, "socket=/"+strings.Repeat("s", 120))), "b"},
+		{"relative qmail_queue", valid(replace("qmail_queue=/", "qmail_queue=")), "b"},
+		{"other on_daemon_down", valid(replace("=accept", "=maybe")), "b"},
+		{"uid not a number", valid(replace("1,2", "1,x")), "b"},
+		{"empty uid", valid(replace("1,2", "1,,2")), "b"},
+		{"trailing comma", valid(replace("1,2", "1,2,")), "b"},
+		{"uid over 32 bits", valid(replace("1,2", "1,4294967296")), "b"},
+		{"uid with a sign", valid(replace("1,2", "+1,2")), "b"},
+		{"CRLF", valid(replace("\n", "\r\n")), "b"},
+		{"a control character", valid(replace("accept", "accept\x01")), "b"},
+		{"a NUL", valid(replace("# written", "#\x00 written")), "b"},
+	}
+}
+
+// FuzzCQQSettingsFile runs relay-qq under ASan and UBSan (the plain build
+// without a sanitizing compiler) on any settings file: it must not crash,
+// and it must queue the message one way or another. (Each input runs
+// relay-qq once: fuzz it by hand.)
+func FuzzCQQSettingsFile(f *testing.F) {
+	bins := cBinaries(f)
+	bin := bins[len(bins)-1]
+	a, b := startDaemon(f, daemonScript{}), startDaemon(f, daemonScript{})
+	cfg := writeConfig(f, b.socket, "defer", nil)
+	valid := func(edit func(string) string) string {
+		doc := "socket=" + a.socket + "\nqmail_queue=" + fakeQQ + "\non_daemon_down=accept\nexempt_uids=1,2\n"
+		if edit != nil {
+			doc = edit(doc)
+		}
+		return doc
+	}
+	replace := func(old, new string) func(string) string {
+		return func(doc string) string { return strings.Replace(doc, old, new, 1) }
+	}
+	for _, tc := range cqqSettingsCases(valid, replace, a.socket, "0") {
+		if !strings.HasPrefix(tc.doc, "<") {
+			f.Add([]byte(tc.doc))
+		}
+	}
+	settings := filepath.Join(worldDir(f), "qq.settings")
+	f.Fuzz(func(t *testing.T, doc []byte) {
+		if err := os.WriteFile(settings, doc, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		calls := worldDir(t)
+		cmd := qqCmd(bin, cfg, calls)
+		cmd.Env = append(cmd.Env, "RELAY_QQ_SETTINGS="+settings)
+		code, _, stderr := runProcess(t, cmd, testMessage, testEnvelope)
+		if strings.Contains(stderr, "Sanitizer") || strings.Contains(stderr, "runtime error") {
+			t.Fatalf("relay-qq on %q:\n%s", doc, stderr)
+		}
+		// A file naming another socket or qmail-queue may defer, or fail
+		// to run what it names; nothing else.
+		if code != 0 && code != ExitDeferred {
+			t.Fatalf("relay-qq on %q: exit %d; stderr %s", doc, code, stderr)
+		}
+		a.reset()
+		b.reset()
+	})
 }
 
 // Once connected, every failure defers, whatever on_daemon_down says: a
@@ -612,41 +560,6 @@ func TestQQBuildsFailClosedOnceConnected(t *testing.T) {
 				t.Errorf("exit %d with %d runs (stderr %q); want 71 and none", code, n, stderr)
 			}
 		})
-	}
-}
-
-// relay-qq finds the caller's account in passwd as Go's os/user does
-// without cgo: blank space around a line ignored, comments skipped, the
-// uid field compared as a string, at least six colons, no name starting
-// with + or -, a numeric gid, and long lines read whole.
-func TestCQQAccountName(t *testing.T) {
-	cCompiler(t)
-	dir := worldDir(t)
-	uid := strconv.Itoa(os.Getuid())
-	passwd := filepath.Join(dir, "passwd")
-	lines := "# me0:x:" + uid + ":0::/:/bin/sh\n" +
-		"long:x:99999:0:" + strings.Repeat("g", 5000) + ":x:" + uid + ":0::/:/bin/sh\n" + // its tail is no line of its own
-		"zero:x:0" + uid + ":0::/:/bin/sh\n" + // a leading zero is another string
-		"+plus:x:" + uid + ":0::/:/bin/sh\n" +
-		"few:x:" + uid + ":0:\n" +
-		"badgid:x:" + uid + ":g::/:/bin/sh\n" +
-		"  me:x:" + uid + ":0::/:/bin/sh  \n" +
-		"later:x:" + uid + ":0::/:/bin/sh"
-	if err := os.WriteFile(passwd, []byte(lines), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	bin, err := compileCQQ(t, dir, fmt.Sprintf("RELAY_PASSWD=%q", passwd))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg := filepath.Join(dir, "relay.toml")
-	os.WriteFile(cfg, []byte("[local]\non_daemon_down = \"defer\"\n"), 0o644)
-	out, err := exec.Command(bin, "--config", cfg, "--settings").Output()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !strings.Contains(string(out), "\naccount=me\n") {
-		t.Errorf("--settings: %q, want account=me", out)
 	}
 }
 

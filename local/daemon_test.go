@@ -1,48 +1,66 @@
 package local
 
 import (
+	"bufio"
 	"bytes"
-	"errors"
+	"encoding/binary"
 	"io"
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 	"golang.org/x/sys/unix"
 )
 
 // fakeDaemon is the daemon's side of the local socket, scripted per test:
-// it speaks the check protocol to EHLO relay-qq sessions and records what
-// every session did.
+// it answers checks (docs/local-check.md) as the script says, takes SMTP
+// (relay sendmail) through go-smtp, and records what every session did.
 type fakeDaemon struct {
 	socket string
 	script daemonScript
 
 	mu       sync.Mutex
 	sessions []*fakeSession
-	done     chan *fakeSession // each session once it logged out
+	done     chan *fakeSession // each session once it ended
 }
 
-// daemonScript says how the fake daemon answers. A nil error is 250.
+// daemonScript says how the fake daemon answers.
 type daemonScript struct {
-	mail       error
-	rcpt       func(n int, to string) error // n counts from 0
-	data       error                        // reply to the end of DATA; nil = "250 ok reserved"
-	noCommit   bool                         // do not offer AUTH X-RELAY-COMMIT
-	commitFail bool                         // refuse AUTH X-RELAY-COMMIT
+	// A check: the verdict frame (0: 'A') and its text; commitFail
+	// answers the commit with D; held is the answer to a held message
+	// (nil: K "held 1795833709.42"); notCheck makes the socket plain SMTP
+	// that knows nothing of checks.
+	verdict    byte
+	text       string
+	commitFail bool
+	held       *frameReply
+	notCheck   bool
+
+	// SMTP (relay sendmail); a nil error is 250.
+	mail error
+	rcpt func(n int, to string) error // n counts from 0
+	data error                        // reply to the end of DATA
+}
+
+type frameReply struct {
+	typ  byte
+	text string
 }
 
 type fakeSession struct {
-	uid       int // from SO_PEERCRED
-	helo      string
+	uid       int    // from SO_PEERCRED
+	kind      string // "check" or "smtp"
+	helo      string // smtp
 	from      string
 	rcpts     []string
-	data      []byte
+	size      int64  // check: the S frame
+	head      []byte // check: the H frame
+	data      []byte // smtp: DATA; check: the held message
 	resets    int
 	committed bool
 }
@@ -52,8 +70,6 @@ func reply(code int, enh smtp.EnhancedCode, msg string) *smtp.SMTPError {
 }
 
 var (
-	replyHeld      = reply(250, smtp.NoEnhancedCode, "ok held 1795833709.42")
-	replyExempt    = reply(250, smtp.EnhancedCode{2, 0, 0}, "ok exempt")
 	replyOverLimit = reply(451, smtp.EnhancedCode{4, 7, 1}, "uid:local:1001 over 100 recipients/1m, try again later")
 	replyRejected  = reply(550, smtp.EnhancedCode{5, 7, 1}, "uid:local:1001 is suspended")
 )
@@ -75,9 +91,147 @@ func startDaemon(t testing.TB, script daemonScript) *fakeDaemon {
 	srv.ReadTimeout = 10 * time.Second
 	srv.WriteTimeout = 10 * time.Second
 	srv.ErrorLog = discardLogger{}
-	go srv.Serve(l)
+	go srv.Serve(sniffListener{l, d})
 	t.Cleanup(func() { srv.Close() })
 	return d
+}
+
+// sniffListener hands go-smtp connections that divert a check, as the
+// daemon's local socket does: go-smtp greets, and a first byte NUL makes
+// the rest a check, answered inside that Read.
+type sniffListener struct {
+	net.Listener
+	d *fakeDaemon
+}
+
+func (l sniffListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil || l.d.script.notCheck {
+		return c, err
+	}
+	return &sniffConn{Conn: c, d: l.d}, nil
+}
+
+type sniffConn struct {
+	net.Conn
+	d       *fakeDaemon
+	decided bool
+}
+
+func (c *sniffConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if c.decided || n == 0 {
+		return n, err
+	}
+	c.decided = true
+	if p[0] != 0 {
+		return n, err
+	}
+	c.d.serveCheck(c.Conn, bytes.Clone(p[:n]))
+	return 0, io.EOF
+}
+
+// serveCheck answers one check as the script says.
+func (d *fakeDaemon) serveCheck(conn net.Conn, first []byte) {
+	s := &fakeSession{uid: peerUID(conn), kind: "check"}
+	d.mu.Lock()
+	d.sessions = append(d.sessions, s)
+	d.mu.Unlock()
+	defer func() { d.done <- s }()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	r := bufio.NewReader(io.MultiReader(bytes.NewReader(first), conn))
+	magic := make([]byte, len(checkMagic))
+	if _, err := io.ReadFull(r, magic); err != nil || string(magic) != checkMagic {
+		return
+	}
+	for {
+		typ, p, err := readTestFrame(r)
+		if err != nil {
+			return
+		}
+		d.mu.Lock()
+		switch typ {
+		case frameFrom:
+			s.from = string(p)
+		case frameTo:
+			s.rcpts = append(s.rcpts, string(p))
+		case frameSize:
+			s.size, _ = strconv.ParseInt(string(p), 10, 64)
+		case frameHeader:
+			s.head = p
+		}
+		d.mu.Unlock()
+		if typ == frameEnd {
+			break
+		}
+	}
+	verdict := d.script.verdict
+	if verdict == 0 {
+		verdict = frameAccepted
+	}
+	conn.Write(appendFrame([]byte(checkMagic), verdict, d.script.text))
+	switch verdict {
+	case frameAccepted:
+		if typ, _, err := readTestFrame(r); err != nil || typ != frameCommit {
+			return
+		}
+		if d.script.commitFail {
+			conn.Write(appendFrame(nil, frameDefer, "451 4.3.0 no reservation to commit"))
+			return
+		}
+		d.mu.Lock()
+		s.committed = true
+		d.mu.Unlock()
+		conn.Write(appendFrame(nil, frameOK, "committed"))
+	case frameHold:
+		var msg []byte
+		for {
+			typ, p, err := readTestFrame(r)
+			if err != nil {
+				return
+			}
+			if typ == frameEnd {
+				break
+			}
+			msg = append(msg, p...)
+		}
+		d.mu.Lock()
+		s.data = msg
+		d.mu.Unlock()
+		held := frameReply{frameOK, "held 1795833709.42"}
+		if d.script.held != nil {
+			held = *d.script.held
+		}
+		conn.Write(appendFrame(nil, held.typ, held.text))
+	}
+}
+
+func readTestFrame(r *bufio.Reader) (byte, []byte, error) {
+	var h [5]byte
+	if _, err := io.ReadFull(r, h[:]); err != nil {
+		return 0, nil, err
+	}
+	p := make([]byte, binary.BigEndian.Uint32(h[1:]))
+	_, err := io.ReadFull(r, p)
+	return h[0], p, err
+}
+
+// peerUID is the uid at the other end of a unix socket, -1 if unknown.
+func peerUID(c net.Conn) int {
+	if sc, ok := c.(*sniffConn); ok {
+		c = sc.Conn
+	}
+	uid := -1
+	if uc, ok := c.(*net.UnixConn); ok {
+		if raw, err := uc.SyscallConn(); err == nil {
+			raw.Control(func(fd uintptr) {
+				if cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
+					uid = int(cred.Uid)
+				}
+			})
+		}
+	}
+	return uid
 }
 
 type discardLogger struct{}
@@ -99,27 +253,32 @@ func worldDir(t testing.TB) string {
 }
 
 func (d *fakeDaemon) newSession(c *smtp.Conn) (smtp.Session, error) {
-	s := &fakeSession{uid: -1, helo: c.Hostname()}
-	if uc, ok := c.Conn().(*net.UnixConn); ok {
-		if raw, err := uc.SyscallConn(); err == nil {
-			raw.Control(func(fd uintptr) {
-				if cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
-					s.uid = int(cred.Uid)
-				}
-			})
-		}
-	}
+	s := &fakeSession{uid: peerUID(c.Conn()), kind: "smtp", helo: c.Hostname()}
 	d.mu.Lock()
 	d.sessions = append(d.sessions, s)
 	d.mu.Unlock()
 	return &daemonSession{d: d, s: s}, nil
 }
 
-// connections is the number of sessions so far (EHLO seen).
+// connections is the number of sessions so far (a check, or EHLO seen).
 func (d *fakeDaemon) connections() int {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return len(d.sessions)
+}
+
+// reset forgets the sessions so far, for a daemon shared by subtests.
+func (d *fakeDaemon) reset() {
+	for {
+		select {
+		case <-d.done:
+		default:
+			d.mu.Lock()
+			d.sessions = nil
+			d.mu.Unlock()
+			return
+		}
+	}
 }
 
 // session waits for the next session to end and returns a copy of it.
@@ -167,13 +326,7 @@ func (ds *daemonSession) Data(r io.Reader) error {
 	if err != nil {
 		return err
 	}
-	if ds.d.script.data != nil {
-		return ds.d.script.data
-	}
-	if ds.s.helo != CheckHelo {
-		return nil // an ordinary submission: "250 2.0.0 OK: queued"
-	}
-	return reply(250, smtp.NoEnhancedCode, "ok reserved")
+	return ds.d.script.data
 }
 
 func (ds *daemonSession) Reset() {
@@ -185,40 +338,4 @@ func (ds *daemonSession) Reset() {
 func (ds *daemonSession) Logout() error {
 	ds.d.done <- ds.s
 	return nil
-}
-
-func (ds *daemonSession) AuthMechanisms() []string {
-	if ds.d.script.noCommit || ds.s.helo != CheckHelo {
-		return nil
-	}
-	return []string{CommitMechanism}
-}
-
-func (ds *daemonSession) Auth(mech string) (sasl.Server, error) {
-	if mech != CommitMechanism || ds.d.script.noCommit {
-		return nil, smtp.ErrAuthUnknownMechanism
-	}
-	return commitServer{ds}, nil
-}
-
-type commitServer struct{ ds *daemonSession }
-
-func (c commitServer) Next([]byte) ([]byte, bool, error) {
-	if c.ds.d.script.commitFail {
-		return nil, false, errors.New("no reservation")
-	}
-	c.ds.d.mu.Lock()
-	c.ds.s.committed = true
-	c.ds.d.mu.Unlock()
-	return nil, true, nil
-}
-
-// crlf is what a message looks like on the wire after the DotWriter.
-func crlf(msg []byte) []byte {
-	out := bytes.ReplaceAll(msg, []byte("\r\n"), []byte("\n"))
-	out = bytes.ReplaceAll(out, []byte("\n"), []byte("\r\n"))
-	if len(out) > 0 && !bytes.HasSuffix(out, []byte("\r\n")) {
-		out = append(out, "\r\n"...)
-	}
-	return out
 }

@@ -3,10 +3,12 @@
 //
 // Both talk to the relay daemon over its mode = "local" unix socket, where
 // the daemon learns the caller's uid from SO_PEERCRED. relay qq speaks the
-// check protocol (EHLO relay-qq, then MAIL/RCPT/DATA to reserve the charge
-// and AUTH X-RELAY-COMMIT to charge it) and then execs the real qmail-queue
-// in its own place; relay sendmail submits an ordinary message that the daemon
-// counts and hands off itself.
+// check protocol (docs/local-check.md: it sends the envelope and the
+// header, the daemon reserves the charge, relay qq commits it) and then
+// execs the real qmail-queue in its own place; relay sendmail submits an
+// ordinary SMTP message that the daemon counts and hands off itself. The
+// settings relay qq needs are also what the daemon writes for relay-qq,
+// the C build, to qq.settings (Settings).
 package local
 
 import (
@@ -15,7 +17,6 @@ import (
 	"os"
 	"os/user"
 	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
@@ -95,25 +96,6 @@ func accountName(uid int) string {
 		return ""
 	}
 	return u.Username
-}
-
-// statusText strips an RFC 3463 enhanced status code ("2.0.0 ") from the
-// front of a reply text.
-func statusText(s string) string {
-	code, rest, ok := strings.Cut(s, " ")
-	if !ok {
-		return s
-	}
-	parts := strings.Split(code, ".")
-	if len(parts) != 3 {
-		return s
-	}
-	for _, p := range parts {
-		if _, err := strconv.Atoi(p); err != nil {
-			return s
-		}
-	}
-	return rest
 }
 
 // hostname returns cfg.Hostname, else the kernel's host name.

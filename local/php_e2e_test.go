@@ -122,27 +122,29 @@ exit(mail("customer@example.com", "order", "thank you\n", "From: shop@example.te
 	}
 }
 
-// relay qq, both builds, against the real daemon's check session: the
-// real qmail-queue gets the message unchanged and the uid is charged once
-// per message (relay-qq pipelines MAIL/RCPT/DATA and commits with an
-// initial response; relay-local does neither).
+// relay qq, both builds, against the real daemon's check: the real
+// qmail-queue gets the message unchanged and the uid is charged once per
+// message. relay-qq takes everything from the qq.settings the daemon wrote
+// (its relay-local fallback would find no config: RELAY_CONFIG is empty).
 func TestQQAgainstRealDaemon(t *testing.T) {
 	d := startRealDaemon(t)
 	id := fmt.Sprintf("uid:local:%d", os.Getuid())
+	settings := filepath.Join(d.dir, "data", SettingsFile)
 	for i, bin := range []string{d.bin, testCQQ(t).bin} {
 		calls := worldDir(t)
-		cmd := exec.Command(bin, "--config", d.config)
-		if bin == d.bin {
-			cmd.Args = []string{bin, "qq", "--config", d.config}
+		newCmd := func() *exec.Cmd {
+			cmd := exec.Command(bin)
+			cmd.Env = append(os.Environ(), "FAKEQQ_DIR="+calls, "RELAY_QQ_SETTINGS="+settings, "RELAY_CONFIG=/nonexistent/relay.toml")
+			if bin == d.bin {
+				cmd.Args = []string{bin, "qq", "--config", d.config}
+			}
+			return cmd
 		}
-		cmd.Env = append(os.Environ(), "FAKEQQ_DIR="+calls)
 		for _, envelope := range [][]byte{testEnvelope, []byte("Fa@example.com\x00Tb@example.net\x00\x00")} {
-			code, _, stderr := runProcess(t, cmd, testMessage, envelope)
+			code, _, stderr := runProcess(t, newCmd(), testMessage, envelope)
 			if code != 0 {
 				t.Fatalf("%s: exit %d; stderr %s", bin, code, stderr)
 			}
-			cmd = exec.Command(cmd.Path, cmd.Args[1:]...)
-			cmd.Env = append(os.Environ(), "FAKEQQ_DIR="+calls)
 		}
 		got := fakeqq.Calls(t, calls)
 		if len(got) != 2 || !bytes.Equal(got[0].Message, testMessage) || !bytes.Equal(got[0].Envelope, testEnvelope) {

@@ -11,7 +11,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/emersion/go-smtp"
 	"golang.org/x/sys/unix"
 
 	"relay/config"
@@ -23,15 +22,6 @@ const (
 	DaemonDownDefer  = "defer"
 )
 
-// CheckHelo is the EHLO name that makes a local-socket session a check
-// session (reserve, do not hand off) on the daemon.
-const CheckHelo = "relay-qq"
-
-// CommitMechanism is the SASL mechanism relay qq uses to tell the daemon
-// that the real qmail-queue queued the message, so the reservation is
-// charged.
-const CommitMechanism = "X-RELAY-COMMIT"
-
 // QQ is relay qq, the filter that stands in for /var/qmail/bin/qmail-queue.
 // It reads the message and envelope as qmail-queue does, asks the daemon
 // over the local socket, and runs the real qmail-queue as the same caller
@@ -40,7 +30,7 @@ type QQ struct {
 	Socket       string        // the daemon's local socket
 	QmailQueue   string        // the real qmail-queue
 	OnDaemonDown string        // DaemonDownAccept or DaemonDownDefer
-	ExemptUsers  []string      // accounts that skip the daemon entirely
+	ExemptUIDs   []uint32      // callers that skip the daemon entirely
 	Timeout      time.Duration // connect and per-reply timeout; 0 = DefaultTimeout
 	SpoolMemory  int64         // message bytes kept in memory; 0 = DefaultSpoolMemory
 	TempDir      string        // where larger messages spool; "" = os.TempDir()
@@ -55,43 +45,32 @@ type QQ struct {
 	ErrFD *os.File
 }
 
-// NewQQ builds relay qq from the config: the first local listener's socket
-// and the [local] section. An empty on_daemon_down means accept.
+// NewQQ builds relay qq from the config (NewSettings, with the exempt
+// accounts looked up in /etc/passwd).
 func NewQQ(cfg *config.Config, stderr io.Writer) (*QQ, error) {
-	socket, err := SocketPath(cfg)
+	accounts, _ := config.ReadPasswdFile(passwdFile) // unreadable: nobody is exempt here, nor on the daemon
+	st, err := NewSettings(cfg, accounts)
 	if err != nil {
 		return nil, err
 	}
-	if cfg.Local.QmailQueue == "" {
-		return nil, errors.New("local.qmail_queue is empty: relay qq needs the real qmail-queue")
-	}
-	down := cfg.Local.OnDaemonDown
-	switch down {
-	case "":
-		down = DaemonDownAccept
-	case DaemonDownAccept, DaemonDownDefer:
-	default:
-		return nil, fmt.Errorf("local.on_daemon_down = %q: want %q or %q", down, DaemonDownAccept, DaemonDownDefer)
-	}
 	return &QQ{
-		Socket:       socket,
-		QmailQueue:   cfg.Local.QmailQueue,
-		OnDaemonDown: down,
-		ExemptUsers:  cfg.Local.ExemptUsers,
+		Socket:       st.Socket,
+		QmailQueue:   st.QmailQueue,
+		OnDaemonDown: st.OnDaemonDown,
+		ExemptUIDs:   st.ExemptUIDs,
 		UID:          os.Getuid(),
 		Stderr:       stderr,
 	}, nil
 }
 
-// Exempt reports whether the caller's account (by uid, from the passwd
-// database) is in local.exempt_users: qmail's own users, so bounces
-// (qmails) and forwards (alias, qmaill's deliveries) keep flowing.
+// passwdFile is where local.exempt_users are looked up.
+const passwdFile = "/etc/passwd"
+
+// Exempt reports whether the caller's uid is exempt (qmail's own users,
+// so bounces (qmails) and forwards (alias, qmaill's deliveries) keep
+// flowing).
 func (q *QQ) Exempt() bool {
-	if len(q.ExemptUsers) == 0 {
-		return false
-	}
-	name := accountName(q.UID)
-	return name != "" && slices.Contains(q.ExemptUsers, name)
+	return q.UID >= 0 && slices.Contains(q.ExemptUIDs, uint32(q.UID))
 }
 
 // Main is relay qq as a program: the message on fd 0, the envelope on fd 1,
@@ -175,28 +154,27 @@ type decision struct {
 	run      bool
 	spool    *spool
 	envelope *Envelope
-	reserved *smtp.Client // the check session whose charge awaits the commit
+	reserved *checkConn // the check whose charge awaits the commit
 }
 
-// commit charges the reserved message (AUTH X-RELAY-COMMIT) and ends the
-// check session. When the daemon does not take the commit (it gave up on
-// the reservation, or restarted), the message would go out uncounted: the
-// error says to defer it.
+// commit charges the reserved message and ends the check. When the daemon
+// does not take the commit (it gave up on the reservation, or restarted),
+// the message would go out uncounted: the error says to defer it.
 func (q *QQ) commit(d *decision) error {
 	if d.reserved == nil {
 		return nil
 	}
-	if err := d.reserved.Auth(commitAuth{}); err != nil {
-		q.logf("deferred: the daemon did not take the commit: %v", err)
-		return err
-	}
-	d.reserved.Quit()
+	err := d.reserved.commit()
+	d.reserved.Close()
 	d.reserved = nil
-	return nil
+	if err != nil {
+		q.logf("deferred: the daemon did not take the commit: %v", err)
+	}
+	return err
 }
 
-// close releases the spool and a check session not committed: the daemon
-// releases the charge when the session ends without a commit.
+// close releases the spool and a check not committed: the daemon
+// releases the charge when the connection ends without a commit.
 func (d *decision) close() {
 	if d.reserved != nil {
 		d.reserved.Close()
@@ -244,18 +222,16 @@ func (q *QQ) decide(msg, env io.Reader, exempt bool) decision {
 
 	check := q.check(sp, envelope)
 	if check.verdict == verdictReserved {
-		run.reserved = check.client // open until the commit
+		run.reserved = check.conn // open until the commit
 		return run
 	}
-	if check.client != nil {
-		defer check.client.Close()
+	if check.conn != nil {
+		check.conn.Close()
 	}
 	switch check.verdict {
 	case verdictExempt:
-		check.client.Quit()
 		return run
 	case verdictHeld:
-		check.client.Quit()
 		return exit(ExitQueued)
 	case verdictDeferred:
 		q.logf("deferred: %s", check.reply)
@@ -278,91 +254,78 @@ func (q *QQ) decide(msg, env io.Reader, exempt bool) decision {
 type verdict int
 
 const (
-	verdictUnknown  verdict = iota // a 2xx reply to DATA that is not in the protocol
-	verdictReserved                // "250 ok reserved": commit, then run the real qmail-queue
-	verdictExempt                  // "250 ok exempt": run the real qmail-queue, nothing to commit
-	verdictHeld                    // "250 ok held <id>": the daemon has it; do not queue
-	verdictDeferred                // a 4xx reply
-	verdictRejected                // a 5xx reply
-	verdictDown                    // the daemon could not be reached or stopped answering
+	verdictUnknown  verdict = iota // a frame that is not in the protocol
+	verdictReserved                // A: commit, then run the real qmail-queue
+	verdictExempt                  // X: run the real qmail-queue, nothing to commit
+	verdictHeld                    // Q, then K: the daemon has it; do not queue
+	verdictDeferred                // D, or anything going wrong once connected
+	verdictRejected                // R
+	verdictDown                    // nobody listens at the socket
 )
 
 type checkResult struct {
 	verdict verdict
-	reply   string       // the daemon's reply, or why it is considered down
-	client  *smtp.Client // open session (reserved, exempt, held, unknown)
+	reply   string     // the daemon's reply, or why it is considered down
+	conn    *checkConn // open while reserved
 }
 
-// check runs the check conversation: EHLO relay-qq, MAIL, RCPT each, DATA
-// with the whole message (dot-stuffed, CRLF). Any non-2xx reply ends it:
-// qmail-queue takes a message whole or not at all.
+// check asks the daemon (docs/local-check.md): the request, the verdict,
+// and for a hold the message itself.
 func (q *QQ) check(sp *spool, env *Envelope) checkResult {
-	c, err := dial(q.Socket, CheckHelo, q.timeout())
-	var refused *smtp.SMTPError
+	c, err := dialCheck(q.Socket, q.timeout())
 	var connect *connectError
 	switch {
 	case errors.As(err, &connect) && connect.nobodyListens():
 		return checkResult{verdict: verdictDown, reply: fmt.Sprintf("relay daemon at %s unreachable: %v", q.Socket, err)}
-	case errors.As(err, &refused):
-		// From here on the daemon is up: whatever goes wrong (it refuses
-		// with 421, stops answering, closes, does not speak the check
-		// protocol) is a deferral, never "down", or whoever can make a
-		// conversation fail (by filling the daemon's connection slots, or
-		// stopping relay qq until the daemon gives up on it) would get
-		// mail past it uncounted.
-		return checkResult{verdict: verdictDeferred, reply: replyLine(refused)}
 	case err != nil:
-		return checkResult{verdict: verdictDeferred, reply: fmt.Sprintf("relay daemon at %s did not answer: %v", q.Socket, err)}
+		return checkResult{verdict: verdictDeferred, reply: fmt.Sprintf("relay daemon at %s: %v", q.Socket, err)}
 	}
-	if !c.SupportsAuth(CommitMechanism) {
-		c.Close()
-		return checkResult{verdict: verdictDeferred, reply: fmt.Sprintf("relay daemon at %s does not speak the check protocol (no AUTH %s after EHLO %s)", q.Socket, CommitMechanism, CheckHelo)}
-	}
+	// From here on the daemon is up: whatever goes wrong (it refuses with
+	// 421, stops answering, closes, does not speak the check protocol) is
+	// a deferral, never "down", or whoever can make a conversation fail
+	// (by filling the daemon's connection slots, or stopping relay qq
+	// until the daemon gives up on it) would get mail past it uncounted.
 	fail := func(err error) checkResult {
 		c.Close()
-		var se *smtp.SMTPError
+		var refused *refusedError
 		switch {
-		case !errors.As(err, &se):
-			// The daemon is up (it spoke the check protocol) but the
-			// conversation broke: deferring is the only safe answer.
-			// Treating it as "down" would let anything that makes the
-			// daemon drop a connection pass mail uncounted.
-			return checkResult{verdict: verdictDeferred, reply: fmt.Sprintf("relay daemon at %s stopped answering: %v", q.Socket, err)}
-		case se.Code >= 400 && se.Code < 500:
-			return checkResult{verdict: verdictDeferred, reply: replyLine(se)}
-		default:
-			return checkResult{verdict: verdictRejected, reply: replyLine(se)}
+		case errors.As(err, &refused):
+			return checkResult{verdict: verdictDeferred, reply: refused.line}
+		case errors.Is(err, errNotCheck):
+			return checkResult{verdict: verdictDeferred, reply: fmt.Sprintf("relay daemon at %s %v", q.Socket, err)}
 		}
+		return checkResult{verdict: verdictDeferred, reply: fmt.Sprintf("relay daemon at %s stopped answering: %v", q.Socket, err)}
 	}
-	if err := c.Mail(env.Sender, nil); err != nil {
+	// A failed write may still leave a refusal to read (a 421 at once).
+	werr := c.request(env, sp)
+	typ, text, err := c.verdict()
+	if err != nil {
+		if werr != nil && !errors.As(err, new(*refusedError)) {
+			err = werr
+		}
 		return fail(err)
 	}
-	for _, rcpt := range env.Recipients {
-		if err := c.Rcpt(rcpt, nil); err != nil {
+	if typ == frameHold {
+		if typ, text, err = c.sendMessage(sp); err != nil {
 			return fail(err)
 		}
+		if typ == frameOK {
+			c.Close()
+			return checkResult{verdict: verdictHeld, reply: text}
+		}
 	}
-	w, err := c.Data()
-	if err != nil {
-		return fail(err)
-	}
-	if _, err := io.Copy(w, sp.reader()); err != nil {
-		return fail(err)
-	}
-	resp, err := w.CloseWithResponse()
-	if err != nil {
-		return fail(err)
-	}
-	text := statusText(resp.StatusText)
-	res := checkResult{verdict: verdictUnknown, reply: "250 " + resp.StatusText, client: c}
-	switch f := strings.Fields(strings.ToLower(text)); {
-	case len(f) == 2 && f[0] == "ok" && f[1] == "reserved":
-		res.verdict = verdictReserved
-	case len(f) == 2 && f[0] == "ok" && f[1] == "exempt":
+	res := checkResult{verdict: verdictUnknown, reply: fmt.Sprintf("%q %q", typ, text)}
+	switch typ {
+	case frameAccepted:
+		return checkResult{verdict: verdictReserved, conn: c}
+	case frameExempt:
 		res.verdict = verdictExempt
-	case len(f) == 3 && f[0] == "ok" && f[1] == "held":
-		res.verdict = verdictHeld
+	case frameDefer:
+		res.verdict, res.reply = verdictDeferred, text
+	case frameReject:
+		res.verdict, res.reply = verdictRejected, text
 	}
+	c.Close()
 	return res
 }
 
@@ -466,8 +429,9 @@ func (q *QQ) memFile(name string, b []byte) (*os.File, error) {
 	return f, nil
 }
 
-// badAddress returns the first envelope address that cannot be sent in an
-// SMTP command line (it holds CR or LF), or "".
+// badAddress returns the first envelope address that holds CR or LF, or
+// "": nothing a mail system downstream could take for a line break is
+// passed on.
 func badAddress(env *Envelope) string {
 	for _, a := range append([]string{env.Sender}, env.Recipients...) {
 		if strings.ContainsAny(a, "\r\n") {
@@ -475,14 +439,6 @@ func badAddress(env *Envelope) string {
 		}
 	}
 	return ""
-}
-
-func replyLine(se *smtp.SMTPError) string {
-	if se.EnhancedCode != (smtp.EnhancedCode{}) && se.EnhancedCode != smtp.NoEnhancedCode {
-		e := se.EnhancedCode
-		return fmt.Sprintf("%d %d.%d.%d %s", se.Code, e[0], e[1], e[2], se.Message)
-	}
-	return fmt.Sprintf("%d %s", se.Code, se.Message)
 }
 
 func (q *QQ) logf(format string, args ...any) {
@@ -504,10 +460,3 @@ func (q *QQ) spoolMemory() int64 {
 	}
 	return DefaultSpoolMemory
 }
-
-// commitAuth is the SASL client for AUTH X-RELAY-COMMIT: no initial
-// response, and an empty answer to any challenge.
-type commitAuth struct{}
-
-func (commitAuth) Start() (string, []byte, error) { return CommitMechanism, nil, nil }
-func (commitAuth) Next([]byte) ([]byte, error)    { return []byte{}, nil }

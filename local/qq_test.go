@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -17,8 +18,7 @@ import (
 	"testing/iotest"
 	"time"
 
-	"github.com/emersion/go-smtp"
-
+	"relay/config"
 	"relay/internal/fakeqq"
 )
 
@@ -67,11 +67,12 @@ func TestQQPassesMessageAndEnvelopeThrough(t *testing.T) {
 		t.Errorf("real qmail-queue ran as %q, want %q", got[0].Info, want)
 	}
 	s := d.session(t)
-	if s.helo != CheckHelo || s.from != "a@example.com" || strings.Join(s.rcpts, ",") != "b@example.net,c@example.org" {
-		t.Errorf("daemon saw helo %q from %q rcpts %q", s.helo, s.from, s.rcpts)
+	if s.kind != "check" || s.from != "a@example.com" || strings.Join(s.rcpts, ",") != "b@example.net,c@example.org" {
+		t.Errorf("daemon saw a %s from %q rcpts %q", s.kind, s.from, s.rcpts)
 	}
-	if !bytes.Equal(s.data, crlf(testMessage)) {
-		t.Errorf("daemon got DATA %q, want %q", s.data, crlf(testMessage))
+	// The header only (through its empty line), and the size.
+	if want := "Received: (qmail 1 invoked by uid 1001); 1 Jan 2026 00:00:00 -0000\nFrom: a@example.com\nSubject: test\n\n"; string(s.head) != want || s.size != int64(len(testMessage)) {
+		t.Errorf("daemon got header %q size %d, want %q and %d", s.head, s.size, want, len(testMessage))
 	}
 	if !s.committed {
 		t.Error("queued message was not committed")
@@ -81,42 +82,37 @@ func TestQQPassesMessageAndEnvelopeThrough(t *testing.T) {
 	}
 }
 
+// qqDecisions is the decision table both builds are held to: what the
+// daemon answers, and what relay qq does.
+var qqDecisions = []struct {
+	name       string
+	script     daemonScript
+	realExit   string // FAKEQQ_EXIT
+	wantCode   int
+	wantQueued bool // the real qmail-queue ran
+	wantCommit bool
+	wantHeld   bool // the daemon got the message for its hold spool
+	wantStderr string
+}{
+	{name: "reserved and queued", wantCode: 0, wantQueued: true, wantCommit: true},
+	// The charge is committed before the real qmail-queue runs (relay
+	// qq execs it), so a failing one is charged too.
+	{name: "real qmail-queue fails temporarily", realExit: "53", wantCode: 53, wantQueued: true, wantCommit: true},
+	{name: "real qmail-queue fails permanently", realExit: "31", wantCode: 31, wantQueued: true, wantCommit: true},
+	{name: "exempt on the daemon", script: daemonScript{verdict: 'X'}, wantCode: 0, wantQueued: true},
+	{name: "held", script: daemonScript{verdict: 'Q'}, wantCode: 0, wantHeld: true},
+	{name: "hold spool fails", script: daemonScript{verdict: 'Q', held: &frameReply{'D', "451 4.3.0 temporary local problem, try again later (#4.3.0)"}}, wantCode: 71, wantHeld: true, wantStderr: "deferred: 451 4.3.0"},
+	{name: "suspended", script: daemonScript{verdict: 'R', text: "550 5.7.1 uid:local:1001 is suspended"}, wantCode: 31, wantStderr: "rejected: 550 5.7.1 uid:local:1001 is suspended"},
+	{name: "over a rate", script: daemonScript{verdict: 'D', text: "451 4.7.1 uid:local:1001 is over 100 recipients/1m"}, wantCode: 71, wantStderr: "deferred: 451 4.7.1"},
+	{name: "too many recipients", script: daemonScript{verdict: 'D', text: "452 4.5.3 too many recipients"}, wantCode: 71},
+	{name: "verdict not understood", script: daemonScript{verdict: 'Z', text: "ok queued as 12"}, wantCode: 71, wantStderr: "not understood"},
+	// Without the commit the message would go out uncounted.
+	{name: "commit refused", script: daemonScript{commitFail: true}, wantCode: 71, wantStderr: "deferred: the daemon did not take the commit"},
+	{name: "not a check listener", script: daemonScript{notCheck: true}, wantCode: 71, wantStderr: "does not speak the check protocol"},
+}
+
 func TestQQDecisions(t *testing.T) {
-	rcptFails := func(which int, err error) func(int, string) error {
-		return func(n int, _ string) error {
-			if n == which {
-				return err
-			}
-			return nil
-		}
-	}
-	tests := []struct {
-		name       string
-		script     daemonScript
-		realExit   string // FAKEQQ_EXIT
-		wantCode   int
-		wantQueued bool // the real qmail-queue ran
-		wantCommit bool
-		wantStderr string
-	}{
-		{name: "reserved and queued", wantCode: 0, wantQueued: true, wantCommit: true},
-		// The charge is committed before the real qmail-queue runs (relay
-		// qq execs it), so a failing one is charged too.
-		{name: "real qmail-queue fails temporarily", realExit: "53", wantCode: 53, wantQueued: true, wantCommit: true},
-		{name: "real qmail-queue fails permanently", realExit: "31", wantCode: 31, wantQueued: true, wantCommit: true},
-		{name: "exempt on the daemon", script: daemonScript{data: replyExempt}, wantCode: 0, wantQueued: true},
-		{name: "held", script: daemonScript{data: replyHeld}, wantCode: 0},
-		{name: "suspended at MAIL", script: daemonScript{mail: replyRejected}, wantCode: 31, wantStderr: "550 5.7.1 uid:local:1001 is suspended"},
-		{name: "second recipient over a rate", script: daemonScript{rcpt: rcptFails(1, replyOverLimit)}, wantCode: 71, wantStderr: "451 4.7.1"},
-		{name: "too many recipients", script: daemonScript{rcpt: rcptFails(1, reply(452, smtp.EnhancedCode{4, 5, 3}, "too many recipients"))}, wantCode: 71},
-		{name: "recipient rejected", script: daemonScript{rcpt: rcptFails(0, replyRejected)}, wantCode: 31},
-		{name: "deferred at DATA", script: daemonScript{data: replyOverLimit}, wantCode: 71},
-		{name: "rejected at DATA", script: daemonScript{data: reply(554, smtp.EnhancedCode{5, 7, 1}, "no")}, wantCode: 31},
-		{name: "reply not understood", script: daemonScript{data: reply(250, smtp.NoEnhancedCode, "ok queued as 12")}, wantCode: 71, wantStderr: "not understood"},
-		// Without the commit the message would go out uncounted.
-		{name: "commit refused", script: daemonScript{commitFail: true}, wantCode: 71, wantStderr: "deferred: the daemon did not take the commit"},
-	}
-	for _, tc := range tests {
+	for _, tc := range qqDecisions {
 		t.Run(tc.name, func(t *testing.T) {
 			d := startDaemon(t, tc.script)
 			q, stderr, calls := newTestQQ(t, d.socket)
@@ -128,8 +124,15 @@ func TestQQDecisions(t *testing.T) {
 			if n := len(fakeqq.Calls(t, calls)); (n == 1) != tc.wantQueued || n > 1 {
 				t.Errorf("real qmail-queue ran %d times, want queued=%v", n, tc.wantQueued)
 			}
-			if s := d.session(t); s.committed != tc.wantCommit {
+			if tc.script.notCheck {
+				return // an SMTP server: no check session to look at
+			}
+			s := d.session(t)
+			if s.committed != tc.wantCommit {
 				t.Errorf("committed = %v, want %v", s.committed, tc.wantCommit)
+			}
+			if held := bytes.Equal(s.data, testMessage); held != tc.wantHeld {
+				t.Errorf("daemon got the message whole: %v, want %v", held, tc.wantHeld)
 			}
 			if !strings.Contains(stderr.String(), tc.wantStderr) {
 				t.Errorf("stderr %q does not contain %q", stderr, tc.wantStderr)
@@ -200,9 +203,21 @@ func TestQQExemptUserSkipsDaemon(t *testing.T) {
 	if err != nil {
 		t.Skip("no passwd entry for the current user:", err)
 	}
-	d := startDaemon(t, daemonScript{mail: replyRejected})
-	q, _, calls := newTestQQ(t, d.socket)
-	q.ExemptUsers = []string{"qmails", me.Username}
+	d := startDaemon(t, daemonScript{verdict: 'R', text: "550 5.7.1 suspended"})
+	cfg, err := config.LoadFile(writeConfig(t, d.socket, "defer", []string{"qmails", me.Username}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// exempt_users names accounts; relay qq (and the daemon) compare uids.
+	q, err := NewQQ(cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(q.ExemptUIDs, uint32(os.Getuid())) {
+		t.Fatalf("exempt uids %v lack %s's %d", q.ExemptUIDs, me.Username, os.Getuid())
+	}
+	calls := t.TempDir()
+	t.Setenv("FAKEQQ_DIR", calls)
 	if code := q.Filter(bytes.NewReader(testMessage), bytes.NewReader(testEnvelope)); code != 0 {
 		t.Fatalf("exit %d, want 0", code)
 	}
@@ -217,8 +232,8 @@ func TestQQExemptUserSkipsDaemon(t *testing.T) {
 
 // Only a daemon that is not there at all (no socket, nothing behind it)
 // falls under on_daemon_down. Once connected, a daemon that says nothing,
-// or does not speak the check protocol, is a deferral whatever
-// on_daemon_down says: "down" would pass mail uncounted.
+// or does not speak the check protocol, or refuses at the greeting, is a
+// deferral whatever on_daemon_down says: "down" would pass mail uncounted.
 func TestQQDaemonDown(t *testing.T) {
 	silent := filepath.Join(worldDir(t), "silent.sock")
 	l, err := net.Listen("unix", silent) // accepts, never says a word
@@ -226,7 +241,23 @@ func TestQQDaemonDown(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer l.Close()
-	notCheck := startDaemon(t, daemonScript{noCommit: true})
+	notCheck := startDaemon(t, daemonScript{notCheck: true})
+	full := filepath.Join(worldDir(t), "full.sock")
+	lf, err := net.Listen("unix", full) // the daemon's connection limit
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lf.Close()
+	go func() {
+		for {
+			c, err := lf.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte("421 4.7.0 too many connections\r\n"))
+			c.Close()
+		}
+	}()
 	sockets := map[string]struct {
 		socket string
 		down   bool
@@ -234,6 +265,7 @@ func TestQQDaemonDown(t *testing.T) {
 		"no socket":            {filepath.Join(t.TempDir(), "missing.sock"), true},
 		"silent daemon":        {silent, false},
 		"not a check listener": {notCheck.socket, false},
+		"421 at the greeting":  {full, false},
 	}
 	for name, tc := range sockets {
 		for _, mode := range []string{DaemonDownAccept, DaemonDownDefer} {
@@ -277,11 +309,29 @@ func TestQQSpoolsLargeMessages(t *testing.T) {
 	if got := fakeqq.Calls(t, calls); len(got) != 1 || !bytes.Equal(got[0].Message, msg.Bytes()) {
 		t.Fatal("large message not passed through unchanged")
 	}
-	if s := d.session(t); !bytes.Equal(s.data, crlf(msg.Bytes())) || !s.committed {
-		t.Errorf("daemon got %d bytes (want %d), committed %v", len(s.data), len(crlf(msg.Bytes())), s.committed)
+	if s := d.session(t); string(s.head) != "Subject: big\n\n" || s.size != int64(msg.Len()) || !s.committed {
+		t.Errorf("daemon got header %q, size %d (want %d), committed %v", s.head, s.size, msg.Len(), s.committed)
 	}
 	if left, _ := os.ReadDir(q.TempDir); len(left) != 0 {
 		t.Errorf("spool left %d files behind", len(left))
+	}
+}
+
+// A held message goes to the daemon whole, from the spool file.
+func TestQQHoldsLargeMessages(t *testing.T) {
+	d := startDaemon(t, daemonScript{verdict: 'Q'})
+	q, stderr, calls := newTestQQ(t, d.socket)
+	q.SpoolMemory = 1024
+	q.TempDir = t.TempDir()
+	msg := "Subject: big\n\n" + strings.Repeat("a line of a large held message\n", 10000)
+	if code := q.Filter(strings.NewReader(msg), bytes.NewReader(testEnvelope)); code != 0 {
+		t.Fatalf("exit %d; stderr %s", code, stderr)
+	}
+	if n := len(fakeqq.Calls(t, calls)); n != 0 {
+		t.Fatalf("the real qmail-queue ran %d times for a held message", n)
+	}
+	if s := d.session(t); string(s.data) != msg || s.committed {
+		t.Errorf("daemon got %d bytes to hold (want %d), committed %v", len(s.data), len(msg), s.committed)
 	}
 }
 
@@ -351,8 +401,32 @@ exempt_users = [%s]
 	if err := os.WriteFile(path, []byte(toml), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	writeSettings(t, path)
 	return path
 }
+
+// writeSettings writes the qq.settings the daemon would write for the
+// config at path, beside it (settingsBeside).
+func writeSettings(t testing.TB, path string) {
+	t.Helper()
+	cfg, err := config.LoadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	accounts, err := config.ReadPasswdFile("/etc/passwd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := NewSettings(cfg, accounts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := WriteSettings(settingsBeside(path), st); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func settingsBeside(config string) string { return filepath.Join(filepath.Dir(config), SettingsFile) }
 
 // runProcess runs bin as qmail-inject would run qmail-queue: the message
 // on fd 0, the envelope written to fd 1 only after the message pipe is
@@ -417,7 +491,7 @@ func TestQQProcessExemptExecsInPlace(t *testing.T) {
 	if err != nil {
 		t.Skip("no passwd entry for the current user:", err)
 	}
-	d := startDaemon(t, daemonScript{mail: replyRejected})
+	d := startDaemon(t, daemonScript{verdict: 'R', text: "550 5.7.1 suspended"})
 	calls := worldDir(t)
 	cfg := writeConfig(t, d.socket, "defer", []string{me.Username})
 	code, pid, stderr := runProcess(t, helperCmd(t, os.Args[0], cfg, calls), testMessage, testEnvelope)

@@ -178,8 +178,7 @@ func (s *Sendmail) Run(args *SendmailArgs, stdin io.Reader) int {
 	return s.submit(sender, rcpts, msg)
 }
 
-// submit sends the message as an ordinary local submission (EHLO
-// localhost, not the check session's relay-qq).
+// submit sends the message as an ordinary local SMTP submission.
 func (s *Sendmail) submit(sender string, rcpts []string, msg []byte) int {
 	c, err := dial(s.Socket, "localhost", s.timeout())
 	if err != nil {
@@ -228,6 +227,14 @@ func (s *Sendmail) refused(what string, err error) int {
 		code = ExUnavailable
 	}
 	return s.fail(code, "%s refused: %s", what, replyLine(se))
+}
+
+func replyLine(se *smtp.SMTPError) string {
+	if se.EnhancedCode != (smtp.EnhancedCode{}) && se.EnhancedCode != smtp.NoEnhancedCode {
+		e := se.EnhancedCode
+		return fmt.Sprintf("%d %d.%d.%d %s", se.Code, e[0], e[1], e[2], se.Message)
+	}
+	return fmt.Sprintf("%d %s", se.Code, se.Message)
 }
 
 func (s *Sendmail) fail(code int, format string, args ...any) int {

@@ -17,9 +17,9 @@ import (
 
 // The back door a local script could use is the real qmail-queue itself.
 // Installed as the README says (the real one executable by a group only,
-// relay-local setgid to that group), a user cannot run the real one
-// directly, relay qq still can, and a config of the caller's choosing is
-// ignored.
+// relay-qq and relay-local setgid to that group), a user cannot run the
+// real one directly, relay qq still can, and settings or a config of the
+// caller's choosing are ignored.
 func TestQQSetgidClosesTheBackDoor(t *testing.T) {
 	if os.Getuid() != 0 {
 		t.Skip("needs root to create a user and a group")
@@ -57,8 +57,9 @@ func TestQQSetgidClosesTheBackDoor(t *testing.T) {
 	if out, err := exec.Command("cp", fakeQQ, real).CombinedOutput(); err != nil {
 		t.Fatalf("%v %s", err, out)
 	}
-	// Both builds of relay qq, each told at build time which config is
-	// the secure one.
+	// Both builds of relay qq, each told at build time which config (Go)
+	// or settings file (C) is the secure one; relay-qq falls back to this
+	// relay-local.
 	builds := map[string]string{}
 	root, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}").Output()
 	if err != nil {
@@ -72,7 +73,8 @@ func TestQQSetgidClosesTheBackDoor(t *testing.T) {
 		t.Fatalf("building relay-local: %v\n%s", err, out)
 	}
 	cDir := worldDir(t)
-	if builds["relay-qq"], err = compileCQQ(t, cDir, fmt.Sprintf("RELAY_SECURE_CONFIG=%q", secure)); err != nil {
+	secureSettings := filepath.Join(dir, SettingsFile)
+	if builds["relay-qq"], err = compileCQQ(t, cDir, fmt.Sprintf("RELAY_QQ_SETTINGS=%q", secureSettings), fmt.Sprintf("RELAY_LOCAL_PATH=%q", builds["relay-local"])); err != nil {
 		t.Fatal(err)
 	}
 	for _, f := range []struct {
@@ -92,12 +94,15 @@ func TestQQSetgidClosesTheBackDoor(t *testing.T) {
 	if err := os.WriteFile(secure, []byte(toml), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	// The caller's own config: no daemon, and "accept" would pass mail on.
-	own := writeConfig(t, filepath.Join(dir, "nobody-listens.sock"), "accept", nil)
+	writeSettings(t, secure)
+	// The caller's own config and settings: another daemon, which must
+	// never be asked.
+	other := startDaemon(t, daemonScript{})
+	own := writeConfig(t, other.socket, "accept", nil)
 	asUser := func(cmd *exec.Cmd, calls string) *exec.Cmd {
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uid), Gid: uint32(ugid)}}
 		cmd.Dir = "/"
-		cmd.Env = append(os.Environ(), "FAKEQQ_DIR="+calls, "RELAY_CONFIG="+own)
+		cmd.Env = append(os.Environ(), "FAKEQQ_DIR="+calls, "RELAY_CONFIG="+own, "RELAY_QQ_SETTINGS="+settingsBeside(own))
 		return cmd
 	}
 
@@ -108,31 +113,33 @@ func TestQQSetgidClosesTheBackDoor(t *testing.T) {
 		t.Fatal("the user could run the real qmail-queue directly")
 	}
 
-	for name, bin := range builds {
-		t.Run(name, func(t *testing.T) {
-			calls := worldDir(t)
-			code, _, stderr := runProcess(t, asUser(exec.Command(bin, "--config", own), calls), testMessage, testEnvelope)
-			if code != 0 {
-				t.Fatalf("relay qq as %s: exit %d; stderr %s", name, code, stderr)
-			}
-			if s := d.session(t); s.uid != uid || !s.committed {
-				t.Errorf("daemon saw uid %d (want %d), committed %v", s.uid, uid, s.committed)
-			}
-			got := fakeqq.Calls(t, calls)
-			if len(got) != 1 || !bytes.Equal(got[0].Message, testMessage) || !strings.HasPrefix(got[0].Info, fmt.Sprintf("uid=%d ", uid)) {
-				t.Fatalf("real qmail-queue calls: %+v, want one as uid %d", got, uid)
-			}
-		})
-	}
-
-	// relay-qq's --settings (for the tests) would show a setgid caller
-	// what the secure config says: refused.
-	t.Run("relay-qq --settings", func(t *testing.T) {
-		cmd := asUser(exec.Command(builds["relay-qq"], "--settings"), worldDir(t))
-		out, err := cmd.CombinedOutput()
-		if cmd.ProcessState.ExitCode() != ExitConfigError || strings.Contains(string(out), "socket=") {
-			t.Errorf("%v: %q; want exit 55 and nothing of the config", err, out)
+	run := func(t *testing.T, name, bin string) {
+		calls := worldDir(t)
+		code, _, stderr := runProcess(t, asUser(exec.Command(bin, "--config", own), calls), testMessage, testEnvelope)
+		if code != 0 {
+			t.Fatalf("relay qq as %s: exit %d; stderr %s", name, code, stderr)
 		}
+		if s := d.session(t); s.uid != uid || !s.committed {
+			t.Errorf("daemon saw uid %d (want %d), committed %v", s.uid, uid, s.committed)
+		}
+		if n := other.connections(); n != 0 {
+			t.Errorf("the caller's own daemon was asked %d times", n)
+		}
+		got := fakeqq.Calls(t, calls)
+		if len(got) != 1 || !bytes.Equal(got[0].Message, testMessage) || !strings.HasPrefix(got[0].Info, fmt.Sprintf("uid=%d ", uid)) {
+			t.Fatalf("real qmail-queue calls: %+v, want one as uid %d", got, uid)
+		}
+	}
+	for name, bin := range builds {
+		t.Run(name, func(t *testing.T) { run(t, name, bin) })
+	}
+	// Without the secure settings, relay-qq hands over to the setgid
+	// relay-local, which reads only the secure config.
+	t.Run("relay-qq without its settings", func(t *testing.T) {
+		if err := os.Remove(secureSettings); err != nil {
+			t.Fatal(err)
+		}
+		run(t, "relay-qq", builds["relay-qq"])
 	})
 
 	// Installed setuid by mistake, relay qq would make every caller look

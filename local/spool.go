@@ -103,3 +103,15 @@ func (s *spool) close() {
 		s.file.Close()
 	}
 }
+
+// prefix returns the message's first n bytes, or all of it when shorter.
+func (s *spool) prefix(n int) ([]byte, error) {
+	if s.file == nil {
+		return s.head[:min(len(s.head), n)], nil
+	}
+	b := make([]byte, min(int64(n), s.size))
+	if _, err := s.file.ReadAt(b, 0); err != nil {
+		return nil, err
+	}
+	return b, nil
+}

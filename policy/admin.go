@@ -3,6 +3,7 @@ package policy
 import (
 	"errors"
 	"sort"
+	"strings"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -60,7 +61,7 @@ type Sender struct {
 // senderEvents is how many recent events Sender returns.
 const senderEvents = 50
 
-var errBadID = errors.New("not an identity id (want user:, uid:, ip:, sender: or domain: and an address)")
+var errBadID = errors.New("not an identity id (want " + strings.Join(config.IdentityKinds(), ":, ") + ": and an address)")
 
 // snapshot builds the admin view of st. The shard lock is held.
 func (e *Engine) snapshot(st *idState, c *policyConf, now time.Time) Sender {
@@ -162,12 +163,12 @@ func (e *Engine) Sender(id string) (Sender, bool) {
 // Suspend suspends id until Unsuspend: every message carrying it gets
 // 550 5.7.1. It is durable when it returns.
 func (e *Engine) Suspend(id, reason string) error {
-	if kindOf(id) == "" || len(id) == len(kindOf(id))+1 {
+	if !ValidID(id) {
 		return errBadID
 	}
 	now := e.now()
 	s := &Suspension{Reason: reason, At: now}
-	st, si, err := e.lockState(id, kindOf(id), true)
+	st, si, err := e.lockState(id, KindOf(id), true)
 	if err != nil {
 		return err
 	}
@@ -181,7 +182,7 @@ func (e *Engine) Suspend(id, reason string) error {
 		e.metrics.suspended.Inc()
 	}
 	e.log.Warn("policy: identity suspended by admin", "identity", id, "reason", reason)
-	e.notify.send(notification{Event: EventSuspended, Identity: id, Kind: kindOf(id), Account: acct, Reason: reason, Time: now}, e.conf.Load(), now)
+	e.notify.send(notification{Event: EventSuspended, Identity: id, Kind: KindOf(id), Account: acct, Reason: reason, Time: now}, e.conf.Load(), now)
 	return e.storeSuspension(id, Event{Time: now, Kind: EventSuspended, Identity: id, Account: acct, Detail: reason})
 }
 
@@ -190,7 +191,7 @@ func (e *Engine) Suspend(id, reason string) error {
 // is durable when it returns.
 func (e *Engine) Unsuspend(id string) error {
 	now := e.now()
-	st, si, err := e.lockState(id, kindOf(id), false)
+	st, si, err := e.lockState(id, KindOf(id), false)
 	if err != nil {
 		return err
 	}
@@ -218,7 +219,7 @@ func (e *Engine) Reset(id string) error {
 	e.flushMu.Lock()
 	defer e.flushMu.Unlock()
 	now := e.now()
-	st, si, err := e.lockState(id, kindOf(id), false)
+	st, si, err := e.lockState(id, KindOf(id), false)
 	if err != nil {
 		return err
 	}
@@ -245,6 +246,16 @@ func (e *Engine) Reset(id string) error {
 		}
 		return putEvents(btx, []Event{ev})
 	})
+}
+
+// NoteEvent keeps an event from the mail path; a zero Time becomes now.
+// Unlike RecordEvent it does not wait for the disk: it is written with the
+// next flush, as the events of decisions are.
+func (e *Engine) NoteEvent(ev Event) {
+	if ev.Time.IsZero() {
+		ev.Time = e.now()
+	}
+	e.events.add(ev, true)
 }
 
 // Events returns events newest first.

@@ -3,6 +3,7 @@ package policy
 import (
 	"fmt"
 	"strings"
+	"time"
 
 	"relay/config"
 )
@@ -43,20 +44,25 @@ type policyConf struct {
 	fullAction   Action // over a full release queue: overAction, Defer for Queue
 	queueMax     int64  // messages waiting per identity in the release queue
 	suspendAfter int
-	defaults     [numKinds]*limitSet
-	rules        []allowRule
-	hostname     string
-	notifyEmail  string
-	webhook      string
+	suspendable  [numKinds]bool // by rank: kinds in suspend_kinds
+	// reserveTimeout is how long a transaction holds its reservations
+	// before they lapse (reserve_timeout); 0: they never do.
+	reserveTimeout time.Duration
+	defaults       [numKinds]*limitSet
+	rules          []allowRule
+	hostname       string
+	notifyEmail    string
+	webhook        string
 }
 
 func compileConf(cfg *config.Config) (*policyConf, error) {
 	p := cfg.Policy
 	c := &policyConf{
-		suspendAfter: p.SuspendAfter,
-		hostname:     cfg.Hostname,
-		notifyEmail:  cfg.Notify.Email,
-		webhook:      cfg.Notify.Webhook,
+		suspendAfter:   p.SuspendAfter,
+		reserveTimeout: p.ReserveTimeout.Duration,
+		hostname:       cfg.Hostname,
+		notifyEmail:    cfg.Notify.Email,
+		webhook:        cfg.Notify.Webhook,
 	}
 	switch p.Mode {
 	case "", config.PolicyEnforce:
@@ -88,7 +94,14 @@ func compileConf(cfg *config.Config) (*policyConf, error) {
 	if p.SuspendAfter < 0 {
 		return nil, fmt.Errorf("policy.suspend_after %d: must not be negative", p.SuspendAfter)
 	}
-	for rank, kind := range kindNames {
+	for _, kind := range p.SuspendKinds {
+		rank := kindRank(kind)
+		if rank == numKinds {
+			return nil, fmt.Errorf("policy.suspend_kinds: %q is not an identity kind", kind)
+		}
+		c.suspendable[rank] = true
+	}
+	for rank, kind := range config.IdentityKinds() {
 		l := p.Limits.ForKind(kind)
 		if l == nil {
 			c.defaults[rank] = noLimits
@@ -102,9 +115,9 @@ func compileConf(cfg *config.Config) (*policyConf, error) {
 		c.defaults[rank] = ls
 	}
 	for i, r := range p.Allow {
-		kind := kindOf(r.Match)
+		kind := KindOf(r.Match)
 		if kind == "" {
-			return nil, fmt.Errorf("policy.allow[%d].match %q: want <kind>:<address> with kind user, uid, ip, sender or domain", i, r.Match)
+			return nil, fmt.Errorf("policy.allow[%d].match %q: want <kind>:<address> with kind %s", i, r.Match, strings.Join(config.IdentityKinds(), ", "))
 		}
 		pattern := r.Match
 		if kind == config.KindSender || kind == config.KindDomain {

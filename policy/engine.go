@@ -65,6 +65,7 @@ type Engine struct {
 	conf    atomic.Pointer[policyConf]
 	seed    maphash.Seed
 	shards  [numShards]shard
+	lapses  [numLapseLists]lapseList // transactions holding reservations (lapse.go)
 	events  eventLog
 	notify  *notifier
 	metrics *metrics
@@ -137,6 +138,10 @@ func (st *idState) idle(now int64) bool {
 		return false
 	}
 	if st.refs > 0 || st.suspension != nil || now-st.lastSeen < int64(idleSpan) || now-st.lastOver < int64(suspendSpan) {
+		return false
+	}
+	// Over-limit attempts of others' caps counted towards its suspension.
+	if n := len(st.overTimes); n > 0 && now-st.overTimes[n-1] < int64(suspendSpan) {
 		return false
 	}
 	for i := range st.windows {
@@ -241,6 +246,7 @@ func (e *Engine) flushLoop() {
 				e.log.Error("policy: expiring idle counters", "err", err)
 			}
 		}
+		e.sweepLapsed()
 		err := e.flush()
 		switch {
 		case err != nil && (failingSince.IsZero() || time.Since(lastLogged) >= time.Minute):

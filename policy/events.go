@@ -16,6 +16,10 @@ const (
 	EventReleased      = "released" // held mail released (recorded by package admin)
 	EventReload        = "reload"   // configuration reloaded (recorded by package admin)
 	EventObserve       = "observe"  // observe mode: what enforce mode would have done
+	// EventRefused: mail refused before any cap was asked, because who
+	// sent it cannot be known (a web server's message without qmail's
+	// "invoked by uid" line first; recorded by package relay).
+	EventRefused = "refused"
 )
 
 // Event is one entry of the event log shown on the admin page.

@@ -54,7 +54,8 @@ func rates(t testing.TB, ss ...string) []config.Rate {
 func baseConfig() *config.Config {
 	return &config.Config{
 		Hostname: "mail.example.com",
-		Policy:   config.Policy{Mode: config.PolicyEnforce, OverLimit: config.OverLimitDefer},
+		Policy: config.Policy{Mode: config.PolicyEnforce, OverLimit: config.OverLimitDefer,
+			SuspendKinds: config.DefaultSuspendKinds(), ReserveTimeout: config.Duration{Duration: time.Minute}},
 	}
 }
 

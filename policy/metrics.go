@@ -1,6 +1,10 @@
 package policy
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"relay/config"
+)
 
 // numActions is the number of Action values.
 const numActions = int(Queue) + 1
@@ -33,6 +37,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	for _, op := range []string{"read", "write"} {
 		m.storeErrors.WithLabelValues(op)
 	}
+	kindNames := config.IdentityKinds()
 	for obs := range 2 {
 		for a := range numActions {
 			action := Action(a).String()

@@ -56,23 +56,23 @@ func (t *tx) smooth(from int, now int64, needR, needM int64) Decision {
 // if one has none now, it gives back those taken and answers Queue with
 // the wait. Shard locks are held.
 func (t *tx) takePace(from int, now time.Time) Decision {
+	took := t.tookBuf[:0]
 	for i := from; i < len(t.ents); i++ {
 		ent := &t.ents[i]
-		if !ent.lim.pace.On() {
-			continue
+		if !ent.lim.pace.On() || ent.paceRes != nil {
+			continue // no pace, or its token was taken before (a check after a lapse)
 		}
 		r := ent.st.paceLimiter(ent.lim.pace.Rate, now).ReserveN(now, 1)
 		if wait := r.DelayFrom(now); !r.OK() || wait > 0 {
 			r.CancelAt(now)
-			for j := from; j < i; j++ {
-				if res := t.ents[j].paceRes; res != nil {
-					res.CancelAt(now)
-					t.ents[j].paceRes = nil
-				}
+			for _, j := range took {
+				t.ents[j].paceRes.CancelAt(now)
+				t.ents[j].paceRes = nil
 			}
 			return Decision{Action: Queue, Identity: ent.id.ID, Limit: paceText(ent.lim.pace.Rate), RetryIn: wait, Paced: true}
 		}
 		ent.paceRes = r
+		took = append(took, i)
 	}
 	return Decision{Action: Accept}
 }

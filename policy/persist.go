@@ -28,14 +28,16 @@ var (
 )
 
 // OpenDB opens (creating if needed) dataDir/relay.db, creating dataDir with
-// mode 0700, and checks the whole file before anything uses it. It never
+// mode 0711 (others may reach qq.settings there by name, as relay-qq must,
+// but not list the directory; everything else in it is 0600 or 0700), and
+// checks the whole file before anything uses it. It never
 // writes to or replaces an existing file that is not a sound bbolt
 // database: one that is empty (bbolt would make a fresh database of it,
 // dropping every suspension), cut short, damaged anywhere (tx.Check reads
 // every page) or locked by another process is an error of one line that
 // names the file and says what to do.
 func OpenDB(dataDir string) (*bolt.DB, error) {
-	if err := os.MkdirAll(dataDir, 0o700); err != nil {
+	if err := os.MkdirAll(dataDir, 0o711); err != nil {
 		return nil, fmt.Errorf("creating data_dir: %w", err)
 	}
 	path := filepath.Join(dataDir, DBFile)
@@ -153,7 +155,7 @@ func (e *Engine) stateLocked(id string) *idState {
 	sh := &e.shards[e.shardOf(id)]
 	st := sh.states[id]
 	if st == nil {
-		st = &idState{id: id, kind: kindOf(id), lastUsed: e.now().UnixNano()}
+		st = &idState{id: id, kind: KindOf(id), lastUsed: e.now().UnixNano()}
 		sh.states[id] = st
 	}
 	return st
@@ -403,7 +405,7 @@ func decodeState(id string, v []byte, now int64) (*idState, error) {
 		return nil, errors.New("unknown record version")
 	}
 	r := &stateReader{b: v[1:]}
-	st := &idState{id: id, kind: kindOf(id)}
+	st := &idState{id: id, kind: KindOf(id)}
 	st.lastSeen = r.varint()
 	st.lastOver = r.varint()
 	st.lastLogged = r.varint()

@@ -16,7 +16,7 @@ func TestOpenDBLocked(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer db.Close()
-	if fi, err := os.Stat(dir); err != nil || fi.Mode().Perm() != 0o700 {
+	if fi, err := os.Stat(dir); err != nil || fi.Mode().Perm() != 0o711 {
 		t.Fatalf("data dir: %v %v", fi.Mode(), err)
 	}
 	_, err = OpenDB(dir)

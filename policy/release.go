@@ -46,7 +46,7 @@ func (e *Engine) BeginRelease(queueID string, ids []Identity, rcpts int) (Releas
 	locked := t.lock()
 	dec, _ := t.evaluate(0, ns, need, 1, 0, Accept)
 	if dec.Action == Accept {
-		t.reserve(0, need, 1)
+		t.reserve(0, need, 1, ns)
 		t.rcpts, t.msg = need, true
 		// evaluate took the pace tokens (ents' paceRes).
 	} else {
@@ -67,14 +67,16 @@ type releaseTx struct {
 
 func (r *releaseTx) Commit(also func(*bolt.Tx) error) error {
 	t := r.t
-	if t.done {
-		return errors.New("policy: release already finished")
-	}
 	e := t.e
 	// flushMu: no flush writes an older copy of these states over the
 	// ones written here.
 	e.flushMu.Lock()
 	defer e.flushMu.Unlock()
+	t.mu.Lock() // the reserve_timeout sweep may touch t meanwhile
+	defer t.mu.Unlock()
+	if t.done {
+		return errors.New("policy: release already finished")
+	}
 	ns := e.now().UnixNano()
 	locked := t.lock()
 	t.release(true, ns)
@@ -111,7 +113,7 @@ func (r *releaseTx) Abort() { r.t.Abort() }
 // release queue of id: the releaser adds what the spool holds at start,
 // and takes off a message an admin released or deleted by hand.
 func (e *Engine) AdjustQueued(id string, delta int64) error {
-	st, si, err := e.lockState(id, kindOf(id), true)
+	st, si, err := e.lockState(id, KindOf(id), true)
 	if err != nil {
 		return err
 	}
@@ -134,7 +136,7 @@ func (e *Engine) DrainEstimate(id string, msgs, rcpts int64) time.Duration {
 	c := e.conf.Load()
 	now := e.now()
 	ns := now.UnixNano()
-	st, si, err := e.lockState(id, kindOf(id), false)
+	st, si, err := e.lockState(id, KindOf(id), false)
 	if err != nil || st == nil {
 		if err == nil {
 			e.shards[si].mu.Unlock()

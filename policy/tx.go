@@ -2,6 +2,7 @@ package policy
 
 import (
 	"strconv"
+	"sync"
 	"time"
 
 	"golang.org/x/time/rate"
@@ -18,8 +19,11 @@ type txEnt struct {
 	rcpts int64     // recipients reserved on its rcpts windows
 	msgs  int64     // messages reserved on its msgs windows
 	over  bool      // an over-limit event was recorded for it in this transaction
+	// counted: an over-limit attempt of this transaction counted towards
+	// its suspension (once per transaction).
+	counted bool
 	// paceRes is the token its pace gave this message (pace.go): kept on
-	// Commit, given back otherwise.
+	// Commit and across a lapse, given back otherwise.
 	paceRes *rate.Reservation
 }
 
@@ -40,18 +44,21 @@ type suspendRec struct {
 	event Event
 }
 
-// tx implements Tx. It is used by one SMTP session at a time and is not
-// safe for concurrent use.
+// tx implements Tx. It is used by one SMTP session at a time; mu is there
+// because the engine's reserve_timeout sweep may release its reservations
+// from another goroutine (lapse.go).
 type tx struct {
+	mu       sync.Mutex
 	e        *Engine
 	conf     *policyConf
 	ents     []txEnt
 	buf      [6]txEnt
 	shardBuf [8]int
 	hitBuf   [4]overHit
-	rcpts    int64 // recipients accepted so far (reserved, or bound for hold)
-	msg      bool  // Message reserved one message
-	holding  bool  // a Hold or Queue decision was given: the rest of the message goes to the hold spool
+	tookBuf  [6]int // takePace's tokens of one call
+	rcpts    int64  // recipients accepted so far (reserved, or bound for hold)
+	msg      bool   // Message reserved one message
+	holding  bool   // a Hold or Queue decision was given: the rest of the message goes to the hold spool
 	holdDec  Decision
 	done     bool
 	// slot is the state whose release queue this message has a place in
@@ -62,9 +69,20 @@ type tx struct {
 	// releasing marks a queued message's way out (release.go): it checks
 	// windows, pace and suspensions, records nothing and is never queued.
 	releasing bool
+	// acting is the action of the decision settle is recording, for the
+	// events and notifications it makes.
+	acting Action
 	// err: the counters of an identity could not be read (a damaged
 	// file); every check then answers storeFailure.
 	err error
+
+	// reservedAt is when the reservations now held were taken (unix ns),
+	// 0 while none are; lapsed says reserve_timeout released them, so the
+	// next check takes them again (lapse.go).
+	reservedAt int64
+	lapsed     bool
+	link       lapseLink
+	lapseOn    *lapseList // the list t was last put on
 
 	sampleID, sampleSubject string
 
@@ -92,7 +110,7 @@ func (t *tx) add(ids []Identity) {
 			continue
 		}
 		if id.Kind == "" {
-			id.Kind = kindOf(id.ID)
+			id.Kind = KindOf(id.ID)
 		}
 		if i := t.index(id.ID); i >= 0 {
 			// Known already (e.g. uid:local from the socket, now with the
@@ -222,6 +240,7 @@ func (t *tx) settle(dec Decision, hits []overHit, now time.Time) Decision {
 	}
 	ns := now.UnixNano()
 	c := t.conf
+	t.acting = dec.Action
 	var deciding *txEnt
 	for i := range t.ents {
 		if t.ents[i].id.ID == dec.Identity {
@@ -243,7 +262,13 @@ func (t *tx) settle(dec Decision, hits []overHit, now time.Time) Decision {
 			continue
 		}
 		ent.over = true
-		t.overEvent(ent, h, dec, now, ns)
+		detail := t.overEvent(ent, h, now, ns)
+		// Queued mail is smoothed, not refused: it is no offence towards
+		// suspend_after, so a list over its caps keeps flowing.
+		if target := t.suspendTarget(ent); target != nil && !target.counted && dec.Action != Queue {
+			target.counted = true
+			t.countOver(target, ent, h, detail, now, ns)
+		}
 	}
 	if dec.Suspended && c.observe && deciding != nil && ns-deciding.st.lastLogged >= int64(eventLogSpacing) {
 		deciding.st.lastLogged = ns
@@ -257,27 +282,15 @@ func (t *tx) settle(dec Decision, hits []overHit, now time.Time) Decision {
 	return obs
 }
 
-// overEvent records one over-limit event of ent's identity.
-func (t *tx) overEvent(ent *txEnt, h overHit, dec Decision, now time.Time, ns int64) {
+// overEvent records that ent's identity was over a cap: its last
+// over-limit time, the throttle_start and over_limit events and their
+// notification. It returns the event's detail. Whether the attempt counts
+// towards a suspension, and whose, is countOver's.
+func (t *tx) overEvent(ent *txEnt, h overHit, now time.Time, ns int64) string {
 	c := t.conf
 	st := ent.st
 	prev := st.lastOver
 	st.lastOver = ns
-	keep := st.overTimes[:0]
-	for _, ot := range st.overTimes {
-		if ns-ot < int64(suspendSpan) {
-			keep = append(keep, ot)
-		}
-	}
-	if len(keep) == maxOverTimes {
-		keep = keep[:copy(keep, keep[1:])]
-	}
-	st.overTimes = keep
-	if dec.Action != Queue {
-		// Queued mail is smoothed, not refused: it is no offence towards
-		// suspend_after, so a list over its caps keeps flowing.
-		st.overTimes = append(st.overTimes, ns)
-	}
 	t.e.shards[ent.shard].markDirty(st)
 
 	limit := limitText(h.metric, h.rate.N, h.rate.Window)
@@ -288,39 +301,102 @@ func (t *tx) overEvent(ent *txEnt, h overHit, dec Decision, now time.Time, ns in
 	}
 	if c.observe {
 		if logSpaced {
-			t.postEvents = append(t.postEvents, t.event(ent, EventObserve, now, "would "+dec.Action.String()+": "+detail))
+			t.postEvents = append(t.postEvents, t.event(ent, EventObserve, now, "would "+t.acting.String()+": "+detail))
 		}
-		if c.suspendAfter > 0 && len(st.overTimes) >= c.suspendAfter && st.suspension == nil {
-			t.postEvents = append(t.postEvents, t.event(ent, EventObserve, now,
-				"would suspend: "+strconv.Itoa(len(st.overTimes))+" over-limit events in 24h"))
-			st.overTimes = st.overTimes[:0]
-		}
-		return
-	}
-	note := func(kind string) notification {
-		n := notification{
-			Event: kind, Identity: ent.id.ID, Kind: ent.id.Kind, Account: st.account, Script: ent.id.Script,
-			Limit: limit, Used: h.used, OverLimitEvents: len(st.overTimes), Action: dec.Action.String(),
-			MessageID: t.sampleID, Subject: t.sampleSubject, Time: now,
-		}
-		if n.MessageID == "" && n.Subject == "" {
-			n.MessageID, n.Subject = st.sampleID, st.sampleSubject
-		}
-		return n
+		return detail
 	}
 	if prev == 0 || ns-prev >= int64(quietSpan) {
 		t.postEvents = append(t.postEvents, t.event(ent, EventThrottleStart, now, detail))
-		t.postNotes = append(t.postNotes, note(EventThrottleStart))
+		t.postNotes = append(t.postNotes, t.note(EventThrottleStart, ent, h, now))
 	}
 	if logSpaced {
-		t.postEvents = append(t.postEvents, t.event(ent, EventOverLimit, now, dec.Action.String()+": "+detail))
+		t.postEvents = append(t.postEvents, t.event(ent, EventOverLimit, now, t.acting.String()+": "+detail))
 	}
-	if c.suspendAfter > 0 && len(st.overTimes) >= c.suspendAfter && st.suspension == nil {
-		reason := strconv.Itoa(len(st.overTimes)) + " over-limit events in 24h, the last " + detail
-		st.suspension = &Suspension{Reason: reason, At: now, Auto: true}
-		t.postSuspends = append(t.postSuspends, suspendRec{id: st.id, susp: *st.suspension, event: t.event(ent, EventSuspended, now, reason)})
-		t.postNotes = append(t.postNotes, note(EventSuspended))
+	return detail
+}
+
+// suspendTarget is the identity of the transaction towards whose
+// suspension an over-limit attempt on hit counts (docs/design.md §10), or nil.
+// An identity of a kind in suspend_kinds counts for itself. One of a weak
+// kind (sender, domain: anyone can write them in MAIL FROM) that is not
+// in suspend_kinds counts for the most specific strong identity of the
+// message in suspend_kinds: the forger, never the address's real owner.
+// A strong identity not in suspend_kinds counts for no one else: its cap
+// is shared (a web server's or a NAT's address), and whoever tripped it
+// last is not the one to stop.
+func (t *tx) suspendTarget(hit *txEnt) *txEnt {
+	c := t.conf
+	kind := hit.id.Kind
+	if c.suspendable[kindRank(kind)] {
+		return hit
 	}
+	if config.StrongKind(kind) {
+		return nil
+	}
+	// The most specific first: one script of an account, the login, the
+	// account, the client address.
+	for _, k := range [...]string{config.KindScript, config.KindUser, config.KindUID, config.KindIP} {
+		if !c.suspendable[kindRank(k)] {
+			continue
+		}
+		for i := range t.ents {
+			if t.ents[i].id.Kind == k {
+				return &t.ents[i]
+			}
+		}
+	}
+	return nil
+}
+
+// countOver counts one over-limit attempt (hit's cap h, described by
+// detail) towards target's suspension, and suspends target once
+// suspend_after attempts fall within 24h.
+func (t *tx) countOver(target, hit *txEnt, h overHit, detail string, now time.Time, ns int64) {
+	c := t.conf
+	st := target.st
+	keep := st.overTimes[:0]
+	for _, ot := range st.overTimes {
+		if ns-ot < int64(suspendSpan) {
+			keep = append(keep, ot)
+		}
+	}
+	if len(keep) == maxOverTimes {
+		keep = keep[:copy(keep, keep[1:])]
+	}
+	st.overTimes = append(keep, ns)
+	t.e.shards[target.shard].markDirty(st)
+	if c.suspendAfter <= 0 || len(st.overTimes) < c.suspendAfter || st.suspension != nil {
+		return
+	}
+	last := detail
+	if target != hit {
+		last = hit.id.ID + " " + detail
+	}
+	if c.observe {
+		t.postEvents = append(t.postEvents, t.event(target, EventObserve, now,
+			"would suspend: "+strconv.Itoa(len(st.overTimes))+" over-limit events in 24h, the last "+last))
+		st.overTimes = st.overTimes[:0]
+		return
+	}
+	reason := strconv.Itoa(len(st.overTimes)) + " over-limit events in 24h, the last " + last
+	st.suspension = &Suspension{Reason: reason, At: now, Auto: true}
+	t.postSuspends = append(t.postSuspends, suspendRec{id: st.id, susp: *st.suspension, event: t.event(target, EventSuspended, now, reason)})
+	n := t.note(EventSuspended, target, h, now)
+	t.postNotes = append(t.postNotes, n)
+}
+
+// note is the notification of kind about ent, over the cap of h.
+func (t *tx) note(kind string, ent *txEnt, h overHit, now time.Time) notification {
+	st := ent.st
+	n := notification{
+		Event: kind, Identity: ent.id.ID, Kind: ent.id.Kind, Account: st.account, Script: ent.id.Script,
+		Limit: limitText(h.metric, h.rate.N, h.rate.Window), Used: h.used, OverLimitEvents: len(st.overTimes),
+		Action: t.acting.String(), MessageID: t.sampleID, Subject: t.sampleSubject, Time: now,
+	}
+	if n.MessageID == "" && n.Subject == "" {
+		n.MessageID, n.Subject = st.sampleID, st.sampleSubject
+	}
+	return n
 }
 
 func (t *tx) event(ent *txEnt, kind string, now time.Time, detail string) Event {
@@ -375,51 +451,51 @@ func (t *tx) kindOf(id string) string {
 }
 
 // reserve adds needR recipients and needM messages to the reservations of
-// ents[from:]. Shard locks are held.
-func (t *tx) reserve(from int, needR, needM int64) {
+// ents[from:], taken at ns. Shard locks are held.
+func (t *tx) reserve(from int, needR, needM, ns int64) {
+	took := false
 	for i := from; i < len(t.ents); i++ {
 		ent := &t.ents[i]
-		if needR > 0 {
+		if needR > 0 && len(ent.lim.rcpts) > 0 {
 			for _, r := range ent.lim.rcpts {
 				ent.st.window(metricRcpts, r.Window).reserved += needR
 			}
 			ent.rcpts += needR
+			took = true
 		}
-		if needM > 0 {
+		if needM > 0 && len(ent.lim.msgs) > 0 {
 			for _, r := range ent.lim.msgs {
 				ent.st.window(metricMsgs, r.Window).reserved += needM
 			}
 			ent.msgs += needM
+			took = true
 		}
+	}
+	if took {
+		t.noteReserved(ns)
 	}
 }
 
 // release gives back every reservation and, when charge is set, records
 // the message as sent at ns. It ends the transaction. Shard locks are held.
 func (t *tx) release(charge bool, ns int64) {
+	t.unreserve()
 	for i := range t.ents {
 		ent := &t.ents[i]
 		st := ent.st
-		for _, r := range ent.lim.rcpts {
-			w := st.window(metricRcpts, r.Window)
-			w.reserved -= ent.rcpts
-			if charge {
-				w.add(ns, t.rcpts)
-			}
-		}
-		for _, r := range ent.lim.msgs {
-			w := st.window(metricMsgs, r.Window)
-			w.reserved -= ent.msgs
-			if charge {
-				w.add(ns, 1)
-			}
-		}
-		ent.rcpts, ent.msgs = 0, 0
 		if ent.paceRes != nil {
 			if !charge {
 				ent.paceRes.CancelAt(time.Unix(0, ns))
 			}
 			ent.paceRes = nil
+		}
+		if charge {
+			for _, r := range ent.lim.rcpts {
+				st.window(metricRcpts, r.Window).add(ns, t.rcpts)
+			}
+			for _, r := range ent.lim.msgs {
+				st.window(metricMsgs, r.Window).add(ns, 1)
+			}
 		}
 		st.refs--
 		st.lastUsed = ns
@@ -436,6 +512,8 @@ func (t *tx) release(charge bool, ns int64) {
 
 // Check tells whether any identity is suspended.
 func (t *tx) Check() Decision {
+	t.mu.Lock()
+	defer t.mu.Unlock()
 	if t.done {
 		return finished
 	}
@@ -450,8 +528,23 @@ func (t *tx) Check() Decision {
 	return t.afterUnlock(dec)
 }
 
+// revival is what a lapsed transaction must take again besides what a
+// call adds: every recipient accepted so far and its message once
+// Message reserved it. Zero while its reservations hold.
+func (t *tx) revival() (needR, needM int64) {
+	if !t.lapsed {
+		return 0, 0
+	}
+	if t.msg {
+		needM = 1
+	}
+	return t.rcpts, needM
+}
+
 // AddRcpt checks one more recipient against every identity and reserves it.
 func (t *tx) AddRcpt() Decision {
+	t.mu.Lock()
+	defer t.mu.Unlock()
 	if t.done {
 		return finished
 	}
@@ -463,36 +556,38 @@ func (t *tx) AddRcpt() Decision {
 		return t.afterUnlock(t.holdDec)
 	}
 	now := t.e.now()
+	ns := now.UnixNano()
 	locked := t.lock()
-	dec, hits := t.evaluate(0, now.UnixNano(), 1, 0, t.rcpts+1, TooManyRcpts)
+	t.expire(ns)
+	needR, needM := t.revival()
+	needR++
+	dec, hits := t.evaluate(0, ns, needR, needM, t.rcpts+1, TooManyRcpts)
 	dec = t.settle(dec, hits, now)
-	t.accept(dec, 0, 1, 0)
+	t.accept(dec, 0, needR, needM, 1, 0, ns)
 	t.e.unlockShards(locked)
 	return t.afterUnlock(dec)
 }
 
-// accept updates the transaction for a decision on needR recipients and
-// needM messages of ents[from:]. Shard locks are held.
-func (t *tx) accept(dec Decision, from int, needR, needM int64) {
+// accept updates the transaction for a decision that checked needR
+// recipients and needM messages on ents[from:], of which addR recipients
+// and addM messages are new to the transaction. Shard locks are held.
+func (t *tx) accept(dec Decision, from int, needR, needM, addR, addM, ns int64) {
 	switch dec.Action {
 	case Accept:
-		t.reserve(from, needR, needM)
+		t.reserve(from, needR, needM, ns)
+		t.rcpts += addR
+		if addM > 0 {
+			t.msg = true
+		}
 		if from == 0 {
-			t.rcpts += needR
-			if needM > 0 {
-				t.msg = true
-			}
+			t.lapsed = false
 		}
 	case Hold:
 		t.holding, t.holdDec = true, dec
-		if from == 0 {
-			t.rcpts += needR
-		}
+		t.rcpts += addR
 	case Queue:
 		t.holding, t.holdDec = true, dec
-		if from == 0 {
-			t.rcpts += needR
-		}
+		t.rcpts += addR
 		t.takeSlot(dec.Identity)
 	}
 }
@@ -500,6 +595,8 @@ func (t *tx) accept(dec Decision, from int, needR, needM int64) {
 // AddIdentities adds identities learned from the headers and checks them
 // for all recipients so far (and the message, once Message has reserved it).
 func (t *tx) AddIdentities(ids ...Identity) Decision {
+	t.mu.Lock()
+	defer t.mu.Unlock()
 	if t.done {
 		return finished
 	}
@@ -520,39 +617,82 @@ func (t *tx) AddIdentities(ids ...Identity) Decision {
 		needM = 1
 	}
 	now := t.e.now()
+	ns := now.UnixNano()
 	locked := t.lock()
-	dec, hits := t.evaluate(from, now.UnixNano(), t.rcpts, needM, t.rcpts, t.conf.fullAction)
+	if t.expire(ns) || t.lapsed {
+		from = 0 // every identity takes its reservations again
+	}
+	dec, hits := t.evaluate(from, ns, t.rcpts, needM, t.rcpts, t.conf.fullAction)
 	dec = t.settle(dec, hits, now)
-	t.accept(dec, from, t.rcpts, needM)
+	t.accept(dec, from, t.rcpts, needM, 0, 0, ns)
 	t.e.unlockShards(locked)
 	return t.afterUnlock(dec)
 }
 
 // Message checks and reserves one message against every identity's msgs caps.
 func (t *tx) Message() Decision {
+	t.mu.Lock()
+	defer t.mu.Unlock()
 	if t.done {
 		return finished
 	}
 	if t.err != nil {
 		return t.storeFailure()
 	}
-	if t.msg {
-		return Decision{Action: Accept}
-	}
 	if t.holding {
 		return t.afterUnlock(t.holdDec)
 	}
 	now := t.e.now()
+	ns := now.UnixNano()
 	locked := t.lock()
-	dec, hits := t.evaluate(0, now.UnixNano(), 0, 1, 0, Accept)
+	t.expire(ns)
+	if t.msg && !t.lapsed {
+		t.e.unlockShards(locked)
+		return Decision{Action: Accept}
+	}
+	needR, _ := t.revival()
+	dec, hits := t.evaluate(0, ns, needR, 1, t.rcpts, t.conf.overAction)
 	dec = t.settle(dec, hits, now)
-	t.accept(dec, 0, 0, 1)
+	t.accept(dec, 0, needR, 1, 0, 1, ns)
+	t.e.unlockShards(locked)
+	return t.afterUnlock(dec)
+}
+
+// Recheck checks a transaction again at the end of its DATA: when its
+// reservations lapsed (reserve_timeout) it takes them again under the caps
+// as they are now; otherwise there is nothing to check.
+func (t *tx) Recheck() Decision {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.done {
+		return finished
+	}
+	if t.err != nil {
+		return t.storeFailure()
+	}
+	if t.holding {
+		return Decision{Action: Accept}
+	}
+	now := t.e.now()
+	ns := now.UnixNano()
+	locked := t.lock()
+	t.expire(ns)
+	if !t.lapsed {
+		t.e.unlockShards(locked)
+		return Decision{Action: Accept}
+	}
+	needR, needM := t.revival()
+	dec, hits := t.evaluate(0, ns, needR, needM, t.rcpts, t.conf.overAction)
+	dec = t.settle(dec, hits, now)
+	t.accept(dec, 0, needR, needM, 0, 0, ns)
 	t.e.unlockShards(locked)
 	return t.afterUnlock(dec)
 }
 
 // Commit charges the message to every identity: the hand-off succeeded.
 func (t *tx) Commit() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
 	if t.done {
 		return
 	}
@@ -566,6 +706,8 @@ func (t *tx) Commit() {
 // Held releases the reservations without charging them and records that
 // the message went to the hold spool under holdID.
 func (t *tx) Held(holdID string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
 	if t.done {
 		return
 	}
@@ -600,6 +742,8 @@ func (t *tx) Held(holdID string) {
 // Abort releases every reservation (RSET, disconnect, failed hand-off),
 // and the message's place in a release queue.
 func (t *tx) Abort() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
 	if t.done {
 		return
 	}
@@ -612,6 +756,8 @@ func (t *tx) Abort() {
 
 // Identities lists the transaction's identities, strongest first.
 func (t *tx) Identities() []Identity {
+	t.mu.Lock()
+	defer t.mu.Unlock()
 	out := make([]Identity, len(t.ents))
 	for i := range t.ents {
 		out[i] = t.ents[i].id
@@ -622,6 +768,8 @@ func (t *tx) Identities() []Identity {
 // SetSample gives the Message-ID and Subject of the message, quoted in
 // notifications about its identities.
 func (t *tx) SetSample(messageID, subject string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
 	if len(subject) > maxSubject {
 		subject = subject[:maxSubject]
 	}

@@ -9,10 +9,10 @@ import "time"
 
 // Identity is one sender identity of a message (docs/design.md §3).
 type Identity struct {
-	ID      string // "user:alice", "uid:local:1001", "uid:web1:33", "sender:a@b", "domain:b", "ip:1.2.3.4"
-	Kind    string // config.KindUser, KindUID, KindSender, KindDomain, KindIP
-	Account string // account name where known (passwd), for uid identities
-	Script  string // X-PHP-Originating-Script name, for uid identities
+	ID      string // "user:alice", "uid:local:1001", "uid:web1:33", "script:web1:33:form.php", "ip:1.2.3.4", "sender:a@b", "domain:b"
+	Kind    string // one of config.IdentityKinds
+	Account string // account name where known (passwd), for uid and script identities
+	Script  string // X-PHP-Originating-Script path, for uid and script identities
 }
 
 // Action is what a decision tells the SMTP front end to do.
@@ -57,6 +57,9 @@ type Decision struct {
 // Checker starts policy transactions; *Engine implements it.
 type Checker interface {
 	Begin(ids []Identity) Tx
+	// NoteEvent keeps an event the SMTP front end saw outside any
+	// decision (EventRefused); it is written with the next flush.
+	NoteEvent(ev Event)
 }
 
 // Tx is one message's passage through policy. Recipients are reserved as they
@@ -72,6 +75,10 @@ type Tx interface {
 	AddIdentities(ids ...Identity) Decision
 	// Message checks and reserves one message against every identity's msgs caps.
 	Message() Decision
+	// Recheck is called at the end of DATA, before the hand-off is
+	// confirmed: when the transaction's reservations lapsed
+	// (reserve_timeout) it checks and reserves them again; else Accept.
+	Recheck() Decision
 	// Commit charges the reservations: the hand-off succeeded.
 	Commit()
 	// Held records that the message went to the hold spool under holdID and

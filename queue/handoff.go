@@ -33,6 +33,10 @@ type Options struct {
 	// ChildStderr is where a qmail-queue child's stderr goes: relay's own,
 	// as qmail-smtpd's goes to tcpserver's log. nil: /dev/null.
 	ChildStderr *os.File
+	// Writers brings method qmail-direct its queue-writer connections, a
+	// new one whenever a writer is (re)started. nil: the hand-off has no
+	// writer and defers every message.
+	Writers <-chan net.Conn
 }
 
 // New builds the hand-off that d.Method names, instrumented with the
@@ -74,9 +78,19 @@ func New(d config.Delivery, hostname string, opts Options) (Handoff, error) {
 		}
 		m.Logger = log
 		h = m
+	case config.DeliverQmailDirect:
+		q := NewQmailDirect(timeout, log)
+		if opts.Writers != nil {
+			go func() {
+				for c := range opts.Writers {
+					q.Attach(c)
+				}
+			}()
+		}
+		h = q
 	default:
-		return nil, fmt.Errorf("unknown delivery.method %q (want %s, %s, %s or %s)", d.Method,
-			config.DeliverQmailQueue, config.DeliverQmailInject, config.DeliverSMTP, config.DeliverMaildir)
+		return nil, fmt.Errorf("unknown delivery.method %q (want %s, %s, %s, %s or %s)", d.Method,
+			config.DeliverQmailQueue, config.DeliverQmailInject, config.DeliverSMTP, config.DeliverMaildir, config.DeliverQmailDirect)
 	}
 	if opts.Registerer == nil {
 		return h, nil

@@ -98,10 +98,22 @@ type fakeChecker struct {
 	calls []string
 	// decisions by call name ("check", "rcpt", "ids", "msg"); a missing
 	// entry is Accept. rcpt decisions are used in order, the last repeats.
-	check policy.Decision
-	rcpt  []policy.Decision
-	ids   policy.Decision
-	msg   policy.Decision
+	check   policy.Decision
+	rcpt    []policy.Decision
+	ids     policy.Decision
+	msg     policy.Decision
+	recheck policy.Decision
+	// logRecheck puts the calls of Recheck in the log (the end-of-DATA
+	// check); other tests' logs leave them out.
+	logRecheck bool
+	events     []policy.Event
+}
+
+func (c *fakeChecker) NoteEvent(ev policy.Event) {
+	c.record("event " + ev.Kind + " " + ev.Identity)
+	c.mu.Lock()
+	c.events = append(c.events, ev)
+	c.mu.Unlock()
 }
 
 func (c *fakeChecker) record(s string) {
@@ -151,7 +163,13 @@ func (t *fakeTx) AddIdentities(ids ...policy.Identity) policy.Decision {
 	t.ids = append(ids, t.ids...)
 	return t.c.ids
 }
-func (t *fakeTx) Message() policy.Decision      { t.c.record("msg"); return t.c.msg }
+func (t *fakeTx) Message() policy.Decision { t.c.record("msg"); return t.c.msg }
+func (t *fakeTx) Recheck() policy.Decision {
+	if t.c.logRecheck {
+		t.c.record("recheck")
+	}
+	return t.c.recheck
+}
 func (t *fakeTx) Commit()                       { t.c.record("commit") }
 func (t *fakeTx) Held(id string)                { t.c.record("held " + id) }
 func (t *fakeTx) Abort()                        { t.c.record("abort") }

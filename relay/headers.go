@@ -5,6 +5,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"relay/queue"
 )
 
 // maxHeadBytes bounds how much of a message is read into memory to find the
@@ -232,10 +234,9 @@ func safeReceived(s string) string {
 	return string(b)
 }
 
-// formatDate writes qmail's date822fmt: "5 Mar 2024 07:04:09 -0000", UTC.
-func formatDate(t time.Time) string {
-	return t.UTC().Format("2 Jan 2006 15:04:05") + " -0000"
-}
+// formatDate writes qmail's date822fmt: "5 Mar 2024 07:04:09 -0000", UTC
+// (the queue writer's Received line uses the same).
+func formatDate(t time.Time) string { return queue.Date822(t) }
 
 // safeHeaderValue makes s safe to put in a header field we write: control
 // bytes (CR, LF, NUL, ...) become '?'.

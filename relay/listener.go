@@ -29,13 +29,52 @@ type connInfo struct {
 }
 
 // trackedConn is an accepted connection that gives its slot back when it is
-// closed.
+// closed. On TCP it also ends the session at relay.max_session: every
+// deadline go-smtp sets (per command, from relay.timeout) is cut to end,
+// so a client that drips a byte at a time is still cut off.
 type trackedConn struct {
 	net.Conn
 	info    connInfo
 	release func()
 	once    sync.Once
 	smtp    *smtp.Server // its go-smtp server; set under Server.connMu
+	end     time.Time    // zero: no session limit (the local socket)
+}
+
+// sessionEndGrace lets the reply go out that go-smtp writes when a read
+// hits the session's end ("421 4.4.2 Idle timeout").
+const sessionEndGrace = time.Second
+
+func (c *trackedConn) SetDeadline(t time.Time) error {
+	if c.end.IsZero() {
+		return c.Conn.SetDeadline(t)
+	}
+	if err := c.Conn.SetReadDeadline(capTime(t, c.end)); err != nil {
+		return err
+	}
+	return c.Conn.SetWriteDeadline(capTime(t, c.end.Add(sessionEndGrace)))
+}
+
+func (c *trackedConn) SetReadDeadline(t time.Time) error {
+	if c.end.IsZero() {
+		return c.Conn.SetReadDeadline(t)
+	}
+	return c.Conn.SetReadDeadline(capTime(t, c.end))
+}
+
+func (c *trackedConn) SetWriteDeadline(t time.Time) error {
+	if c.end.IsZero() {
+		return c.Conn.SetWriteDeadline(t)
+	}
+	return c.Conn.SetWriteDeadline(capTime(t, c.end.Add(sessionEndGrace)))
+}
+
+// capTime is t, or limit when t is later or zero (no deadline).
+func capTime(t, limit time.Time) time.Time {
+	if t.IsZero() || t.After(limit) {
+		return limit
+	}
+	return t
 }
 
 func (c *trackedConn) Close() error {
@@ -49,6 +88,9 @@ func (c *trackedConn) Close() error {
 func trackedConnOf(c net.Conn) (*trackedConn, bool) {
 	if tc, ok := c.(*tls.Conn); ok {
 		c = tc.NetConn()
+	}
+	if sn, ok := c.(*checkSniffer); ok {
+		c = sn.trackedConn
 	}
 	t, ok := c.(*trackedConn)
 	return t, ok
@@ -67,7 +109,9 @@ func connInfoOf(c net.Conn) (connInfo, bool) {
 // banner: tcprules deny (closed without a word, as tcpserver does),
 // max_connections and max_connections_per_ip ("421 4.7.0 too many
 // connections", then closed), and it reads the peer's uid on the local
-// socket.
+// socket. The local socket has its own budget, local.max_connections:
+// however many TCP clients hold their slots, local scripts still get in;
+// its connections may carry a check instead of SMTP (checkSniffer).
 type gateListener struct {
 	net.Listener
 	srv   *Server
@@ -81,7 +125,12 @@ func (l *gateListener) Accept() (net.Conn, error) {
 		if err != nil {
 			return nil, err
 		}
-		if tc := l.srv.admit(c, l.local, l.tls); tc != nil {
+		tc := l.srv.admit(c, l.local, l.tls)
+		switch {
+		case tc == nil:
+		case l.local:
+			return &checkSniffer{trackedConn: tc, srv: l.srv}, nil
+		default:
 			return tc, nil
 		}
 	}
@@ -132,11 +181,15 @@ func (s *Server) admit(c net.Conn, local, isTLS bool) *trackedConn {
 		return nil
 	}
 	key := clientKeyOf(info)
+	total, limit := &s.connTotal, st.maxConns
+	if local {
+		total, limit = &s.localTotal, st.maxLocalConns
+	}
 	s.connMu.Lock()
-	over := (st.maxConns > 0 && s.connTotal >= st.maxConns) ||
+	over := (limit > 0 && *total >= limit) ||
 		(st.maxConnsPerIP > 0 && s.connPerClient[key] >= st.maxConnsPerIP)
 	if !over {
-		s.connTotal++
+		*total++
 		s.connPerClient[key]++
 	}
 	s.connMu.Unlock()
@@ -148,11 +201,15 @@ func (s *Server) admit(c net.Conn, local, isTLS bool) *trackedConn {
 	}
 	s.metrics.connectionsOpen.Inc()
 	tc := &trackedConn{Conn: c, info: info}
+	if !local && st.maxSession > 0 {
+		tc.end = time.Now().Add(st.maxSession)
+		tc.SetDeadline(time.Time{})
+	}
 	tc.release = func() {
 		s.metrics.connectionsOpen.Dec()
 		s.connMu.Lock()
 		delete(s.conns, tc)
-		s.connTotal--
+		*total--
 		if s.connPerClient[key]--; s.connPerClient[key] <= 0 {
 			delete(s.connPerClient, key)
 		}

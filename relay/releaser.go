@@ -557,17 +557,14 @@ func (r *Releaser) Stop(ctx context.Context) error {
 	}
 }
 
-// queued answers a message the session put into a release queue: 250 with
-// its spool id ("ok held <id>" in a `relay qq` check session, whose caller
-// then leaves it to the daemon, as for held mail).
+// queued answers a message the session put into a release queue: 250
+// with its spool id (a `relay qq` check gets it as a held message: the
+// daemon keeps it).
 func (s *session) queued(tx *transaction, meta queue.HeldMeta) *smtp.SMTPError {
 	s.srv.deps.Queue.Enqueued(meta)
 	tx.result = txQueued
 	s.srv.metrics.queued.WithLabelValues(tx.queueWhy).Inc()
 	s.log.Info("queued", "id", meta.ID, "queue", meta.Queue, "why", tx.queueWhy, "reason", tx.holdReason)
-	if s.check {
-		return okReply("ok held " + safeHeaderValue(meta.ID))
-	}
 	return okReply("ok queued " + safeHeaderValue(meta.ID))
 }
 

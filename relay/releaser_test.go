@@ -252,30 +252,32 @@ func TestReleaserRestart(t *testing.T) {
 	}
 }
 
-// TestCheckSessionQueued: a `relay qq` check session over the cap gets
-// "250 ok held <id>" (its caller leaves the message to the daemon, as for
-// held mail) and the releaser lets it out later.
+// TestCheckSessionQueued: a `relay qq` check over the cap gets the hold
+// verdict (its caller leaves the message to the daemon), the message is
+// queued, and the releaser lets it out later.
 func TestCheckSessionQueued(t *testing.T) {
 	r := newQueueRig(t, "1/1h", "")
-	send := func() string {
-		c := dialRaw(t, "unix", r.sock)
-		c.hello(checkHelo)
-		c.expect("MAIL FROM:<news@example.test>", "250")
-		c.expect("RCPT TO:<x@far.test>", "250")
-		c.expect("DATA", "354")
-		c.send("Subject: local\r\n\r\nhi\r\n.\r\n")
-		got := c.reply()
-		if strings.HasPrefix(got, "250 ok reserved") {
-			c.expect("AUTH X-RELAY-COMMIT", "235")
-		}
-		c.cmd("QUIT")
-		return got
+	msg := "Subject: local\n\nhi\n"
+	c := dialCheck(t, r.sock)
+	c.request("news@example.test", []string{"x@far.test"}, msg)
+	if typ, _ := c.verdict(); typ != frameAccepted {
+		t.Fatalf("first: %q", typ)
 	}
-	if got := send(); !strings.HasPrefix(got, "250 ok reserved") {
-		t.Fatal(got)
+	c.write(appendFrame(nil, frameCommit, ""))
+	if typ, text := c.frame(); typ != frameOK || text != "committed" {
+		t.Fatalf("commit: %q %q", typ, text)
 	}
-	if got := send(); !strings.HasPrefix(got, "250 ok held ") {
-		t.Fatalf("over the cap: %q", got)
+	c = dialCheck(t, r.sock)
+	c.request("news@example.test", []string{"x@far.test"}, msg)
+	if typ, _ := c.verdict(); typ != frameHold {
+		t.Fatalf("over the cap: %q", typ)
+	}
+	c.write(appendFrame(appendFrame(nil, frameMessage, msg), frameEnd, ""))
+	if typ, text := c.frame(); typ != frameOK || !strings.HasPrefix(text, "queued ") {
+		t.Fatalf("after the message: %q %q", typ, text)
+	}
+	if n := r.queued(t, "sender:news@example.test"); n != 1 {
+		t.Fatalf("queued %d", n)
 	}
 	r.advance(time.Hour + 2*time.Minute)
 	waitFor(t, func() bool { return len(r.handoff.deliveries()) == 1 })

@@ -40,9 +40,11 @@ var (
 	// replyAuthzid refuses a PLAIN authorization identity other than the
 	// login: RFC 4616 §2 lets a server refuse to act as another identity.
 	replyAuthzid      = reply(535, smtp.EnhancedCode{5, 7, 8}, "authorization identity must be empty or the login (#5.7.1)")
-	replyNothingToDo  = reply(503, smtp.EnhancedCode{5, 5, 1}, "no reserved message to commit (#5.5.1)")
 	replyShuttingDown = reply(421, smtp.EnhancedCode{4, 3, 2}, "service shutting down, try again later (#4.3.2)")
 	replyInternal     = reply(451, smtp.EnhancedCode{4, 3, 0}, "temporary local problem, try again later (#4.3.0)")
+	// A [[webserver]]'s message whose first Received field is not its
+	// qmail-queue's "invoked by uid" line (require_uid).
+	replyNoUID = reply(550, smtp.EnhancedCode{5, 7, 1}, "sorry, mail from this web server must come through its qmail, not straight to port 25 (#5.7.1)")
 )
 
 // replyFor is the one funnel every error a Session returns to go-smtp goes

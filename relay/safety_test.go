@@ -3,7 +3,6 @@ package relay
 import (
 	"bytes"
 	"context"
-	"io"
 	"os"
 	"strings"
 	"testing"
@@ -57,75 +56,37 @@ func longLineMessage() string {
 		strings.Repeat("padding line\n", 60000)
 }
 
-// A check session (relay qq) must take any message qmail-queue would take.
-func TestCheckSessionLongLine(t *testing.T) {
-	path := sockPath(t)
-	cfg := testConfig(config.Listener{Addr: path, Mode: config.ModeLocal})
-	ck := &fakeChecker{}
-	testServer(t, cfg, Deps{Policy: ck}, nil)
-	c := dialRaw(t, "unix", path)
-	c.hello(checkHelo)
-	c.expect("MAIL FROM:<www@example.test>", "250")
-	c.expect("RCPT TO:<x@far.test>", "250")
-	c.expect("DATA", "354")
-	if _, err := io.WriteString(c.conn, strings.ReplaceAll(longLineMessage(), "\n", "\r\n")+".\r\n"); err != nil {
-		t.Fatalf("the daemon stopped reading the message: %v", err)
-	}
-	if got := c.reply(); got != "250 ok reserved\r\n" {
-		t.Fatalf("check session refused a message qmail-queue takes: %q", got)
-	}
-	c.expect("AUTH X-RELAY-COMMIT", "235")
-	if !strings.HasSuffix(ck.log(), "; msg; commit") {
-		t.Fatalf("calls %q", ck.log())
-	}
-}
-
-// End to end through relay qq: a message with a long line is queued by the
-// real qmail-queue byte for byte and charged; it is neither deferred nor
-// passed uncounted (on_daemon_down = accept) because the daemon dropped
-// the connection in the middle of DATA.
-func TestQQLongLineIsCountedAndQueued(t *testing.T) {
+// End to end through relay qq: any line length qmail-queue takes (a line
+// longer than even the local socket's SMTP limit, in the header and in the
+// body) is counted and queued byte for byte; it is neither deferred nor
+// passed uncounted (on_daemon_down = accept).
+func TestQQLongLinesAreCountedAndQueued(t *testing.T) {
 	path := sockPath(t)
 	cfg := testConfig(config.Listener{Addr: path, Mode: config.ModeLocal})
 	ck := &fakeChecker{}
 	testServer(t, cfg, Deps{Policy: ck}, nil)
 
-	q, calls, stderr := newQQ(t, path)
-	msg := []byte(longLineMessage())
-	env := []byte("Fwww@example.test\x00Tx@far.test\x00\x00")
-	if code := q.Filter(bytes.NewReader(msg), bytes.NewReader(env)); code != local.ExitQueued {
-		t.Fatalf("relay qq exit %d, want 0; stderr: %s", code, stderr)
-	}
-	got := fakeqq.Calls(t, calls)
-	if len(got) != 1 || !bytes.Equal(got[0].Message, msg) || !bytes.Equal(got[0].Envelope, env) {
-		t.Fatalf("real qmail-queue ran %d times or got other bytes", len(got))
-	}
-	waitFor(t, func() bool { return strings.HasSuffix(ck.log(), "; msg; commit") })
-	if strings.Contains(stderr.String(), "uncounted") {
-		t.Fatalf("passed uncounted: %s", stderr)
-	}
-}
-
-// A line over even the local socket's limit cannot buy an uncounted pass:
-// the daemon drops the check conversation and relay qq defers (exit 71),
-// whatever on_daemon_down says, and the real qmail-queue never runs.
-func TestQQLineOverLocalLimitIsDeferred(t *testing.T) {
-	path := sockPath(t)
-	cfg := testConfig(config.Listener{Addr: path, Mode: config.ModeLocal})
-	ck := &fakeChecker{}
-	testServer(t, cfg, Deps{Policy: ck}, nil)
-
-	q, calls, stderr := newQQ(t, path)
-	msg := []byte("Subject: s\n\n" + strings.Repeat("x", 2*maxLocalLineLength) + "\n")
-	env := []byte("Fwww@example.test\x00Tx@far.test\x00\x00")
-	if code := q.Filter(bytes.NewReader(msg), bytes.NewReader(env)); code != local.ExitDeferred {
-		t.Fatalf("relay qq exit %d, want 71; stderr: %s", code, stderr)
-	}
-	if got := fakeqq.Calls(t, calls); len(got) != 0 {
-		t.Fatalf("the real qmail-queue ran %d times", len(got))
-	}
-	if strings.Contains(stderr.String(), "uncounted") {
-		t.Fatalf("passed uncounted: %s", stderr)
+	for _, msg := range []string{
+		longLineMessage(),
+		"Subject: s\n\n" + strings.Repeat("x", 2*maxLocalLineLength) + "\n",
+		"X-Long: " + strings.Repeat("x", 2*maxHeadBytes) + "\nSubject: s\n\nbody\n",
+	} {
+		ck.mu.Lock()
+		ck.calls = nil
+		ck.mu.Unlock()
+		q, calls, stderr := newQQ(t, path)
+		env := []byte("Fwww@example.test\x00Tx@far.test\x00\x00")
+		if code := q.Filter(strings.NewReader(msg), bytes.NewReader(env)); code != local.ExitQueued {
+			t.Fatalf("relay qq exit %d, want 0; stderr: %s", code, stderr)
+		}
+		got := fakeqq.Calls(t, calls)
+		if len(got) != 1 || string(got[0].Message) != msg || !bytes.Equal(got[0].Envelope, env) {
+			t.Fatalf("real qmail-queue ran %d times or got other bytes", len(got))
+		}
+		waitFor(t, func() bool { return strings.HasSuffix(ck.log(), "; msg; commit") })
+		if strings.Contains(stderr.String(), "uncounted") {
+			t.Fatalf("passed uncounted: %s", stderr)
+		}
 	}
 }
 

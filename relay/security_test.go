@@ -6,8 +6,6 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
-
-	"relay/config"
 )
 
 // foldAuth accepts its login in any letter case, as vchkpw does (vpopmail
@@ -79,45 +77,6 @@ func TestLongAddressRefused(t *testing.T) {
 	}
 	if d := h.deliveries(); len(d) != 1 || len(d[0].env.To) != 1 || d[0].env.To[0] != ok {
 		t.Fatalf("deliveries: %+v", d)
-	}
-}
-
-// TestCheckSessionOnlyOnLocalSocket: "EHLO relay-qq" makes a check session
-// (nothing handed off, AUTH X-RELAY-COMMIT charges) only on the local
-// socket. On TCP, and in a local session that greeted with another name,
-// the mechanism is neither offered nor taken, and mail is handed off and
-// counted as usual.
-func TestCheckSessionOnlyOnLocalSocket(t *testing.T) {
-	path := sockPath(t)
-	cfg := testConfig(config.Listener{Addr: "127.0.0.1:0", Mode: config.ModeSMTP}, config.Listener{Addr: path, Mode: config.ModeLocal})
-	cfg.Relay.RelayNetworks = []string{"127.0.0.0/8"}
-	h := &fakeHandoff{}
-	checker := &fakeChecker{}
-	s := testServer(t, cfg, Deps{Handoff: h, Policy: checker}, nil)
-
-	c := dialRaw(t, "tcp", tcpAddr(s, 0))
-	if ehlo := c.hello(checkHelo); strings.Contains(ehlo, "X-RELAY-COMMIT") {
-		t.Fatalf("TCP EHLO relay-qq offers the commit: %q", ehlo)
-	}
-	c.expect("AUTH X-RELAY-COMMIT", "5")
-	if got := c.mail("a@example.test", []string{"x@far.test"}, "Subject: x\r\n\r\nhi\r\n.\r\n"); !strings.HasPrefix(got, "250 ok 1795833709") {
-		t.Fatalf("TCP DATA after EHLO relay-qq: %q", got)
-	}
-
-	l := dialRaw(t, "unix", path)
-	if ehlo := l.hello("other"); strings.Contains(ehlo, "AUTH") {
-		t.Fatalf("local non-check EHLO offers AUTH: %q", ehlo)
-	}
-	l.expect("AUTH X-RELAY-COMMIT", "50")
-	l.expect("EHLO "+checkHelo, "250")
-	if got := l.mail("a@example.test", []string{"x@far.test"}, "Subject: x\r\n\r\nhi\r\n.\r\n"); !strings.HasPrefix(got, "250 ok 1795833709") {
-		t.Fatalf("local DATA after a second EHLO relay-qq: %q", got)
-	}
-	if n := len(h.deliveries()); n != 2 {
-		t.Fatalf("%d deliveries, want 2", n)
-	}
-	if got := strings.Count(checker.log(), "commit"); got != 2 {
-		t.Fatalf("want 2 commits, policy saw %q", checker.log())
 	}
 }
 

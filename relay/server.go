@@ -4,8 +4,9 @@
 // open relay (rcpthosts, relay_networks, tcprules, AUTH), attributes each
 // message to its identities (login, uid, web server uid and script, sender,
 // domain, client IP), asks package policy about them, and hands accepted
-// mail to package queue in qmail's stored form. It also answers the check
-// sessions of `relay qq` on the local socket.
+// mail to package queue in qmail's stored form. On the local socket it also
+// answers `relay qq`'s checks, in their own protocol (check.go,
+// docs/local-check.md).
 package relay
 
 import (
@@ -62,9 +63,6 @@ const (
 	maxLineLength = 64 << 10
 	// maxLocalLineLength is the line limit on mode = "local" sockets.
 	maxLocalLineLength = 1 << 20
-	// checkHelo is the EHLO name with which `relay qq` opens a check session
-	// on the local socket.
-	checkHelo = "relay-qq"
 )
 
 // Server is the SMTP front end. Build it with New, then Start it.
@@ -83,7 +81,8 @@ type Server struct {
 
 	nextConnID    atomic.Uint64
 	connMu        sync.Mutex
-	connTotal     int
+	connTotal     int                       // TCP connections (relay.max_connections)
+	localTotal    int                       // local socket connections (local.max_connections)
 	connPerClient map[connKey]int           // per IP (IPv6 /64) or local uid
 	conns         map[*trackedConn]struct{} // open connections, for Shutdown
 
@@ -328,13 +327,11 @@ func (s *Server) smtpServer(mode string, info connInfo) *smtp.Server {
 	if local {
 		// go-smtp's line limit also applies inside DATA, and scripts do put
 		// a whole HTML body on one line: the local socket takes far longer
-		// lines than the network (qmail-queue takes any), yet still a
-		// bounded number of bytes per line from any local user. A message
-		// over it is deferred by relay qq, never passed on uncounted.
-		// qmail-queue has no size limit either, so `relay qq` check
-		// sessions get none; Data enforces databytes on other local mail.
+		// lines than the network, yet still a bounded number of bytes per
+		// line from any local user. (relay qq's checks do not speak SMTP:
+		// neither this nor databytes applies to them, as qmail-queue has
+		// no such limits; check.go.)
 		srv.MaxLineLength = maxLocalLineLength
-		srv.MaxMessageBytes = 0
 	} else if st.cert != nil {
 		srv.TLSConfig = s.tlsConf
 	}
@@ -398,7 +395,7 @@ func (s *Server) Addrs() []net.Addr {
 
 // Shutdown stops accepting connections, refuses new transactions (421), and
 // waits until every transaction in flight has had its final reply (and every
-// check session its commit or abort) or ctx ends. Then it closes all
+// check its commit or abort) or ctx ends. Then it closes all
 // connections, killing hand-offs still running, and removes the unix
 // sockets. It returns ctx's error when it had to cut transactions short.
 func (s *Server) Shutdown(ctx context.Context) error {
@@ -499,13 +496,15 @@ type settings struct {
 	maxRcpts      int
 	maxConns      int
 	maxConnsPerIP int
+	maxLocalConns int
+	maxSession    time.Duration // 0: none
 
 	rcptHostAllowed func(domain string) bool
 	badMailFrom     func(sender string) bool
 	tcpRules        func(netip.Addr) (config.TCPRule, bool) // nil: no tcprules file
 
 	relayNets  []netip.Prefix
-	webservers []webserver
+	webservers []*webserver
 	accounts   map[uint32]string // /etc/passwd uid -> name
 	exempt     map[string]bool
 	cert       *tls.Certificate
@@ -513,9 +512,11 @@ type settings struct {
 
 // webserver is one [[webserver]] entry.
 type webserver struct {
-	name     string
-	addr     netip.Addr
-	accounts map[uint32]string // its passwd file (config.Load reads it); nil when none is set
+	name       string
+	addr       netip.Addr
+	accounts   map[uint32]string // its passwd file (config.Load reads it); nil when none is set
+	requireUID bool
+	lastEvent  atomic.Int64 // unix ns of its last EventRefused
 }
 
 // passwdFile names the local accounts for uid:local identities and
@@ -554,6 +555,8 @@ func newSettings(cfg *config.Config, log *slog.Logger) (*settings, error) {
 		maxRcpts:        cfg.Relay.MaxRecipients,
 		maxConns:        cfg.Relay.MaxConnections,
 		maxConnsPerIP:   cfg.Relay.MaxConnectionsPerIP,
+		maxLocalConns:   cfg.Local.MaxConnections,
+		maxSession:      cfg.Relay.MaxSession.Duration,
 		rcptHostAllowed: ctl.RcptHostAllowed,
 		badMailFrom:     ctl.BadMailFrom,
 		exempt:          map[string]bool{},
@@ -586,7 +589,7 @@ func newSettings(cfg *config.Config, log *slog.Logger) (*settings, error) {
 		if err != nil {
 			return nil, fmt.Errorf("webserver %s: %w", w.Name, err)
 		}
-		st.webservers = append(st.webservers, webserver{name: w.Name, addr: a.Unmap().WithZone(""), accounts: w.Accounts})
+		st.webservers = append(st.webservers, &webserver{name: w.Name, addr: a.Unmap().WithZone(""), accounts: w.Accounts, requireUID: w.RequireUID})
 	}
 	st.accounts = readAccounts(passwdFile, log)
 	for _, u := range cfg.Local.ExemptUsers {
@@ -621,11 +624,18 @@ func (st *settings) relayNetwork(a netip.Addr) bool {
 	return false
 }
 
+// localAccount returns the passwd name of a local uid and whether it is in
+// local.exempt_users.
+func (st *settings) localAccount(uid uint32) (name string, exempt bool) {
+	name = st.accounts[uid]
+	return name, name != "" && st.exempt[name]
+}
+
 // webserverAt returns the [[webserver]] whose address a is.
 func (st *settings) webserverAt(a netip.Addr) *webserver {
-	for i := range st.webservers {
-		if st.webservers[i].addr == a {
-			return &st.webservers[i]
+	for _, ws := range st.webservers {
+		if ws.addr == a {
+			return ws
 		}
 	}
 	return nil

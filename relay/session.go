@@ -51,11 +51,10 @@ func (b *backend) NewSession(c *smtp.Conn) (smtp.Session, error) {
 		helo:      c.Hostname(),
 		tls:       isTLS,
 		databytes: info.databytes,
+		maxRcpts:  st.maxRcpts,
 	}
 	if info.local {
-		ss.account = st.accounts[info.uid]
-		ss.exempt = ss.account != "" && st.exempt[ss.account]
-		ss.check = strings.EqualFold(c.Hostname(), checkHelo)
+		ss.account, ss.exempt = st.localAccount(info.uid)
 		ss.relayClient = true
 	} else {
 		if st.relayNetwork(info.remote) {
@@ -95,27 +94,18 @@ type session struct {
 	uid         uint32 // peer uid on the local socket
 	account     string // its name in /etc/passwd
 	exempt      bool   // account is in local.exempt_users
-	check       bool   // a `relay qq` check session
 	helo        string
 	tls         bool
 	user        string // AUTH login
 	relayClient bool   // may send anywhere, and is counted by policy
 	rcptSuffix  string // tcprules RELAYCLIENT value, appended to recipients
 	databytes   int64
+	maxRcpts    int // relay.max_recipients; 0 = no limit
 	webserver   *webserver
 
 	// transaction
-	tx *transaction
-	// pending is a check session's reservation after "250 ok reserved",
-	// kept across the Reset go-smtp does after DATA until AUTH
-	// X-RELAY-COMMIT commits it or RSET, MAIL or the end of the session
-	// aborts it.
-	pending     policy.Tx
-	keepPending bool // the next Reset is go-smtp's after DATA: keep pending and exemptDone
-	// exemptDone: the check session answered "250 ok exempt"; a commit is
-	// then a no-op.
-	exemptDone bool
-	counted    bool // counted in Server.busy
+	tx      *transaction
+	counted bool // counted in Server.busy
 }
 
 // transaction is one MAIL ... DATA.
@@ -168,11 +158,9 @@ func (s *session) identities(from string) []policy.Identity {
 
 // AuthMechanisms: PLAIN and LOGIN where an Authenticator is configured
 // (go-smtp offers them only over TLS unless auth.require_tls = false);
-// X-RELAY-COMMIT in check sessions; nothing else on the local socket.
+// nothing on the local socket.
 func (s *session) AuthMechanisms() []string {
 	switch {
-	case s.check:
-		return []string{"X-RELAY-COMMIT"}
 	case s.local:
 		return nil
 	case s.srv.deps.Auth != nil && s.srv.deps.Auth.Enabled():
@@ -189,9 +177,7 @@ func (s *session) Auth(mech string) (sasl.Server, error) {
 		return nil, replyAuthInMail
 	}
 	switch {
-	case s.check && mech == "X-RELAY-COMMIT":
-		return commitServer{s}, nil
-	case s.check || s.local || s.srv.deps.Auth == nil || !s.srv.deps.Auth.Enabled():
+	case s.local || s.srv.deps.Auth == nil || !s.srv.deps.Auth.Enabled():
 		return nil, smtp.ErrAuthUnknownMechanism
 	case mech == sasl.Plain:
 		return NewPlainServer(s.authenticate), nil
@@ -231,37 +217,12 @@ func (s *session) authenticate(login, password string) error {
 	return replyAuthTemporary
 }
 
-// commitServer is the SASL "mechanism" X-RELAY-COMMIT: `relay qq` sends it
-// just before it execs the real qmail-queue, and the reservation is
-// charged. An empty initial response ("AUTH X-RELAY-COMMIT =") saves the
-// 334 round trip.
-type commitServer struct{ s *session }
-
-func (c commitServer) Next([]byte) ([]byte, bool, error) {
-	s := c.s
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	switch {
-	case s.pending != nil:
-		s.pending.Commit()
-		s.pending = nil
-		s.log.Info("check committed", "uid", s.uid)
-	case s.exemptDone:
-		s.exemptDone = false
-	default:
-		return nil, false, replyNothingToDo
-	}
-	s.syncBusy()
-	return nil, true, nil
-}
-
 // Mail starts a transaction (a second MAIL replaces the first, as in
 // qmail-smtpd).
 func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.endTx()
-	s.abortPending()
 	defer s.syncBusy()
 	if s.srv.draining.Load() {
 		return replyShuttingDown
@@ -272,8 +233,11 @@ func (s *session) Mail(from string, opts *smtp.MailOptions) error {
 	if !addressAcceptable(from) {
 		return replyBadSender
 	}
+	if _, ok := policy.NormalAddress(from); !ok {
+		return replyBadSender // a domain literal that is not an IP address
+	}
 	// RFC 1870 §6.1: a declared size over the limit is refused at once.
-	if s.databytes > 0 && !s.check && opts != nil && opts.Size > s.databytes {
+	if s.databytes > 0 && opts != nil && opts.Size > s.databytes {
 		return replyDatabytes
 	}
 	tx := &transaction{from: from, start: s.srv.now()}
@@ -332,9 +296,7 @@ func (s *session) rcpt(tx *transaction, to string) (*smtp.SMTPError, string) {
 		s.log.Info("relay denied", "remote", s.remote.String(), "rcpt", to)
 		return replyRcptHosts, rcptRelayDenied
 	}
-	// qmail-queue has no recipient limit, so check sessions do not get one
-	// either; policy's max_rcpts_per_msg still applies to them.
-	if !s.check && s.st.maxRcpts > 0 && len(tx.rcpts) >= s.st.maxRcpts {
+	if s.maxRcpts > 0 && len(tx.rcpts) >= s.maxRcpts {
 		return replyTooManyRcpts, rcptDeferred
 	}
 	if tx.ptx != nil {
@@ -366,8 +328,8 @@ func (s *session) observed(stage string, d policy.Decision) {
 }
 
 // Data reads the message, attributes it, asks policy, and hands it off (or
-// holds it, or, in a check session, reserves it). The reply is 250 only once
-// the hand-off or the hold spool has the message.
+// holds it). The reply is 250 only once the hand-off or the hold spool has
+// the message.
 func (s *session) Data(r io.Reader) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -376,19 +338,14 @@ func (s *session) Data(r io.Reader) error {
 	if tx == nil { // go-smtp does not call Data without MAIL and RCPT
 		return replyInternal
 	}
-	limit := s.databytes
-	if s.check {
-		limit = 0
-	}
 	// The buffers go back to the pool when Data returns: by then the
-	// message is handed off, held, or (check session) reserved, and
-	// nothing refers to them.
+	// message is handed off or held, and nothing refers to them.
 	bufs, _ := s.srv.storeBufs.Get().(*storeBuffers)
 	if bufs == nil {
 		bufs = newStoreBuffers()
 	}
 	defer s.srv.storeBufs.Put(bufs)
-	msg := newStoreReader(r, !s.check, limit, bufs)
+	msg := newStoreReader(r, s.databytes, bufs)
 	rep := s.data(tx, msg, bufs.head[:0])
 	tx.size = msg.Size()
 	tx.code = rep.Code
@@ -402,51 +359,27 @@ func (s *session) Data(r io.Reader) error {
 }
 
 // data does Data's work and returns the final reply. It resolves the
-// policy transaction: committed, held or aborted, or (check session) left
-// pending for AUTH X-RELAY-COMMIT.
+// policy transaction: committed, held or aborted.
 func (s *session) data(tx *transaction, msg *storeReader, headBuf []byte) *smtp.SMTPError {
 	head, err := readHead(msg, headBuf)
 	if err != nil {
 		tx.abort()
 		return s.storeFailure(msg)
 	}
-	if extra := s.headerIdentities(head); len(extra) > 0 {
-		tx.ids = append(tx.ids, extra...)
-		if tx.ptx != nil {
-			if r := s.decide(tx, "data", tx.ptx.AddIdentities(extra...)); r != nil {
-				return r
-			}
-		}
+	if r := s.attribute(tx, head); r != nil {
+		return r
 	}
 	if tx.ptx != nil {
-		tx.ptx.SetSample(safeHeaderValue(firstHeader(head, "Message-ID")), safeHeaderValue(firstHeader(head, "Subject")))
-		if r := s.decide(tx, "data", tx.ptx.Message()); r != nil {
-			return r
-		}
-		tx.ids = tx.ptx.Identities()
-	}
-	if s.check && (s.exempt || tx.ptx == nil) {
-		// Nothing is counted: `relay qq` runs the real qmail-queue.
-		if _, err := io.Copy(io.Discard, msg); err != nil {
-			return s.storeFailure(msg)
-		}
-		s.exemptDone, s.keepPending = true, true
-		tx.result = txAccepted
-		return okReply("ok exempt")
+		msg.atEOF = func() error { return s.recheck(tx) }
 	}
 	body := io.MultiReader(strings.NewReader(s.traceHeaders(tx)), bytes.NewReader(head), msg)
 	if tx.hold {
-		return s.holdMessage(tx, head, msg, body)
-	}
-	if s.check {
-		if _, err := io.Copy(io.Discard, msg); err != nil {
-			tx.abort()
+		return s.holdMessage(tx, head, body, func() *smtp.SMTPError {
+			if msg.Err() == nil {
+				return nil
+			}
 			return s.storeFailure(msg)
-		}
-		s.pending, tx.ptx = tx.ptx, nil
-		s.keepPending = true
-		tx.result = txAccepted
-		return okReply("ok reserved")
+		})
 	}
 	receipt, err := s.srv.deps.Handoff.Deliver(s.srv.ctx, queue.Envelope{From: tx.from, To: tx.rcpts}, body)
 	if msg.Err() != nil {
@@ -471,6 +404,33 @@ func (s *session) data(tx *transaction, msg *storeReader, headBuf []byte) *smtp.
 	return okReply(receipt.Reply)
 }
 
+// attribute adds what the header tells (header identities, the sample
+// for notifications) to the transaction and asks policy about the
+// message. A refusal aborts the policy transaction and is returned.
+func (s *session) attribute(tx *transaction, head []byte) *smtp.SMTPError {
+	extra, refusal := s.headerIdentities(head)
+	if refusal != nil {
+		tx.abort()
+		return refusal
+	}
+	if len(extra) > 0 {
+		tx.ids = append(tx.ids, extra...)
+		if tx.ptx != nil {
+			if r := s.decide(tx, "data", tx.ptx.AddIdentities(extra...)); r != nil {
+				return r
+			}
+		}
+	}
+	if tx.ptx != nil {
+		tx.ptx.SetSample(safeHeaderValue(firstHeader(head, "Message-ID")), safeHeaderValue(firstHeader(head, "Subject")))
+		if r := s.decide(tx, "data", tx.ptx.Message()); r != nil {
+			return r
+		}
+		tx.ids = tx.ptx.Identities()
+	}
+	return nil
+}
+
 // decide applies a decision taken at DATA: a refusal aborts the policy
 // transaction and is returned; Hold marks the message for the hold spool.
 func (s *session) decide(tx *transaction, stage string, d policy.Decision) *smtp.SMTPError {
@@ -484,8 +444,10 @@ func (s *session) decide(tx *transaction, stage string, d policy.Decision) *smtp
 }
 
 // holdMessage puts the message into the hold spool instead of handing it
-// off: "250 ok held <id>" once the spool has it on disk.
-func (s *session) holdMessage(tx *transaction, head []byte, msg *storeReader, body io.Reader) *smtp.SMTPError {
+// off: "250 ok held <id>" once the spool has it on disk ("250 ok queued
+// <id>" for a release queue). readFailure is the reply for a message that
+// could not be read whole, nil when it was.
+func (s *session) holdMessage(tx *transaction, head []byte, body io.Reader, readFailure func() *smtp.SMTPError) *smtp.SMTPError {
 	if s.srv.deps.Hold == nil || (tx.queue != "" && s.srv.deps.Queue == nil) {
 		tx.abort()
 		s.log.Warn("policy says hold or queue but no hold spool or releaser is configured; deferring")
@@ -504,9 +466,9 @@ func (s *session) holdMessage(tx *transaction, head []byte, msg *storeReader, bo
 		meta.Identities = append(meta.Identities, id.ID)
 	}
 	meta, err := s.srv.deps.Hold.Put(meta, body)
-	if msg.Err() != nil {
+	if r := readFailure(); r != nil {
 		tx.abort()
-		return s.storeFailure(msg)
+		return r
 	}
 	if err != nil {
 		tx.abort()
@@ -528,7 +490,10 @@ func (s *session) holdMessage(tx *transaction, head []byte, msg *storeReader, bo
 
 // storeFailure is the reply for a message that could not be stored.
 func (s *session) storeFailure(msg *storeReader) *smtp.SMTPError {
+	var refused *policyRefusal
 	switch err := msg.Err(); {
+	case errors.As(err, &refused):
+		return refused.reply
 	case errors.Is(err, errBareNewline):
 		return replyBareNewline
 	case errors.Is(err, errTooBig), errors.Is(err, smtp.ErrDataTooLarge):
@@ -562,40 +527,6 @@ func readHead(msg *storeReader, head []byte) ([]byte, error) {
 	return head, nil
 }
 
-// headerIdentities are the identities the header adds. On a connection
-// from a [[webserver]]: uid:<name>:<uid> from the first Received field if
-// qmail-queue wrote it there ("invoked by uid U"), else from the first
-// X-PHP-Originating-Script, with that header's script when its uid agrees.
-// On the local socket the script of an X-PHP-Originating-Script whose uid
-// is the peer's own is recorded on uid:local:<uid>. Headers anywhere else
-// change nothing.
-func (s *session) headerIdentities(head []byte) []policy.Identity {
-	switch {
-	case s.webserver != nil:
-		uid, ok := firstReceivedUID(head)
-		phpUID, script, phpOK := phpOriginatingScript(head)
-		if !ok && phpOK {
-			uid, ok = phpUID, true
-		}
-		if !ok {
-			return nil
-		}
-		if !phpOK || phpUID != uid {
-			script = ""
-		}
-		return []policy.Identity{policy.WebUID(s.webserver.name, uid, s.webserver.accounts[uid], script)}
-	case s.local:
-		phpUID, script, ok := phpOriginatingScript(head)
-		if !ok || phpUID != s.uid || script == "" {
-			return nil
-		}
-		id := policy.LocalUID(s.uid, s.account)
-		id.Script = script
-		return []policy.Identity{id}
-	}
-	return nil
-}
-
 // traceHeaders are the header lines relay prepends: Received, and
 // X-Sender-Id with the strongest identity when relay.sender_id_header is on.
 func (s *session) traceHeaders(tx *transaction) string {
@@ -620,11 +551,6 @@ func (s *session) traceHeaders(tx *transaction) string {
 func (s *session) Reset() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.keepPending {
-		s.keepPending = false
-	} else {
-		s.abortPending()
-	}
 	s.endTx()
 	s.syncBusy()
 }
@@ -633,21 +559,9 @@ func (s *session) Reset() {
 func (s *session) Logout() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.keepPending = false
-	s.abortPending()
 	s.endTx()
 	s.syncBusy()
 	return nil
-}
-
-// abortPending releases a check session's reservation.
-func (s *session) abortPending() {
-	s.exemptDone = false
-	if s.pending != nil {
-		s.pending.Abort()
-		s.pending = nil
-		s.log.Info("check aborted", "uid", s.uid)
-	}
 }
 
 // abort releases the transaction's policy reservations, if any are open.
@@ -685,9 +599,6 @@ func (s *session) endTx() {
 	if len(tx.ids) > 0 {
 		attrs = append(attrs, "id", tx.ids[0].ID)
 	}
-	if s.check {
-		attrs = append(attrs, "check", true)
-	}
 	s.log.Info("transaction", attrs...)
 }
 
@@ -700,9 +611,9 @@ func (s *session) remoteName() string {
 }
 
 // syncBusy keeps Server.busy counting this session while it has a
-// transaction or a reservation open, so Shutdown waits for it.
+// transaction open, so Shutdown waits for it.
 func (s *session) syncBusy() {
-	busy := s.tx != nil || s.pending != nil
+	busy := s.tx != nil
 	if busy != s.counted {
 		s.counted = busy
 		if busy {

@@ -28,16 +28,16 @@ const maxHops = 100
 // storeReader turns message text as SMTP carries it (CRLF line ends, already
 // dot-unstuffed by go-smtp's DATA reader) into the form qmail stores: LF line
 // ends (qmail-smtpd's blast). It counts stored bytes against a databytes
-// limit and, in the header, the hop lines qmail-smtpd counts.
-//
-// In strict mode (messages relay hands off itself) a bare CR or LF, the
-// databytes limit and the hop count end the stream with an error. In lenient
-// mode (check sessions, which only read the headers for attribution) bare
-// CR and LF are passed through unchanged and nothing is enforced.
+// limit and, in the header, the hop lines qmail-smtpd counts. A bare CR or
+// LF, the databytes limit and the hop count end the stream with an error.
 type storeReader struct {
-	src    io.Reader
-	strict bool
-	limit  int64 // databytes; 0 = unlimited
+	src   io.Reader
+	limit int64 // databytes; 0 = unlimited
+
+	// atEOF, when set, runs once when src ends cleanly; an error it
+	// returns ends the stream in place of io.EOF (the policy check at the
+	// end of DATA).
+	atEOF func() error
 
 	in      []byte // raw bytes from src
 	out     []byte // converted bytes not yet returned
@@ -71,13 +71,12 @@ func newStoreBuffers() *storeBuffers {
 
 // newStoreReader reads src through bufs (nil: fresh ones), which it uses
 // until the message is done with.
-func newStoreReader(src io.Reader, strict bool, limit int64, bufs *storeBuffers) *storeReader {
+func newStoreReader(src io.Reader, limit int64, bufs *storeBuffers) *storeReader {
 	if bufs == nil {
 		bufs = newStoreBuffers()
 	}
 	return &storeReader{
 		src:        src,
-		strict:     strict,
 		limit:      limit,
 		in:         bufs.in,
 		out:        bufs.out[:0],
@@ -138,10 +137,11 @@ func (r *storeReader) fill() {
 	if r.err == nil && err != nil {
 		if err == io.EOF && r.cr {
 			r.cr = false
-			if r.strict {
-				r.err = errBareNewline
-			} else {
-				r.emit('\r')
+			r.err = errBareNewline
+		}
+		if r.err == nil && err == io.EOF && r.atEOF != nil {
+			if refused := r.atEOF(); refused != nil {
+				err = refused
 			}
 		}
 		if r.err == nil {
@@ -158,19 +158,14 @@ func (r *storeReader) step(b byte) bool {
 		if b == '\n' {
 			return r.emit('\n')
 		}
-		if r.strict {
-			r.err = errBareNewline
-			return false
-		}
-		if !r.emit('\r') {
-			return false
-		}
+		r.err = errBareNewline
+		return false
 	}
 	switch {
 	case b == '\r':
 		r.cr = true
 		return true
-	case b == '\n' && r.strict:
+	case b == '\n':
 		r.err = errBareNewline
 		return false
 	}
@@ -192,7 +187,7 @@ func crOrLF(b []byte) int {
 // emitRun appends body bytes that hold no CR or LF, as emit would one by
 // one: up to the databytes limit, then errTooBig.
 func (r *storeReader) emitRun(run []byte) bool {
-	if r.strict && r.limit > 0 && r.size+int64(len(run)) > r.limit {
+	if r.limit > 0 && r.size+int64(len(run)) > r.limit {
 		room := r.limit - r.size
 		r.out = append(r.out, run[:room]...)
 		r.size = r.limit + 1
@@ -208,14 +203,14 @@ func (r *storeReader) emitRun(run []byte) bool {
 // when that ended the stream.
 func (r *storeReader) emit(b byte) bool {
 	r.size++
-	if r.strict && r.limit > 0 && r.size > r.limit {
+	if r.limit > 0 && r.size > r.limit {
 		r.err = errTooBig
 		return false
 	}
 	r.out = append(r.out, b)
 	if r.inHeader {
 		r.countHop(b)
-		if r.strict && r.hops >= maxHops {
+		if r.hops >= maxHops {
 			r.err = errTooManyHops
 			return false
 		}

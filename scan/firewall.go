@@ -10,13 +10,22 @@ import (
 	"strings"
 )
 
-// Firewall is what the printed rules allow: TCP to Port only towards the
-// mail servers, and from the allowed users to anywhere.
+// Firewall is what the printed rules allow: TCP to Port towards the mail
+// servers only from qmail-remote's user and root, nothing else to Port
+// anywhere. That is what makes a web server's uid trustworthy at the mail
+// server: the only program that can talk SMTP to it is qmail-remote, which
+// sends what the web server's qmail-queue queued, under qmail-queue's own
+// "Received: (qmail N invoked by uid U)" line with the uid the kernel gave
+// it. A script that opens port 25 itself, to write any Received line it
+// likes, is refused here.
 type Firewall struct {
 	MailServers []netip.Prefix // addresses or networks; IPv6 ones go to ip6tables
-	AllowUsers  []string       // account names or numeric uids (root, qmailr …)
+	RemoteUser  string         // qmail-remote's user; "" is qmailr
 	Port        uint16         // default 25
 }
+
+// DefaultRemoteUser is the user qmail-remote runs as.
+const DefaultRemoteUser = "qmailr"
 
 // userName is what nft and iptables' owner match take for a user: a POSIX
 // portable name (useradd's default NAME_REGEX) or a numeric uid. Anything
@@ -50,18 +59,25 @@ func (f *Firewall) Validate() error {
 			return errors.New("invalid mail server prefix")
 		}
 	}
-	for _, u := range f.AllowUsers {
-		if !userName.MatchString(u) {
-			return fmt.Errorf("allowed user %q: not a user name or uid", u)
-		}
+	if u := f.remoteUser(); !userName.MatchString(u) {
+		return fmt.Errorf("remote user %q: not a user name or uid", u)
 	}
 	return nil
 }
 
+func (f *Firewall) remoteUser() string {
+	if f.RemoteUser == "" {
+		return DefaultRemoteUser
+	}
+	return f.RemoteUser
+}
+
 // WriteFirewall prints the nftables ruleset and then the same rules as
 // iptables and ip6tables commands. It changes nothing; the admin pastes one
-// of the two. Both families always get the final reject, so a web server
-// cannot go around the IPv4 rules over IPv6.
+// of the two on each web server. Every rule that accepts traffic carries an
+// owner match (qmail-remote's user, or root on a rule of its own); both
+// families always end in a reject, so a web server cannot go around the
+// IPv4 rules over IPv6.
 func WriteFirewall(w io.Writer, f Firewall) error {
 	if err := f.Validate(); err != nil {
 		return err
@@ -82,21 +98,24 @@ func WriteFirewall(w io.Writer, f Firewall) error {
 			v6 = append(v6, s)
 		}
 	}
+	users := []string{f.remoteUser()}
+	if users[0] != "root" && users[0] != "0" {
+		users = append(users, "root")
+	}
 
 	var b strings.Builder
-	fmt.Fprintf(&b, "# nftables: outgoing TCP port %s only to the mail servers.\n", port)
+	fmt.Fprintf(&b, "# nftables: outgoing TCP port %s only from %s to the mail servers.\n", port, strings.Join(users, " and "))
 	b.WriteString("# Load with: nft -f FILE    Remove with: nft delete table inet relay_smtp\n")
 	b.WriteString("table inet relay_smtp {\n")
 	b.WriteString("\tchain output {\n")
 	b.WriteString("\t\ttype filter hook output priority 0; policy accept;\n")
-	if len(v4) > 0 {
-		fmt.Fprintf(&b, "\t\ttcp dport %s ip daddr { %s } accept\n", port, strings.Join(v4, ", "))
-	}
-	if len(v6) > 0 {
-		fmt.Fprintf(&b, "\t\ttcp dport %s ip6 daddr { %s } accept\n", port, strings.Join(v6, ", "))
-	}
-	if len(f.AllowUsers) > 0 {
-		fmt.Fprintf(&b, "\t\ttcp dport %s meta skuid { %s } accept\n", port, strings.Join(f.AllowUsers, ", "))
+	for _, u := range users {
+		if len(v4) > 0 {
+			fmt.Fprintf(&b, "\t\ttcp dport %s ip daddr { %s } meta skuid %s accept\n", port, strings.Join(v4, ", "), u)
+		}
+		if len(v6) > 0 {
+			fmt.Fprintf(&b, "\t\ttcp dport %s ip6 daddr { %s } meta skuid %s accept\n", port, strings.Join(v6, ", "), u)
+		}
 	}
 	fmt.Fprintf(&b, "\t\ttcp dport %s reject with tcp reset\n", port)
 	b.WriteString("\t}\n}\n\n")
@@ -109,11 +128,10 @@ func WriteFirewall(w io.Writer, f Firewall) error {
 		dests []string
 	}{{"iptables", v4}, {"ip6tables", v6}} {
 		fmt.Fprintf(&b, "%s -N RELAY_SMTP\n", fam.cmd)
-		for _, d := range fam.dests {
-			fmt.Fprintf(&b, "%s -A RELAY_SMTP -d %s -j ACCEPT\n", fam.cmd, d)
-		}
-		for _, u := range f.AllowUsers {
-			fmt.Fprintf(&b, "%s -A RELAY_SMTP -m owner --uid-owner %s -j ACCEPT\n", fam.cmd, u)
+		for _, u := range users {
+			for _, d := range fam.dests {
+				fmt.Fprintf(&b, "%s -A RELAY_SMTP -d %s -m owner --uid-owner %s -j ACCEPT\n", fam.cmd, d, u)
+			}
 		}
 		fmt.Fprintf(&b, "%s -A RELAY_SMTP -p tcp -j REJECT --reject-with tcp-reset\n", fam.cmd)
 		fmt.Fprintf(&b, "%s -I OUTPUT -p tcp --dport %s -j RELAY_SMTP\n", fam.cmd, port)

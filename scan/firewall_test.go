@@ -20,11 +20,11 @@ func TestFirewallGolden(t *testing.T) {
 		{"firewall_v4.golden", Firewall{MailServers: []netip.Prefix{
 			netip.MustParsePrefix("192.0.2.25/32"), netip.MustParsePrefix("192.0.2.26/32"),
 		}}},
-		{"firewall_dual_users.golden", Firewall{
+		{"firewall_dual_remote_user.golden", Firewall{
 			MailServers: []netip.Prefix{
 				netip.MustParsePrefix("192.0.2.25/32"), netip.MustParsePrefix("2001:db8::25/128"), netip.MustParsePrefix("198.51.100.0/28"),
 			},
-			AllowUsers: []string{"0", "qmailr"},
+			RemoteUser: "qmailr2",
 		}},
 		{"firewall_port587.golden", Firewall{MailServers: []netip.Prefix{netip.MustParsePrefix("2001:db8::25/128")}, Port: 587}},
 	}
@@ -54,9 +54,9 @@ func TestFirewallRefuses(t *testing.T) {
 	one := []netip.Prefix{netip.MustParsePrefix("192.0.2.25/32")}
 	for _, fw := range []Firewall{
 		{},
-		{MailServers: one, AllowUsers: []string{"root; rm -rf /"}},
-		{MailServers: one, AllowUsers: []string{"$(id)"}},
-		{MailServers: one, AllowUsers: []string{""}},
+		{MailServers: one, RemoteUser: "root; rm -rf /"},
+		{MailServers: one, RemoteUser: "$(id)"},
+		{MailServers: one, RemoteUser: "-x"},
 		{MailServers: []netip.Prefix{{}}},
 	} {
 		var out bytes.Buffer

@@ -36,6 +36,17 @@ type Config struct {
 	Helo       string        // EHLO argument
 	Timeout    time.Duration // per read or write
 	ServerPID  int           // >0: charge this process's CPU (and its children's) to the run
+	// ExtraPIDs are more processes of the server (relay's supervised
+	// daemon and queue writer): their CPU is charged too, as the server's
+	// own.
+	ExtraPIDs []int
+	// Settle is how long to wait after the last message before reading
+	// the server's CPU, so that children that exit with the sessions
+	// (qmail-smtpd under tcpserver) are reaped and counted.
+	Settle time.Duration
+	// Tag, when set, goes into every Message-ID, <n.Tag.loadgen@...>, so
+	// that messages of different runs can be told apart once delivered.
+	Tag string
 }
 
 // withDefaults fills what a zero Config leaves open.
@@ -184,7 +195,7 @@ func Run(cfg Config) (Result, error) {
 	var before proc.CPU
 	if cfg.ServerPID > 0 {
 		var err error
-		if before, err = proc.ReadCPU(cfg.ServerPID); err != nil {
+		if before, err = serverCPU(&cfg); err != nil {
 			return Result{}, err
 		}
 	}
@@ -218,7 +229,8 @@ func Run(cfg Config) (Result, error) {
 	}
 	res.Summary = summarize(tallies, elapsed)
 	if cfg.ServerPID > 0 {
-		after, err := proc.ReadCPU(cfg.ServerPID)
+		time.Sleep(cfg.Settle)
+		after, err := serverCPU(&cfg)
 		if err != nil {
 			return res, err
 		}
@@ -234,6 +246,23 @@ func Run(cfg Config) (Result, error) {
 		}
 	}
 	return res, nil
+}
+
+// serverCPU is the CPU of ServerPID and ExtraPIDs together.
+func serverCPU(cfg *Config) (proc.CPU, error) {
+	total, err := proc.ReadCPU(cfg.ServerPID)
+	if err != nil {
+		return total, err
+	}
+	for _, pid := range cfg.ExtraPIDs {
+		c, err := proc.ReadCPU(pid)
+		if err != nil {
+			return total, err
+		}
+		total.Self += c.Self
+		total.Children += c.Children
+	}
+	return total, nil
 }
 
 func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }

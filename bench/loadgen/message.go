@@ -50,7 +50,11 @@ func (m *message) write(w *bufio.Writer, n int, from string, cfg *Config) error 
 	w.WriteString("From: <" + from + ">\r\n")
 	w.WriteString("To: <" + rcptAddr(n, 0, cfg.RcptDomain) + ">\r\n")
 	w.WriteString("Subject: bench message " + strconv.Itoa(n) + "\r\n")
-	w.WriteString("Message-ID: <" + strconv.Itoa(n) + ".loadgen@bench.example>\r\n")
+	w.WriteString("Message-ID: <" + strconv.Itoa(n))
+	if cfg.Tag != "" {
+		w.WriteString("." + cfg.Tag)
+	}
+	w.WriteString(".loadgen@bench.example>\r\n")
 	w.WriteString("Date: Tue, 5 Mar 2024 07:04:09 +0000\r\n")
 	w.Write(m.body)
 	return w.Flush()

@@ -1,39 +1,38 @@
 /*
  * relay-qq: `relay qq` as a small C program, for the one path that runs
  * once per locally injected message. It does what relay-local qq does
- * (local/qq.go is the reference; the tests in local/ run both): read the
- * message on fd 0 and the envelope on fd 1 as qmail-queue does, ask the
- * relay daemon over its local socket (the check protocol: EHLO relay-qq,
- * MAIL, RCPT, DATA answered "250 ok reserved|exempt|held", AUTH
- * X-RELAY-COMMIT to charge it), and exec the real qmail-queue in its
- * place, as the caller.
+ * (local/qq.go; the tests in local/ run both): read the message on fd 0
+ * and the envelope on fd 1 as qmail-queue does, ask the relay daemon over
+ * its local socket (the check protocol, docs/local-check.md: the envelope
+ * and the header go in, "reserved", "exempt", "hold", "defer" or "reject"
+ * comes back, and a reservation is committed), and exec the real
+ * qmail-queue in its place, as the caller.
  *
  * A Go program costs a runtime start per message; this costs an exec.
  *
- * It reads only the config keys it needs ([[listen]] addr and mode, and
- * [local] qmail_queue, on_daemon_down, exempt_users) with a strict reader
- * of the TOML it can be sure of. Anything else it cannot be sure of (a
- * key it needs written as an inline table or with escapes, a multi-line
- * string it would have to look into, a missing local listener, a file it
- * cannot read) makes it exec relay-local qq before reading any input, so
- * the Go code decides, and reports errors at file:line:col.
+ * What it needs to know it reads from one file, qq.settings, which the
+ * daemon writes at start and on every reload (key=value lines: socket,
+ * qmail_queue, on_daemon_down, exempt_uids), at a path fixed when it is
+ * built; $RELAY_QQ_SETTINGS names another unless it runs setgid. When that
+ * file is missing, unreadable or not as the daemon writes it, and when
+ * the daemon is down and on_daemon_down says accept, it execs relay-local
+ * qq on the same fds, which reads relay.toml and decides.
  *
  * Build: musl-gcc (or cc) -O2 -static -o relay-qq relay-qq.c
- * Compile-time settings (-D): RELAY_SECURE_CONFIG (the only config a
- * setgid relay-qq reads), RELAY_LOCAL_PATH (the fallback), and for tests
- * RELAY_QQ_TIMEOUT_MS, RELAY_QQ_SPOOL_MEMORY, RELAY_QQ_ARENA and RELAY_PASSWD.
+ * Compile-time settings (-D): RELAY_QQ_SETTINGS (the file; for a setgid
+ * relay-qq the only one), RELAY_LOCAL_PATH (the fallback), and for tests
+ * RELAY_QQ_TIMEOUT_MS, RELAY_QQ_SPOOL_MEMORY and RELAY_QQ_ARENA.
  */
 #define _GNU_SOURCE
-#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 #include <sys/socket.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -41,14 +40,11 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#ifndef RELAY_SECURE_CONFIG
-#define RELAY_SECURE_CONFIG "/etc/relay/relay.toml"
+#ifndef RELAY_QQ_SETTINGS
+#define RELAY_QQ_SETTINGS "/var/lib/relay/qq.settings"
 #endif
 #ifndef RELAY_LOCAL_PATH
 #define RELAY_LOCAL_PATH "/usr/local/bin/relay-local"
-#endif
-#ifndef RELAY_PASSWD
-#define RELAY_PASSWD "/etc/passwd" /* tests point it elsewhere */
 #endif
 #ifndef RELAY_QQ_TIMEOUT_MS
 #define RELAY_QQ_TIMEOUT_MS 10000 /* local.DefaultTimeout */
@@ -56,9 +52,15 @@
 #ifndef RELAY_QQ_SPOOL_MEMORY
 #define RELAY_QQ_SPOOL_MEMORY (1 << 20) /* local.DefaultSpoolMemory */
 #endif
-#define DEFAULT_CONFIG "/etc/relay/relay.toml" /* config.DefaultPath */
-#define MAX_CONFIG_BYTES (1 << 20)
+#define MAX_SETTINGS_BYTES (64 << 10)
 #define MAX_ENVELOPE_ADDR 1003
+
+/* The check protocol (docs/local-check.md). */
+#define CHECK_MAGIC "\0RQ1"
+#define CHECK_MAGIC_LEN 4
+#define MAX_CHECK_HEADER (64 << 10) /* the H frame */
+#define MAX_MESSAGE_FRAME (64 << 10) /* each M frame */
+#define MAX_REPLY_FRAME (8 << 10)   /* what is read of the daemon's frames */
 
 /* qmail-queue's exit codes (local/envelope.go). */
 enum {
@@ -153,315 +155,56 @@ static char *xstrndup(const char *s, size_t n)
 	return d;
 }
 
+
 /* ---------------------------------------------------------------------
- * Settings: the few config keys relay qq uses, with config.Default()'s
- * values when the file leaves them out.
+ * Settings: qq.settings, as the daemon writes it (local/settings.go).
  */
 
 struct settings {
-	const char *config; /* the file read */
 	const char *tmpdir; /* for messages larger than memory: $TMPDIR, or /tmp when setgid */
-	const char *socket; /* first mode = "local" listener, made absolute */
-	char *qmail_queue; /* local.qmail_queue */
-	int defer_down;    /* local.on_daemon_down = "defer" */
-	char **exempt;     /* local.exempt_users */
+	char *socket;       /* the daemon's local socket */
+	char *qmail_queue;  /* the real qmail-queue */
+	int defer_down;     /* on_daemon_down = defer */
+	uint32_t *exempt;   /* exempt_uids */
 	size_t nexempt;
 };
 
-static const char *default_exempt[] = {"alias", "qmaild", "qmaill", "qmailp", "qmailq", "qmailr", "qmails"};
-
-/* The reader gives up (and relay-local decides) on anything it is not
- * sure of: UNSURE. */
+/* Anything in the file that is not exactly as the daemon writes it makes
+ * relay-local decide: UNSURE. */
 enum { SURE = 0, UNSURE = 1 };
 
-struct lexer {
-	const char *p, *end;
-};
-
-static int at(struct lexer *l, char c) { return l->p < l->end && *l->p == c; }
-
-static int at_str(struct lexer *l, const char *s)
+/* parse_uids reads exempt_uids: numbers (each below 2^32) separated by
+ * commas, or nothing. */
+static int parse_uids(const char *v, struct settings *s)
 {
-	size_t n = strlen(s);
-	return (size_t)(l->end - l->p) >= n && memcmp(l->p, s, n) == 0;
-}
-
-static void skip_blank(struct lexer *l)
-{
-	while (l->p < l->end && (*l->p == ' ' || *l->p == '\t'))
-		l->p++;
-}
-
-static void skip_comment(struct lexer *l)
-{
-	if (at(l, '#'))
-		while (l->p < l->end && *l->p != '\n')
-			l->p++;
-}
-
-/* Blanks, comments and newlines: what may sit between array elements. */
-static void skip_space(struct lexer *l)
-{
-	for (;;) {
-		skip_blank(l);
-		skip_comment(l);
-		if (at(l, '\n'))
-			l->p++;
-		else if (at_str(l, "\r\n"))
-			l->p += 2;
-		else
-			return;
-	}
-}
-
-/* The end of an expression: blanks, a comment, then a newline or EOF. */
-static int end_of_line(struct lexer *l)
-{
-	skip_blank(l);
-	skip_comment(l);
-	if (l->p == l->end)
-		return SURE;
-	if (at(l, '\n')) {
-		l->p++;
-		return SURE;
-	}
-	if (at_str(l, "\r\n")) {
-		l->p += 2;
-		return SURE;
-	}
-	return UNSURE;
-}
-
-/* skip_string skips any TOML string at l->p. */
-static int skip_string(struct lexer *l)
-{
-	if (at_str(l, "\"\"\"") || at_str(l, "'''")) {
-		char q = *l->p;
-		int basic = q == '"';
-		l->p += 3;
-		for (; l->p < l->end; l->p++) {
-			if (basic && *l->p == '\\') {
-				l->p++;
-				continue;
-			}
-			if (*l->p == q && l->end - l->p >= 3 && l->p[1] == q && l->p[2] == q) {
-				l->p += 3;
-				/* up to two more quotes belong to the string */
-				for (int i = 0; i < 2 && at(l, q); i++)
-					l->p++;
-				return SURE;
-			}
-		}
-		return UNSURE;
-	}
-	char q = *l->p++;
-	for (; l->p < l->end && *l->p != '\n'; l->p++) {
-		if (q == '"' && *l->p == '\\') {
-			l->p++;
-			continue;
-		}
-		if (*l->p == q) {
-			l->p++;
-			return SURE;
-		}
-	}
-	return UNSURE;
-}
-
-static int skip_value(struct lexer *l, int depth);
-
-static int skip_key(struct lexer *l);
-
-/* skip_value skips any TOML value. */
-static int skip_value(struct lexer *l, int depth)
-{
-	if (depth > 32 || l->p == l->end)
-		return UNSURE;
-	if (at(l, '"') || at(l, '\''))
-		return skip_string(l);
-	if (at(l, '[')) {
-		l->p++;
-		for (;;) {
-			skip_space(l);
-			if (at(l, ']')) {
-				l->p++;
-				return SURE;
-			}
-			if (skip_value(l, depth + 1) != SURE)
+	s->exempt = NULL;
+	s->nexempt = 0;
+	while (*v) {
+		uint64_t n = 0;
+		const char *start = v;
+		for (; *v >= '0' && *v <= '9'; v++)
+			if ((n = n * 10 + (*v - '0')) > UINT32_MAX)
 				return UNSURE;
-			skip_space(l);
-			if (at(l, ','))
-				l->p++;
-			else if (!at(l, ']'))
-				return UNSURE;
-		}
-	}
-	if (at(l, '{')) {
-		l->p++;
-		for (;;) {
-			skip_space(l);
-			if (at(l, '}')) {
-				l->p++;
-				return SURE;
-			}
-			if (skip_key(l) != SURE)
-				return UNSURE;
-			skip_blank(l);
-			if (!at(l, '='))
-				return UNSURE;
-			l->p++;
-			skip_blank(l);
-			if (skip_value(l, depth + 1) != SURE)
-				return UNSURE;
-			skip_space(l);
-			if (at(l, ','))
-				l->p++;
-			else if (!at(l, '}'))
-				return UNSURE;
-		}
-	}
-	/* A number, boolean or date-time: up to what ends a value. */
-	const char *start = l->p;
-	while (l->p < l->end && !strchr("\n\r#,]}\"'[{=", *l->p))
-		l->p++;
-	return l->p > start ? SURE : UNSURE;
-}
-
-/* read_key reads a dotted key into buf as its parts joined by '.'. A part
- * that is quoted may only hold characters a bare key could (then it reads
- * the same as bare); anything else is UNSURE. */
-static int read_key(struct lexer *l, char *buf, size_t size)
-{
-	size_t n = 0;
-	for (;;) {
-		skip_blank(l);
-		char q = 0;
-		if (at(l, '"') || at(l, '\''))
-			q = *l->p++;
-		const char *start = l->p;
-		while (l->p < l->end && ((*l->p >= 'A' && *l->p <= 'Z') || (*l->p >= 'a' && *l->p <= 'z') ||
-		                         (*l->p >= '0' && *l->p <= '9') || *l->p == '_' || *l->p == '-'))
-			l->p++;
-		size_t len = l->p - start;
-		if (q) {
-			if (!at(l, q))
-				return UNSURE;
-			l->p++;
-		}
-		if (len == 0) /* also "" and '': an empty key part */
+		if (v == start || (*v && *v != ','))
 			return UNSURE;
-		if (n + len + 2 > size)
+		if (*v == ',' && *++v == 0)
 			return UNSURE;
-		if (n > 0)
-			buf[n++] = '.';
-		/* go-toml matches field names without regard to case */
-		for (size_t i = 0; i < len; i++)
-			buf[n + i] = tolower((unsigned char)start[i]);
-		n += len;
-		buf[n] = 0;
-		skip_blank(l);
-		if (!at(l, '.'))
-			return SURE;
-		l->p++;
+		s->exempt = xrealloc(s->exempt, (s->nexempt + 1) * sizeof *s->exempt);
+		s->exempt[s->nexempt++] = (uint32_t)n;
 	}
-}
-
-static int skip_key(struct lexer *l)
-{
-	char buf[256];
-	return read_key(l, buf, sizeof buf);
-}
-
-/* read_string reads a one-line string without escapes. */
-static int read_string(struct lexer *l, char **out)
-{
-	if (at_str(l, "\"\"\"") || at_str(l, "'''") || !(at(l, '"') || at(l, '\'')))
-		return UNSURE;
-	char q = *l->p++;
-	const char *start = l->p;
-	for (; l->p < l->end; l->p++) {
-		unsigned char c = *l->p;
-		if (c == (unsigned char)q)
-			break;
-		if (c == '\\' || c < 0x20 || c >= 0x7f) /* escapes, controls, non-ASCII */
-			return UNSURE;
-	}
-	if (l->p == l->end)
-		return UNSURE;
-	*out = xstrndup(start, l->p - start);
-	l->p++;
 	return SURE;
 }
 
-/* read_string_array reads an array of such strings. */
-static int read_string_array(struct lexer *l, char ***out, size_t *n)
-{
-	if (!at(l, '['))
-		return UNSURE;
-	l->p++;
-	*out = NULL;
-	*n = 0;
-	for (;;) {
-		skip_space(l);
-		if (at(l, ']')) {
-			l->p++;
-			return SURE;
-		}
-		char *s;
-		if (read_string(l, &s) != SURE)
-			return UNSURE;
-		*out = xrealloc(*out, (*n + 1) * sizeof **out);
-		(*out)[(*n)++] = s;
-		skip_space(l);
-		if (at(l, ','))
-			l->p++;
-		else if (!at(l, ']'))
-			return UNSURE;
-	}
-}
-
-struct listener {
-	char *addr, *mode;
-};
-
-/* clean_join returns dir + "/" + rel with "." and ".." resolved as Go's
- * filepath.Join does; dir is absolute. */
-static char *clean_join(const char *dir, const char *rel)
-{
-	size_t n = strlen(dir) + strlen(rel) + 2;
-	char *in = xrealloc(NULL, n), *out = xrealloc(NULL, n + 1);
-	snprintf(in, n, "%s/%s", dir, rel);
-	size_t o = 0;
-	for (char *seg = strtok(in, "/"); seg; seg = strtok(NULL, "/")) {
-		if (strcmp(seg, ".") == 0)
-			continue;
-		if (strcmp(seg, "..") == 0) {
-			while (o > 0 && out[o - 1] != '/')
-				o--;
-			if (o > 0)
-				o--;
-			continue;
-		}
-		out[o++] = '/';
-		size_t len = strlen(seg);
-		memcpy(out + o, seg, len);
-		o += len;
-	}
-	if (o == 0)
-		out[o++] = '/';
-	out[o] = 0;
-	xfree(in);
-	return out;
-}
-
-/* read_settings reads the keys relay qq needs from the config at path. */
+/* read_settings reads qq.settings: "key=value" lines, each of the four
+ * keys exactly once, "#" lines and empty lines skipped, every line ended
+ * by a newline, no control characters, no other key. */
 static int read_settings(const char *path, struct settings *s)
 {
 	int fd = open(path, O_RDONLY | O_CLOEXEC);
 	struct stat st;
 	if (fd < 0)
 		return UNSURE;
-	if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || st.st_size > MAX_CONFIG_BYTES) {
+	if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) || st.st_size > MAX_SETTINGS_BYTES) {
 		close(fd);
 		return UNSURE;
 	}
@@ -481,234 +224,57 @@ static int read_settings(const char *path, struct settings *s)
 		len += r;
 	}
 	close(fd);
-	if (memchr(doc, 0, len) || (len >= 3 && memcmp(doc, "\xef\xbb\xbf", 3) == 0))
+	if (len == 0 || doc[len - 1] != '\n')
 		return UNSURE;
-
-	struct lexer l = {doc, doc + len};
-	struct listener *ls = NULL;
-	size_t nls = 0;
-	int in_listen = 0; /* inside a [[listen]] table */
-	char table[256] = "";
-	int have_queue = 0, have_down = 0, have_exempt = 0;
-	char *down = NULL;
-
-	while (l.p < l.end) {
-		skip_blank(&l);
-		if (end_of_line(&l) == SURE)
+	int have_socket = 0, have_queue = 0, have_down = 0, have_uids = 0;
+	for (char *line = doc, *end; line < doc + len; line = end + 1) {
+		end = memchr(line, '\n', doc + len - line);
+		*end = 0;
+		for (char *p = line; p < end; p++)
+			if ((unsigned char)*p < 0x20 || *p == 0x7f)
+				return UNSURE;
+		if (line == end || line[0] == '#')
 			continue;
-		if (at(&l, '[')) {
-			int array = at_str(&l, "[[");
-			l.p += array ? 2 : 1;
-			const char *name = l.p;
-			if (read_key(&l, table, sizeof table) != SURE)
-				return UNSURE;
-			/* go-toml matches keys to fields without case, but [[LISTEN]]
-			 * and [[listen]] are two arrays in TOML, the later one
-			 * winning: no capitals in a table name, to be sure. */
-			for (const char *q = name; q < l.p; q++)
-				if (*q >= 'A' && *q <= 'Z')
-					return UNSURE;
-			skip_blank(&l);
-			if (!at_str(&l, array ? "]]" : "]"))
-				return UNSURE;
-			l.p += array ? 2 : 1;
-			if (end_of_line(&l) != SURE)
-				return UNSURE;
-			in_listen = 0;
-			if (strcmp(table, "listen") == 0 || strncmp(table, "listen.", 7) == 0 ||
-			    strncmp(table, "local.", 6) == 0 || (array && strcmp(table, "local") == 0)) {
-				if (!(array && strcmp(table, "listen") == 0))
-					return UNSURE;
-				ls = xrealloc(ls, (nls + 1) * sizeof *ls);
-				ls[nls].addr = ls[nls].mode = NULL;
-				nls++;
-				in_listen = 1;
-			}
-			continue;
-		}
-		char key[256], full[520];
-		if (read_key(&l, key, sizeof key) != SURE)
+		char *v = strchr(line, '=');
+		if (v == NULL)
 			return UNSURE;
-		skip_blank(&l);
-		if (!at(&l, '='))
-			return UNSURE;
-		l.p++;
-		skip_blank(&l);
-		if (table[0])
-			snprintf(full, sizeof full, "%s.%s", table, key);
-		else
-			snprintf(full, sizeof full, "%s", key);
-
-		int r;
-		if (in_listen && (strcmp(key, "addr") == 0 || strcmp(key, "mode") == 0)) {
-			char **dst = key[0] == 'a' ? &ls[nls - 1].addr : &ls[nls - 1].mode;
-			if (*dst)
+		*v++ = 0;
+		if (strcmp(line, "socket") == 0) {
+			struct sockaddr_un sa;
+			if (have_socket++ || v[0] != '/' || strlen(v) >= sizeof sa.sun_path)
 				return UNSURE;
-			r = read_string(&l, dst);
-		} else if (in_listen && (strncmp(key, "addr.", 5) == 0 || strncmp(key, "mode.", 5) == 0)) {
-			return UNSURE;
-		} else if (strcmp(full, "local.qmail_queue") == 0) {
-			if (have_queue++)
+			s->socket = v;
+		} else if (strcmp(line, "qmail_queue") == 0) {
+			if (have_queue++ || v[0] != '/')
 				return UNSURE;
-			r = read_string(&l, &s->qmail_queue);
-		} else if (strcmp(full, "local.on_daemon_down") == 0) {
-			if (have_down++)
+			s->qmail_queue = v;
+		} else if (strcmp(line, "on_daemon_down") == 0) {
+			if (have_down++ || (strcmp(v, "accept") != 0 && strcmp(v, "defer") != 0))
 				return UNSURE;
-			r = read_string(&l, &down);
-		} else if (strcmp(full, "local.exempt_users") == 0) {
-			if (have_exempt++)
+			s->defer_down = v[0] == 'd';
+		} else if (strcmp(line, "exempt_uids") == 0) {
+			if (have_uids++ || parse_uids(v, s) != SURE)
 				return UNSURE;
-			r = read_string_array(&l, &s->exempt, &s->nexempt);
-		} else if (strcmp(full, "listen") == 0 || strncmp(full, "listen.", 7) == 0 ||
-		           strcmp(full, "local") == 0 ||
-		           (strncmp(full, "local.", 6) == 0 && strchr(full + 6, '.'))) {
-			return UNSURE; /* written in a form this reader does not follow */
 		} else {
-			r = skip_value(&l, 0);
-		}
-		if (r != SURE || end_of_line(&l) != SURE)
 			return UNSURE;
-	}
-
-	/* The socket: the first local listener; without [[listen]] the
-	 * default ones, whose local socket is ./relay-data/submit.sock. */
-	const char *addr = NULL;
-	if (nls == 0)
-		addr = "./relay-data/submit.sock";
-	for (size_t i = 0; i < nls && !addr; i++)
-		if (ls[i].mode && strcmp(ls[i].mode, "local") == 0)
-			addr = ls[i].addr;
-	if (addr == NULL || addr[0] == 0)
-		return UNSURE;
-	if (addr[0] == '/') {
-		s->socket = addr; /* used as written, as Go does */
-	} else {
-		/* relative to the config file's directory */
-		char *abs;
-		if (path[0] == '/') {
-			abs = xstrndup(path, strlen(path));
-		} else {
-			char cwd[4096];
-			if (getcwd(cwd, sizeof cwd) == NULL)
-				return UNSURE;
-			size_t n = strlen(cwd) + strlen(path) + 2;
-			abs = xrealloc(NULL, n);
-			snprintf(abs, n, "%s/%s", cwd, path);
 		}
-		*strrchr(abs, '/') = 0;
-		s->socket = clean_join(abs, addr);
 	}
-	if (!have_queue)
-		s->qmail_queue = "/var/qmail/bin/qmail-queue.orig";
-	if (s->qmail_queue[0] != '/')
-		return UNSURE; /* empty (an error) or looked up in $PATH by Go */
-	if (!have_down || strcmp(down, "accept") == 0)
-		s->defer_down = 0;
-	else if (strcmp(down, "defer") == 0)
-		s->defer_down = 1;
-	else
-		return UNSURE;
-	if (!have_exempt) {
-		s->exempt = (char **)default_exempt;
-		s->nexempt = sizeof default_exempt / sizeof *default_exempt;
-	}
-	return SURE;
+	return have_socket && have_queue && have_down && have_uids ? SURE : UNSURE;
 }
 
-/* fallback execs relay-local qq on the same config and fds 0 and 1, for it
- * to decide. */
-static int fallback(const char *config)
+/* The arguments relay-qq passes on to relay-local: --config FILE, the
+ * only one it takes (relay.toml is relay-local's to read). */
+static char *config_arg;
+
+/* fallback execs relay-local qq on the same fds 0 and 1, for it to
+ * decide. */
+static int fallback(void)
 {
-	char *argv[] = {"relay-local", "qq", "--config", (char *)config, NULL};
+	char *argv[] = {"relay-local", "qq", config_arg ? "--config" : NULL, config_arg, NULL};
 	signal(SIGPIPE, SIG_DFL);
 	execve(RELAY_LOCAL_PATH, argv, environ);
-	logf_("cannot run %s for %s: %s", RELAY_LOCAL_PATH, config, strerror(errno));
+	logf_("cannot run %s: %s", RELAY_LOCAL_PATH, strerror(errno));
 	return EXIT_CONFIG_ERROR;
-}
-
-/* go_atoi_ok reports whether Go's strconv.Atoi takes [p, end). */
-static int go_atoi_ok(const char *p, const char *end)
-{
-	if (p < end && (*p == '+' || *p == '-'))
-		p++;
-	if (p == end || end - p > 18) /* past 18 digits int64 may overflow: refuse */
-		return 0;
-	for (; p < end; p++)
-		if (*p < '0' || *p > '9')
-			return 0;
-	return 1;
-}
-
-/* passwd_name is Go's os/user match of one passwd line (readColonFile and
- * matchUserIndexValue, without cgo): blank space around the line ignored,
- * comments skipped, at least 6 colons, the uid field equal to want, a
- * name that is not empty and does not start with + or -, numeric uid and
- * gid. It returns the name or NULL. */
-static char *passwd_name(char *line, size_t len, const char *want)
-{
-	while (len > 0 && isspace((unsigned char)line[len - 1]))
-		len--;
-	while (len > 0 && isspace((unsigned char)*line))
-		line++, len--;
-	if (len == 0 || line[0] == '#')
-		return NULL;
-	const char *f[7];
-	size_t nf = 1, colons = 0;
-	f[0] = line;
-	for (size_t i = 0; i < len; i++) {
-		if (line[i] != ':')
-			continue;
-		colons++;
-		if (nf < 7)
-			f[nf++] = line + i + 1;
-	}
-	if (colons < 6)
-		return NULL;
-	const char *uid = f[2], *uidend = f[3] - 1, *gid = f[3], *gidend = f[4] - 1;
-	size_t namelen = f[1] - 1 - f[0];
-	if ((size_t)(uidend - uid) != strlen(want) || memcmp(uid, want, uidend - uid) != 0 || namelen == 0 ||
-	    f[0][0] == '+' || f[0][0] == '-' || !go_atoi_ok(uid, uidend) || !go_atoi_ok(gid, gidend))
-		return NULL;
-	return xstrndup(f[0], namelen);
-}
-
-/* account_name returns uid's login name from /etc/passwd as Go's os/user
- * finds it without cgo (relay-local is built so), or NULL. */
-static char *account_name(uid_t uid)
-{
-	int fd = open(RELAY_PASSWD, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		return NULL;
-	char want[24], *found = NULL;
-	snprintf(want, sizeof want, "%u", (unsigned)uid);
-	size_t cap = 4096, n = 0;
-	char *buf = xrealloc(NULL, cap);
-	int eof = 0;
-	while (found == NULL) {
-		char *nl = memchr(buf, '\n', n);
-		if (nl == NULL && !eof) {
-			if (n == cap) /* a long line: hold all of it, as Go does */
-				buf = xrealloc(buf, cap *= 2);
-			ssize_t r = read(fd, buf + n, cap - n);
-			if (r < 0 && errno == EINTR)
-				continue;
-			if (r <= 0)
-				eof = 1;
-			else
-				n += r;
-			continue;
-		}
-		if (nl == NULL && n == 0)
-			break; /* end of file */
-		size_t len = nl ? (size_t)(nl - buf) : n; /* no newline: the last line */
-		found = passwd_name(buf, len, want);
-		size_t used = nl ? len + 1 : n;
-		memmove(buf, buf + used, n - used);
-		n -= used;
-	}
-	close(fd);
-	xfree(buf);
-	return found;
 }
 
 /* ---------------------------------------------------------------------
@@ -966,7 +532,7 @@ static int exec_real(const struct settings *s, struct spool *sp, struct envelope
 }
 
 /* ---------------------------------------------------------------------
- * The check conversation with the daemon.
+ * The check conversation with the daemon (docs/local-check.md).
  */
 
 struct conn {
@@ -975,44 +541,38 @@ struct conn {
 	size_t pos, n;
 	char out[16384];
 	size_t nout;
-	int eightbit;   /* the daemon offered 8BITMIME */
-	int commit;   /* the daemon offered AUTH X-RELAY-COMMIT */
 };
 
-/* A reply: its code, and its text (lines joined by '\n'). code is -1 when
- * the connection failed, with the reason in text. */
-struct reply {
-	int code;
-	char text[2048];
+/* A failed step: why, for the log. */
+struct failure {
+	char text[256];
 };
 
-static void io_failure(struct reply *r, const char *what)
+static int io_failure(struct failure *f, const char *what)
 {
-	r->code = -1;
-	snprintf(r->text, sizeof r->text, "%s", what);
+	snprintf(f->text, sizeof f->text, "%s", what);
+	return -1;
 }
 
-static int flush_out(struct conn *c, struct reply *r)
+static int flush_out(struct conn *c, struct failure *f)
 {
 	size_t off = 0;
 	while (off < c->nout) {
 		ssize_t w = send(c->fd, c->out + off, c->nout - off, MSG_NOSIGNAL);
 		if (w < 0 && errno == EINTR)
 			continue;
-		if (w <= 0) {
-			io_failure(r, errno == EAGAIN ? "write: i/o timeout" : strerror(errno));
-			return -1;
-		}
+		if (w <= 0)
+			return io_failure(f, errno == EAGAIN ? "write: i/o timeout" : strerror(errno));
 		off += w;
 	}
 	c->nout = 0;
 	return 0;
 }
 
-static int put(struct conn *c, struct reply *r, const char *p, size_t n)
+static int put(struct conn *c, struct failure *f, const char *p, size_t n)
 {
 	while (n > 0) {
-		if (c->nout == sizeof c->out && flush_out(c, r) < 0)
+		if (c->nout == sizeof c->out && flush_out(c, f) < 0)
 			return -1;
 		size_t k = sizeof c->out - c->nout < n ? sizeof c->out - c->nout : n;
 		memcpy(c->out + c->nout, p, k);
@@ -1023,196 +583,158 @@ static int put(struct conn *c, struct reply *r, const char *p, size_t n)
 	return 0;
 }
 
-/* read_line reads one reply line (without CRLF) within the timeout. */
-static int read_line(struct conn *c, struct reply *r, char *line, size_t size)
+/* put_frame queues one frame: the type, the payload's length (4 bytes,
+ * big-endian), the payload. */
+static int put_frame(struct conn *c, struct failure *f, char type, const char *p, size_t n)
 {
-	size_t n = 0;
-	for (;;) {
+	char h[5] = {type, (char)(n >> 24), (char)(n >> 16), (char)(n >> 8), (char)n};
+	return put(c, f, h, sizeof h) < 0 || put(c, f, p, n) < 0 ? -1 : 0;
+}
+
+/* get reads n bytes within the timeout. */
+static int get(struct conn *c, struct failure *f, char *dst, size_t n)
+{
+	while (n > 0) {
 		if (c->pos == c->n) {
 			struct pollfd p = {.fd = c->fd, .events = POLLIN};
 			int k;
 			while ((k = poll(&p, 1, RELAY_QQ_TIMEOUT_MS)) < 0 && errno == EINTR)
 				;
-			if (k == 0) {
-				io_failure(r, "read: i/o timeout");
-				return -1;
-			}
+			if (k == 0)
+				return io_failure(f, "read: i/o timeout");
 			ssize_t got = read_some(c->fd, c->buf, sizeof c->buf);
-			if (got <= 0) {
-				io_failure(r, got == 0 ? "EOF" : strerror(errno));
-				return -1;
-			}
+			if (got <= 0)
+				return io_failure(f, got == 0 ? "EOF" : strerror(errno));
 			c->pos = 0;
 			c->n = got;
 		}
-		char ch = c->buf[c->pos++];
-		if (ch == '\n') {
-			if (n > 0 && line[n - 1] == '\r')
-				n--;
-			line[n] = 0;
-			return 0;
-		}
-		if (n + 1 < size)
-			line[n++] = ch;
-	}
-}
-
-/* read_reply reads a whole reply; on the EHLO reply it notes the
- * extensions. */
-static int read_reply(struct conn *c, struct reply *r, int ehlo)
-{
-	char line[1024];
-	size_t t = 0;
-	r->text[0] = 0;
-	for (int first = 1;; first = 0) {
-		if (read_line(c, r, line, sizeof line) < 0)
-			return -1;
-		if (strlen(line) < 4 || line[0] < '1' || line[0] > '5' || line[1] < '0' || line[1] > '9' ||
-		    line[2] < '0' || line[2] > '9' || (line[3] != ' ' && line[3] != '-')) {
-			io_failure(r, "short or malformed response line");
-			return -1;
-		}
-		int code = atoi(line);
-		if (!first && code != r->code) {
-			io_failure(r, "response codes differ between lines");
-			return -1;
-		}
-		r->code = code;
-		const char *text = line + 4;
-		if (ehlo && !first) {
-			if (strcmp(text, "8BITMIME") == 0)
-				c->eightbit = 1;
-			if (strncmp(text, "AUTH ", 5) == 0) {
-				for (const char *m = text + 5; *m;) {
-					size_t len = strcspn(m, " ");
-					if (len == strlen("X-RELAY-COMMIT") && strncasecmp(m, "X-RELAY-COMMIT", len) == 0)
-						c->commit = 1;
-					m += len;
-					m += strspn(m, " ");
-				}
-			}
-		}
-		t += snprintf(r->text + t, t < sizeof r->text ? sizeof r->text - t : 0, "%s%s", first ? "" : "\n", text);
-		if (t >= sizeof r->text)
-			t = sizeof r->text - 1;
-		if (line[3] == ' ')
-			return 0;
-	}
-}
-
-/* queue_command adds one command line to the output buffer. */
-static int queue_command(struct conn *c, struct reply *r, const char *format, ...)
-{
-	char line[2200];
-	va_list ap;
-	va_start(ap, format);
-	int n = vsnprintf(line, sizeof line - 2, format, ap);
-	va_end(ap);
-	if (n < 0 || (size_t)n >= sizeof line - 2) {
-		io_failure(r, "command too long");
-		return -1;
-	}
-	memcpy(line + n, "\r\n", 2);
-	return put(c, r, line, n + 2);
-}
-
-/* send_and_read sends what is queued and reads one reply. */
-static int send_and_read(struct conn *c, struct reply *r)
-{
-	if (flush_out(c, r) < 0)
-		return -1;
-	return read_reply(c, r, 0);
-}
-
-/* reply_line formats a reply as relay qq reports it: "451 4.7.1 text". */
-static const char *reply_line(const struct reply *r, char *out, size_t size)
-{
-	snprintf(out, size, "%d %s", r->code, r->text);
-	return out;
-}
-
-/* The DATA stream: net/textproto's DotWriter, byte for byte (LF becomes
- * CRLF, a leading dot is doubled, the end is CRLF . CRLF). */
-struct dot {
-	struct conn *c;
-	struct reply *r;
-	enum { BEGIN, BEGIN_LINE, CR, DATA } state;
-};
-
-static int dot_write(void *arg, const char *p, size_t n)
-{
-	struct dot *d = arg;
-	struct conn *c = d->c;
-	for (size_t i = 0; i < n; i++) {
-		char ch = p[i];
-		if (c->nout + 3 > sizeof c->out && flush_out(c, d->r) < 0)
-			return -1;
-		switch (d->state) {
-		case BEGIN:
-		case BEGIN_LINE:
-			d->state = DATA;
-			if (ch == '.')
-				c->out[c->nout++] = '.';
-			/* fallthrough */
-		case DATA:
-			if (ch == '\r')
-				d->state = CR;
-			if (ch == '\n') {
-				c->out[c->nout++] = '\r';
-				d->state = BEGIN_LINE;
-			}
-			break;
-		case CR:
-			d->state = DATA;
-			if (ch == '\n')
-				d->state = BEGIN_LINE;
-			break;
-		}
-		c->out[c->nout++] = ch;
+		size_t k = c->n - c->pos < n ? c->n - c->pos : n;
+		memcpy(dst, c->buf + c->pos, k);
+		c->pos += k;
+		dst += k;
+		n -= k;
 	}
 	return 0;
 }
 
-static int dot_close(struct dot *d)
+/* get_line reads one line of the greeting, without its CRLF, cut to size. */
+static int get_line(struct conn *c, struct failure *f, char *line, size_t size)
 {
-	const char *end = d->state == BEGIN_LINE ? ".\r\n" : d->state == CR ? "\n.\r\n" : "\r\n.\r\n";
-	if (put(d->c, d->r, end, strlen(end)) < 0 || flush_out(d->c, d->r) < 0)
+	size_t n = 0;
+	for (;;) {
+		char ch;
+		if (get(c, f, &ch, 1) < 0)
+			return -1;
+		if (ch == '\n')
+			break;
+		if (n + 1 < size)
+			line[n++] = ch;
+	}
+	if (n > 0 && line[n - 1] == '\r')
+		n--;
+	line[n] = 0;
+	return 0;
+}
+
+/* get_frame reads one of the daemon's frames, its payload into text
+ * (MAX_REPLY_FRAME + 1 bytes). A longer payload is no answer of this
+ * protocol: NOT_CHECK. */
+enum { NOT_CHECK = -2 };
+static int get_frame(struct conn *c, struct failure *f, char *type, char *text)
+{
+	unsigned char h[5];
+	if (get(c, f, (char *)h, sizeof h) < 0)
 		return -1;
-	return read_reply(d->c, d->r, 0);
+	uint32_t n = (uint32_t)h[1] << 24 | (uint32_t)h[2] << 16 | (uint32_t)h[3] << 8 | h[4];
+	if (n > MAX_REPLY_FRAME)
+		return NOT_CHECK;
+	if (get(c, f, text, n) < 0)
+		return -1;
+	text[n] = 0;
+	*type = (char)h[0];
+	return 0;
+}
+
+/* header_len is the length of what the H frame carries of the message's
+ * start p[0..n): through the first empty line, or all of it. */
+static size_t header_len(const char *p, size_t n)
+{
+	for (size_t i = 0; i < n;) {
+		if (p[i] == '\n')
+			return i + 1;
+		if (p[i] == '\r' && i + 1 < n && p[i + 1] == '\n')
+			return i + 2;
+		const char *nl = memchr(p + i, '\n', n - i);
+		if (nl == NULL)
+			break;
+		i = nl - p + 1;
+	}
+	return n;
+}
+
+/* send_request queues and sends the magic, F, T..., S, H and E. */
+static int send_request(struct conn *c, struct failure *f, struct spool *sp, struct envelope *e)
+{
+	char size[24];
+	int nsize = snprintf(size, sizeof size, "%lld", (long long)sp->size);
+	const char *head = sp->head;
+	size_t nhead = sp->nhead < MAX_CHECK_HEADER ? sp->nhead : MAX_CHECK_HEADER;
+	if (sp->file >= 0) {
+		char *buf = xrealloc(NULL, MAX_CHECK_HEADER);
+		ssize_t r;
+		while ((r = pread(sp->file, buf, MAX_CHECK_HEADER, 0)) < 0 && errno == EINTR)
+			;
+		if (r < 0)
+			return io_failure(f, strerror(errno));
+		head = buf;
+		nhead = r;
+	}
+	if (put(c, f, CHECK_MAGIC, CHECK_MAGIC_LEN) < 0 || put_frame(c, f, 'F', e->sender, strlen(e->sender)) < 0)
+		return -1;
+	for (size_t i = 0; i < e->nrcpts; i++)
+		if (put_frame(c, f, 'T', e->rcpts[i], strlen(e->rcpts[i])) < 0)
+			return -1;
+	if (put_frame(c, f, 'S', size, nsize) < 0 || put_frame(c, f, 'H', head, header_len(head, nhead)) < 0 ||
+	    put_frame(c, f, 'E', NULL, 0) < 0)
+		return -1;
+	return flush_out(c, f);
+}
+
+struct framer {
+	struct conn *c;
+	struct failure *f;
+};
+
+/* put_message_chunk queues a piece of the message as M frames. */
+static int put_message_chunk(void *arg, const char *p, size_t n)
+{
+	struct framer *m = arg;
+	while (n > 0) {
+		size_t k = n < MAX_MESSAGE_FRAME ? n : MAX_MESSAGE_FRAME;
+		if (put_frame(m->c, m->f, 'M', p, k) < 0)
+			return -1;
+		p += k;
+		n -= k;
+	}
+	return 0;
 }
 
 enum verdict { UNKNOWN, RESERVED, EXEMPT, HELD, DEFERRED, REJECTED, DOWN };
 
-/* fail maps a failed step: a reply decides by its class; a broken
- * conversation with a daemon that spoke the protocol is a deferral, never
- * "down" (which could pass mail uncounted). */
-static enum verdict fail(struct conn *c, const struct reply *r, const char *socket, char *why, size_t size)
-{
-	close(c->fd);
-	c->fd = -1;
-	if (r->code < 0) {
-		snprintf(why, size, "relay daemon at %s stopped answering: %s", socket, r->text);
-		return DEFERRED;
-	}
-	reply_line(r, why, size);
-	return r->code < 500 ? DEFERRED : REJECTED;
-}
-
+/* check asks the daemon. why gets the daemon's text, or what went wrong;
+ * the connection stays open (c->fd) only when the verdict is RESERVED. */
 static enum verdict check(const struct settings *s, struct conn *c, struct spool *sp, struct envelope *e, char *why, size_t size)
 {
-	struct reply r;
+	struct failure f;
 	c->pos = c->n = c->nout = 0;
-	c->eightbit = c->commit = 0;
 	c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	struct sockaddr_un sa = {.sun_family = AF_UNIX};
-	if (c->fd < 0 || strlen(s->socket) >= sizeof sa.sun_path) {
+	if (c->fd < 0) {
 		/* our own trouble, not a daemon that is not there: defer */
-		snprintf(why, size, "relay daemon at %s: %s", s->socket, c->fd < 0 ? strerror(errno) : "socket path too long");
-		if (c->fd >= 0)
-			close(c->fd);
+		snprintf(why, size, "relay daemon at %s: %s", s->socket, strerror(errno));
 		return DEFERRED;
 	}
-	strcpy(sa.sun_path, s->socket);
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	strcpy(sa.sun_path, s->socket); /* its length was checked with the settings */
 	struct timeval tv = {RELAY_QQ_TIMEOUT_MS / 1000, (RELAY_QQ_TIMEOUT_MS % 1000) * 1000};
 	setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
 	if (connect(c->fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
@@ -1230,104 +752,96 @@ static enum verdict check(const struct settings *s, struct conn *c, struct spool
 	 * (by filling the daemon's connection slots, or stopping relay qq
 	 * until the daemon gives up on it) would get mail past it uncounted.
 	 *
-	 * With one recipient (a script's usual mail), EHLO, MAIL, RCPT and
-	 * DATA go in the first write, and the replies are read after it: the
-	 * check conversation is relay's own protocol with its own daemon,
-	 * which reads commands one by one, so one wait does instead of three.
-	 * A refused MAIL or RCPT makes the daemon refuse DATA too ("503"), so
-	 * no message text is ever sent after a refusal. With more recipients a
-	 * RCPT is sent only after the one before it was accepted, as relay qq
-	 * in Go does, so the daemon sees no recipient after a refusal. */
-	int batch = e->nrcpts == 1;
-	int sent = !batch || (queue_command(c, &r, "EHLO relay-qq") == 0 &&
-	                      queue_command(c, &r, "MAIL FROM:<%s> BODY=8BITMIME", e->sender) == 0 &&
-	                      queue_command(c, &r, "RCPT TO:<%s>", e->rcpts[0]) == 0 &&
-	                      queue_command(c, &r, "DATA") == 0 && flush_out(c, &r) == 0);
-	/* Even when that write failed, a refusal may be waiting to be read. */
-	if (read_reply(c, &r, 0) < 0 || r.code != 220) {
-		if (r.code > 0)
-			reply_line(&r, why, size);
-		else
-			snprintf(why, size, "relay daemon at %s did not greet: %s", s->socket, r.text);
-		close(c->fd);
-		return DEFERRED;
+	 * The whole request goes in the first write, before the greeting is
+	 * read: one wait for the verdict. Even when that write failed, a
+	 * refusal may be waiting to be read. */
+	struct failure wf;
+	int sent = send_request(c, &wf, sp, e);
+	char line[1024], type, *text = xrealloc(NULL, MAX_REPLY_FRAME + 1);
+	enum verdict v = DEFERRED;
+	for (;;) {
+		if (get_line(c, &f, line, sizeof line) < 0) {
+			snprintf(why, size, "relay daemon at %s did not greet: %s", s->socket, sent < 0 ? wf.text : f.text);
+			goto out;
+		}
+		if (strncmp(line, "220 ", 4) == 0)
+			break;
+		if (strncmp(line, "220-", 4) != 0) {
+			snprintf(why, size, "%s", line); /* a refusal: "421 4.7.0 too many connections" */
+			goto out;
+		}
 	}
-	if (!sent || (!batch && (put(c, &r, "EHLO relay-qq\r\n", 15) < 0 || flush_out(c, &r) < 0)) ||
-	    read_reply(c, &r, 1) < 0 || r.code != 250) {
-		/* Not even a 5xx here means "reject": it is not the check
-		 * protocol speaking. */
-		fail(c, &r, s->socket, why, size);
-		return DEFERRED;
+	char magic[CHECK_MAGIC_LEN];
+	int got = get(c, &f, magic, sizeof magic);
+	if (got == 0 && memcmp(magic, CHECK_MAGIC, CHECK_MAGIC_LEN) == 0)
+		got = get_frame(c, &f, &type, text);
+	else if (got == 0)
+		got = NOT_CHECK;
+	if (got == NOT_CHECK) {
+		snprintf(why, size, "relay daemon at %s does not speak the check protocol", s->socket);
+		goto out;
 	}
-	if (!c->commit) {
-		snprintf(why, size, "relay daemon at %s does not speak the check protocol (no AUTH X-RELAY-COMMIT after EHLO relay-qq)", s->socket);
-		close(c->fd);
-		return DEFERRED;
+	if (got < 0) {
+		snprintf(why, size, "relay daemon at %s stopped answering: %s", s->socket, f.text);
+		goto out;
 	}
-	if (batch) {
-		if (read_reply(c, &r, 0) < 0 || r.code != 250)
-			return fail(c, &r, s->socket, why, size);
-		if (read_reply(c, &r, 0) < 0 || r.code / 10 != 25)
-			return fail(c, &r, s->socket, why, size);
-		if (read_reply(c, &r, 0) < 0 || r.code != 354)
-			return fail(c, &r, s->socket, why, size);
-	} else {
-		if (queue_command(c, &r, "MAIL FROM:<%s>%s", e->sender, c->eightbit ? " BODY=8BITMIME" : "") < 0 ||
-		    send_and_read(c, &r) < 0 || r.code != 250)
-			return fail(c, &r, s->socket, why, size);
-		for (size_t i = 0; i < e->nrcpts; i++)
-			if (queue_command(c, &r, "RCPT TO:<%s>", e->rcpts[i]) < 0 || send_and_read(c, &r) < 0 ||
-			    r.code / 10 != 25)
-				return fail(c, &r, s->socket, why, size);
-		if (queue_command(c, &r, "DATA") < 0 || send_and_read(c, &r) < 0 || r.code != 354)
-			return fail(c, &r, s->socket, why, size);
+	if (type == 'Q') {
+		/* hold: the daemon wants the message itself */
+		struct framer m = {c, &f};
+		if (each_chunk(sp, put_message_chunk, &m) < 0 || put_frame(c, &f, 'E', NULL, 0) < 0 ||
+		    flush_out(c, &f) < 0 || (got = get_frame(c, &f, &type, text)) < 0) {
+			if (got == NOT_CHECK)
+				snprintf(why, size, "relay daemon at %s does not speak the check protocol", s->socket);
+			else
+				snprintf(why, size, "relay daemon at %s stopped answering: %s", s->socket, f.text);
+			goto out;
+		}
+		if (type == 'K')
+			type = 'H'; /* held */
 	}
-	struct dot d = {c, &r, BEGIN};
-	if (each_chunk(sp, dot_write, &d) < 0 || dot_close(&d) < 0 || r.code != 250)
-		return fail(c, &r, s->socket, why, size);
-
-	snprintf(why, size, "250 %s", r.text);
-	/* The verdict: "ok reserved", "ok exempt", "ok held <id>", after an
-	 * optional enhanced status code, in any case. */
-	char text[2048], *f[4];
-	int nf = 0;
-	snprintf(text, sizeof text, "%s", r.text);
-	char *t = text;
-	int a, b2, c2;
-	char sp_;
-	if (sscanf(t, "%d.%d.%d%c", &a, &b2, &c2, &sp_) == 4 && sp_ == ' ' && isdigit((unsigned char)t[0]))
-		t = strchr(t, ' ') + 1;
-	for (char *tok = strtok(t, " \t\n\r\v\f"); tok && nf < 4; tok = strtok(NULL, " \t\n\r\v\f"))
-		f[nf++] = tok;
-	if (nf == 2 && strcasecmp(f[0], "ok") == 0 && strcasecmp(f[1], "reserved") == 0)
+	snprintf(why, size, "%s", text);
+	switch (type) {
+	case 'A':
 		return RESERVED;
-	if (nf == 2 && strcasecmp(f[0], "ok") == 0 && strcasecmp(f[1], "exempt") == 0)
-		return EXEMPT;
-	if (nf == 3 && strcasecmp(f[0], "ok") == 0 && strcasecmp(f[1], "held") == 0)
-		return HELD;
-	return UNKNOWN;
-}
-
-/* quit says QUIT and closes; its reply changes nothing, so it is not
- * waited for. */
-static void quit(struct conn *c)
-{
-	struct reply r;
-	if (queue_command(c, &r, "QUIT") == 0)
-		flush_out(c, &r);
+	case 'X':
+		v = EXEMPT;
+		break;
+	case 'H':
+		v = HELD;
+		break;
+	case 'D':
+		v = DEFERRED;
+		break;
+	case 'R':
+		v = REJECTED;
+		break;
+	default:
+		snprintf(why, size, "'%c' \"%s\"", type, text);
+		v = UNKNOWN;
+	}
+out:
 	close(c->fd);
+	return v;
 }
 
-/* commit tells the daemon that the real qmail-queue queued the message:
- * AUTH X-RELAY-COMMIT with an empty initial response (RFC 4954 "="), and
- * QUIT behind it; only the AUTH reply is read. */
-static int commit(struct conn *c, struct reply *r)
+/* commit tells the daemon that the real qmail-queue is about to run: C,
+ * answered K. */
+static int commit(struct conn *c, char *why, size_t size)
 {
-	if (queue_command(c, r, "AUTH X-RELAY-COMMIT =") < 0 || queue_command(c, r, "QUIT") < 0 ||
-	    send_and_read(c, r) < 0)
+	struct failure f;
+	char type, text[MAX_REPLY_FRAME + 1];
+	int got = 0;
+	if (put_frame(c, &f, 'C', NULL, 0) < 0 || flush_out(c, &f) < 0 || (got = get_frame(c, &f, &type, text)) < 0) {
+		snprintf(why, size, "%s", got == NOT_CHECK ? "does not speak the check protocol" : f.text);
 		return -1;
-	return r->code == 235 ? 0 : -1;
+	}
+	if (type != 'K') {
+		snprintf(why, size, "'%c' \"%s\"", type, text);
+		return -1;
+	}
+	return 0;
 }
+
 
 /* quote writes s into out as a C string literal (control bytes, quotes
  * and backslashes escaped), cut to fit: what a caller put in an address
@@ -1359,6 +873,7 @@ static int bad_address(struct envelope *e)
 	return 0;
 }
 
+
 static int filter(const struct settings *s)
 {
 	struct spool sp;
@@ -1374,34 +889,31 @@ static int filter(const struct settings *s)
 		return EXIT_REJECTED;
 
 	struct conn c;
-	char why[2600], line[2100];
-	struct reply r;
+	char why[MAX_REPLY_FRAME + 512];
 	switch (check(s, &c, &sp, &e, why, sizeof why)) {
 	case RESERVED:
 		/* fds 0 and 1 first, so that only the exec itself can fail once
-		 * the message is charged; if they cannot be set up, the session
-		 * ends without a commit and the daemon releases the charge. The
-		 * commit comes before the exec: nothing of relay qq is left to
-		 * commit after. A real qmail-queue that then fails has been
-		 * charged; counting errs on the side of more. */
+		 * the message is charged; if they cannot be set up, the
+		 * connection ends without a commit and the daemon releases the
+		 * charge. The commit comes before the exec: nothing of relay qq is
+		 * left to commit after. A real qmail-queue that then fails has
+		 * been charged; counting errs on the side of more. */
 		if (hand_over_fds(&sp, &e, s->tmpdir) < 0) {
 			close(c.fd);
 			return EXIT_DEFERRED;
 		}
 		/* Without the commit (the daemon gave up on the reservation, or
 		 * restarted) the message would go out uncounted: defer it. */
-		if (commit(&c, &r) < 0) {
+		if (commit(&c, why, sizeof why) < 0) {
 			close(c.fd);
-			logf_("deferred: the daemon did not take the commit: %s", r.code < 0 ? r.text : reply_line(&r, line, sizeof line));
+			logf_("deferred: the daemon did not take the commit: %s", why);
 			return EXIT_DEFERRED;
 		}
 		close(c.fd);
 		return exec_qq(s);
 	case EXEMPT:
-		quit(&c);
 		return exec_real(s, &sp, &e);
 	case HELD:
-		quit(&c);
 		return EXIT_QUEUED;
 	case DEFERRED:
 		logf_("deferred: %s", why);
@@ -1420,86 +932,58 @@ static int filter(const struct settings *s)
 		 * daemon again. This costs a Go start only while nobody listens. */
 		if (hand_over_fds(&sp, &e, s->tmpdir) < 0)
 			return EXIT_DEFERRED;
-		return fallback(s->config);
+		return fallback();
 	case UNKNOWN:
 		break;
 	}
-	close(c.fd);
 	logf_("deferred: daemon reply not understood: %s", why);
 	return EXIT_DEFERRED;
 }
 
 int main(int argc, char **argv)
 {
-	/* config.PathFromArgs */
-	const char *config = DEFAULT_CONFIG;
+	/* --config FILE (or --config=FILE, -config FILE) is relay-local's, for
+	 * the fallback; relay-qq takes no other argument. */
 	int rest = 1;
 	if (argc >= 3 && (strcmp(argv[1], "--config") == 0 || strcmp(argv[1], "-config") == 0)) {
-		config = argv[2];
+		config_arg = argv[2];
 		rest = 3;
 	} else if (argc >= 2 && strncmp(argv[1], "--config=", 9) == 0) {
-		config = argv[1] + 9;
+		config_arg = argv[1] + 9;
 		rest = 2;
-	} else if (getenv("RELAY_CONFIG") && *getenv("RELAY_CONFIG")) {
-		config = getenv("RELAY_CONFIG");
 	}
 	/* The daemon counts the uid SO_PEERCRED reports, the effective one: a
-	 * setuid qq would make every caller look like its owner. A setgid one
-	 * (the relayqq install) reads only the secure config. */
+	 * setuid qq would make every caller look like its owner. */
 	if (geteuid() != getuid()) {
 		logf_("must not run setuid (uid %d, effective %d): the daemon would count every caller as %d; install it setgid or plain",
 		      (int)getuid(), (int)geteuid(), (int)geteuid());
 		return EXIT_CONFIG_ERROR;
 	}
-	/* A setgid qq must not let the caller choose where the message is
-	 * spooled, nor which config is read. */
-	const char *tmpdir = getenv("TMPDIR");
-	if (tmpdir == NULL || *tmpdir == 0)
-		tmpdir = "/tmp";
-	if (getegid() != getgid()) {
-		config = RELAY_SECURE_CONFIG;
-		tmpdir = "/tmp";
-	}
-	int settings_only = rest < argc && strcmp(argv[rest], "--settings") == 0;
-	if (rest < argc && !(settings_only && rest + 1 == argc)) {
+	if (rest < argc) {
 		logf_("takes no arguments (got \"%s\")", argv[rest]);
 		return EXIT_BAD_ENVELOPE;
 	}
-
-	if (settings_only && getegid() != getgid()) {
-		logf_("--settings is for tests, not for a setgid run");
-		return EXIT_CONFIG_ERROR;
+	/* A setgid qq (the relayqq install) must not let the caller choose
+	 * the settings, nor where the message is spooled. */
+	const char *path = RELAY_QQ_SETTINGS, *tmpdir = getenv("TMPDIR");
+	if (tmpdir == NULL || *tmpdir == 0)
+		tmpdir = "/tmp";
+	if (getegid() != getgid()) {
+		tmpdir = "/tmp";
+	} else if (getenv("RELAY_QQ_SETTINGS") && *getenv("RELAY_QQ_SETTINGS")) {
+		path = getenv("RELAY_QQ_SETTINGS");
 	}
-	struct settings s = {.config = config, .tmpdir = tmpdir};
-	if (read_settings(config, &s) != SURE) {
-		if (settings_only) {
-			printf("unsure\n");
-			return 0;
-		}
-		return fallback(config);
-	}
-	if (settings_only) {
-		/* for the tests that hold this reader to the Go one */
-		printf("socket=%s\nqmail_queue=%s\non_daemon_down=%s\nexempt_users=", s.socket, s.qmail_queue,
-		       s.defer_down ? "defer" : "accept");
-		for (size_t i = 0; i < s.nexempt; i++)
-			printf("%s%s", i ? "," : "", s.exempt[i]);
-		char *account = account_name(getuid());
-		printf("\naccount=%s\n", account ? account : "");
-		return 0;
-	}
-
-	if (s.nexempt > 0) {
-		char *name = account_name(getuid());
-		for (size_t i = 0; name && i < s.nexempt; i++) {
-			if (strcmp(name, s.exempt[i]) == 0) {
-				/* qmail's own accounts: the real qmail-queue in place,
-				 * fds untouched, at no cost. */
-				char *qargv[] = {s.qmail_queue, NULL};
-				execve(s.qmail_queue, qargv, environ);
-				logf_("cannot run the real qmail-queue %s: %s", s.qmail_queue, strerror(errno));
-				return EXIT_DEFERRED;
-			}
+	struct settings s = {.tmpdir = tmpdir};
+	if (read_settings(path, &s) != SURE)
+		return fallback();
+	for (size_t i = 0; i < s.nexempt; i++) {
+		if (s.exempt[i] == getuid()) {
+			/* qmail's own accounts: the real qmail-queue in place, fds
+			 * untouched, at no cost. */
+			char *qargv[] = {s.qmail_queue, NULL};
+			execve(s.qmail_queue, qargv, environ);
+			logf_("cannot run the real qmail-queue %s: %s", s.qmail_queue, strerror(errno));
+			return EXIT_DEFERRED;
 		}
 	}
 	signal(SIGPIPE, SIG_IGN); /* write errors are judged by exit codes */

@@ -19,6 +19,8 @@ commands:
   ctl            drive the admin API from a shell
   qmail-queue    list who is in qmail's queue right now
   scan           list processes talking SMTP (run on a web server)
+  queue-writer   write qmail's queue for delivery method qmail-direct
+                 (relay serve runs it; not for use by hand)
 
 --config defaults to $RELAY_CONFIG, then /etc/relay/relay.toml.
 Invoked as "sendmail" or "qmail-queue" (a symlink), relay acts as
@@ -56,6 +58,8 @@ func dispatch(argv []string, stdout, stderr io.Writer) int {
 		return runQmailQueue(args, stdout, stderr)
 	case "scan":
 		return runScan(args, stdout, stderr)
+	case "queue-writer":
+		return runQueueWriter(args, stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return 0

@@ -12,13 +12,16 @@ import (
 )
 
 const scanUsage = `usage: relay scan [--proc DIR] [--port 25] [--home PREFIX] [--json]
-       relay scan --firewall --mail-server ADDR... [--allow-user NAME...] [--port 25]
+       relay scan --firewall --mail-server ADDR... [--remote-user qmailr] [--port 25]
 
 Lists the processes with TCP connections (established or being set up,
 IPv4 and IPv6) to a remote port, by uid, with pid, command line and working
 directory. Exit status 0: none found; 1: some found; 64: usage; 2: error.
---firewall prints nftables and iptables rules that let the port through
-only to the mail servers; it changes nothing.
+--firewall prints nftables and iptables rules for a web server: only
+qmail-remote's user (--remote-user) and root may open the port, and only
+towards the mail servers. With them in place, the first Received line of
+the web server's mail is its own qmail-queue's, with a uid the kernel
+gave it. They change nothing until loaded.
 `
 
 func runScan(args []string, stdout, stderr io.Writer) int {
@@ -43,11 +46,8 @@ func runScan(args []string, stdout, stderr io.Writer) int {
 		}
 		return nil
 	})
-	fs.Func("allow-user", "let user `NAME` (or uid) through to any host (repeat; e.g. root, qmailr)", func(s string) error {
-		fw.AllowUsers = append(fw.AllowUsers, s)
-		return nil
-	})
-	// Flags may follow positional mail servers: --mail-server A B --allow-user root.
+	fs.StringVar(&fw.RemoteUser, "remote-user", scan.DefaultRemoteUser, "qmail-remote's user `NAME` (or uid): with root, the only one let through")
+	// Flags may follow positional mail servers: --mail-server A B --remote-user qmailr.
 	var positional []string
 	for {
 		if err := fs.Parse(args); err != nil {

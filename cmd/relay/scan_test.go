@@ -111,19 +111,34 @@ func TestScanCommandFindsSender(t *testing.T) {
 }
 
 func TestScanCommandFirewall(t *testing.T) {
-	code, out, errs := runScanArgs("--firewall", "--mail-server", "192.0.2.25", "192.0.2.26", "--allow-user", "root")
+	code, out, errs := runScanArgs("--firewall", "--mail-server", "192.0.2.25", "192.0.2.26")
 	if code != 0 || errs != "" {
 		t.Fatalf("exit %d, stderr %q", code, errs)
 	}
 	for _, want := range []string{
-		"tcp dport 25 ip daddr { 192.0.2.25, 192.0.2.26 } accept",
-		"iptables -A RELAY_SMTP -d 192.0.2.26 -j ACCEPT",
+		"tcp dport 25 ip daddr { 192.0.2.25, 192.0.2.26 } meta skuid qmailr accept",
+		"tcp dport 25 ip daddr { 192.0.2.25, 192.0.2.26 } meta skuid root accept",
+		"tcp dport 25 reject with tcp reset",
+		"iptables -A RELAY_SMTP -d 192.0.2.26 -m owner --uid-owner qmailr -j ACCEPT",
 		"iptables -I OUTPUT -p tcp --dport 25 -j RELAY_SMTP",
-		"root",
 	} {
 		if !strings.Contains(out, want) {
 			t.Errorf("rules lack %q:\n%s", want, out)
 		}
+	}
+	// Every rule that lets traffic through names its owner: qmailr or root.
+	for _, line := range strings.Split(out, "\n") {
+		if accepts := strings.HasSuffix(line, " accept") || strings.HasSuffix(line, "-j ACCEPT"); !accepts {
+			continue
+		}
+		if !strings.Contains(line, "meta skuid qmailr ") && !strings.Contains(line, "meta skuid root ") &&
+			!strings.Contains(line, "--uid-owner qmailr ") && !strings.Contains(line, "--uid-owner root ") {
+			t.Errorf("an accepting rule without its owner: %q", line)
+		}
+	}
+	code, out, _ = runScanArgs("--firewall", "--mail-server", "192.0.2.25", "--remote-user", "qmailr2")
+	if code != 0 || !strings.Contains(out, "meta skuid qmailr2 accept") || strings.Contains(out, "skuid qmailr accept") {
+		t.Errorf("--remote-user: %d\n%s", code, out)
 	}
 	code, out, _ = runScanArgs("--firewall", "--port", "587", "--mail-server", "192.0.2.25,2001:db8::25")
 	if code != 0 || !strings.Contains(out, "tcp dport 587") || !strings.Contains(out, "2001:db8::25") {
@@ -144,7 +159,8 @@ func TestScanCommandErrors(t *testing.T) {
 		{[]string{"--bogus"}, 64, "usage: relay scan"},
 		{[]string{"--firewall"}, 64, "relay scan: "},
 		{[]string{"--firewall", "--mail-server", "mail.example.com"}, 64, ""},
-		{[]string{"--firewall", "--mail-server", "192.0.2.25", "--allow-user", "root; rm -rf /"}, 64, "relay scan: "},
+		{[]string{"--firewall", "--mail-server", "192.0.2.25", "--remote-user", "root; rm -rf /"}, 64, "relay scan: "},
+		{[]string{"--firewall", "--mail-server", "192.0.2.25", "--allow-user", "root"}, 64, "usage: relay scan"},
 		{[]string{"--proc", t.TempDir()}, 2, "relay scan: "},
 	} {
 		code, out, errs := runScanArgs(c.args...)

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -19,6 +20,7 @@ import (
 
 	"relay/admin"
 	"relay/config"
+	"relay/local"
 	"relay/policy"
 	"relay/queue"
 	"relay/relay"
@@ -49,16 +51,25 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	if cfg.Path == "" {
 		log.Info("no config file: running on the embedded defaults", "looked_for", path)
 	}
+	if cfg.Delivery.Method == config.DeliverQmailDirect && os.Getenv(envSupervisorFD) == "" && os.Geteuid() == 0 {
+		return superviseServe(args, cfg, log) // supervise.go
+	}
 	logWarnings(log, cfg)
-	d, err := startDaemon(cfg, log)
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
+	writers, stopWriters, err := writerConns(cfg, log, sigs)
+	if err != nil {
+		log.Error("cannot start", "err", err)
+		return 1
+	}
+	defer stopWriters()
+	d, err := startDaemon(cfg, log, writers)
 	if err != nil {
 		log.Error("cannot start", "err", err)
 		return 1
 	}
 	log.Info("relay started", "config", cfg.Path, "smtp", d.smtp.Addrs(), "admin", d.admin.Addr())
 
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGTERM, syscall.SIGINT)
 	for sig := range sigs {
 		if sig == syscall.SIGHUP {
 			if err := d.reload(); err != nil {
@@ -104,9 +115,14 @@ type daemon struct {
 	smtp    *relay.Server
 	admin   *admin.Server
 	closeDB func() error
+	// qqSocket is the local listener's path as bound at start (a reload
+	// does not rebind), for qq.settings; "" without one.
+	qqSocket string
 }
 
-func startDaemon(cfg *config.Config, log *slog.Logger) (*daemon, error) {
+// startDaemon starts everything; writers brings method qmail-direct its
+// queue-writer connections.
+func startDaemon(cfg *config.Config, log *slog.Logger, writers <-chan net.Conn) (*daemon, error) {
 	db, err := policy.OpenDB(cfg.DataDir)
 	if err != nil {
 		return nil, err
@@ -119,7 +135,7 @@ func startDaemon(cfg *config.Config, log *slog.Logger) (*daemon, error) {
 		db.Close()
 		return nil, err
 	}
-	d.handoff, err = queue.New(cfg.Delivery, cfg.Control.Me, queue.Options{Logger: log, Registerer: reg, ChildStderr: os.Stderr})
+	d.handoff, err = queue.New(cfg.Delivery, cfg.Control.Me, queue.Options{Logger: log, Registerer: reg, ChildStderr: os.Stderr, Writers: writers})
 	if err != nil {
 		return fail(err)
 	}
@@ -169,6 +185,10 @@ func startDaemon(cfg *config.Config, log *slog.Logger) (*daemon, error) {
 		stopRelease()
 		d.policy.Close()
 		return fail(err)
+	}
+	d.qqSocket, _ = local.SocketPath(cfg)
+	if err := d.writeQQSettings(cfg); err != nil {
+		log.Error("relay-qq's settings not written: it runs relay-local for every message", "err", err)
 	}
 	token, tokenPath, created, err := admin.LoadOrCreateToken(cfg.Admin.TokenFile, cfg.DataDir)
 	if err != nil {
@@ -235,8 +255,46 @@ func (d *daemon) reload() error {
 	}
 	d.log.Info("config reloaded", "config", cfg.Path)
 	d.cfg = cfg
+	if err := d.writeQQSettings(cfg); err != nil {
+		return fmt.Errorf("config reloaded, but relay-qq's settings were not written (it runs relay-local for every message): %w", err)
+	}
 	return nil
 }
+
+// writeQQSettings writes <data_dir>/qq.settings for relay-qq: the local
+// socket bound at start, the rest from cfg, exempt users as uids from
+// /etc/passwd. Without a local listener, or when the file cannot be
+// written, an old file is removed, so relay-qq hands every message to
+// relay-local (which reads relay.toml) rather than follow stale settings.
+func (d *daemon) writeQQSettings(cfg *config.Config) error {
+	path := filepath.Join(cfg.DataDir, local.SettingsFile)
+	if d.qqSocket == "" {
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		return nil
+	}
+	accounts, err := config.ReadPasswdFile(passwdFile)
+	if err != nil {
+		d.log.Warn("cannot read local accounts: no exempt uids for relay-qq", "file", passwdFile, "err", err)
+	}
+	st, err := local.NewSettings(cfg, accounts)
+	if err == nil {
+		st.Socket = d.qqSocket
+		err = local.WriteSettings(path, st)
+	}
+	if err != nil {
+		os.Remove(path)
+		return err
+	}
+	if err := local.OthersCanRead(path); err != nil {
+		d.log.Warn("relay-qq runs as the caller and cannot read its settings: it runs relay-local for every message", "err", err)
+	}
+	return nil
+}
+
+// passwdFile is where local.exempt_users are looked up.
+const passwdFile = "/etc/passwd"
 
 // logWarnings logs what check-config warns about in cfg.
 func logWarnings(log *slog.Logger, cfg *config.Config) {

@@ -33,7 +33,7 @@ const noDir = -1
 
 // openLayout opens the queue at dir.
 func openLayout(dir string) (*layout, error) {
-	split, err := splitOf(dir)
+	split, err := SplitOf(dir)
 	if err != nil {
 		return nil, err
 	}
@@ -58,7 +58,7 @@ func openLayout(dir string) (*layout, error) {
 			if l.local, err = splitDirs("local"); err == nil {
 				if l.remote, err = splitDirs("remote"); err == nil {
 					if l.bounce, err = one("bounce"); err == nil {
-						if fi, serr := os.Stat(filepath.Join(dir, "todo", "0")); serr == nil && fi.IsDir() {
+						if HasBigTodo(dir) {
 							l.todo, err = splitDirs("todo")
 						} else {
 							l.todo, err = one("todo")
@@ -75,9 +75,16 @@ func openLayout(dir string) (*layout, error) {
 	return l, nil
 }
 
-// splitOf finds the queue's conf-split by counting the numbered directories
+// HasBigTodo reports whether the queue at dir splits todo/ and intd/ like
+// mess/ (the big-todo patch).
+func HasBigTodo(dir string) bool {
+	fi, err := os.Stat(filepath.Join(dir, "todo", "0"))
+	return err == nil && fi.IsDir()
+}
+
+// SplitOf finds the queue's conf-split by counting the numbered directories
 // in mess/.
-func splitOf(dir string) (int, error) {
+func SplitOf(dir string) (int, error) {
 	names, err := readNames(filepath.Join(dir, "mess"))
 	if err != nil {
 		return 0, fmt.Errorf("not a readable qmail queue: %w", err)

@@ -337,7 +337,7 @@ func (r *Reader) readPreprocessed(l *layout, id uint64, name string) (envelope, 
 // ReceivedLines returns the Received fields of message id as stored (the
 // old "for f in queue/mess/*/*; grep Received" loop), topmost first.
 func (r *Reader) ReceivedLines(id uint64) ([]string, error) {
-	split, err := splitOf(r.dir())
+	split, err := SplitOf(r.dir())
 	if err != nil {
 		return nil, err
 	}

@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"os"
 	"reflect"
+	"strconv"
 	"strings"
 	"time"
 
@@ -36,7 +37,9 @@ func main() {
 	flag.IntVar(&c.UIDs, "uids", 0, "distinct web-server uids in a \"(qmail N invoked by uid U)\" Received line (0: none)")
 	flag.StringVar(&c.RcptDomain, "rcpt-domain", "rcpt.bench.example", "recipients' domain")
 	flag.DurationVar(&c.Timeout, "timeout", 30*time.Second, "per read or write")
-	flag.IntVar(&c.ServerPID, "pid", 0, "server `pid` whose CPU (with its children's) and memory are measured")
+	pids := flag.String("pid", "", "server `pid` whose CPU (with its children's) and memory are measured; more pids after commas add their CPU")
+	flag.DurationVar(&c.Settle, "settle", 0, "wait this long after the last message before reading the server's CPU")
+	flag.StringVar(&c.Tag, "tag", "", "put this in every Message-ID, to tell runs apart")
 	idle := flag.Int("idle", 0, "hold this many idle sessions open instead of sending mail")
 	hold := flag.Duration("hold", 2*time.Second, "with -idle: how long to hold them")
 	execArgv := flag.String("exec", "", "run this program (space-separated argv) per message with the message on fd 0 and the envelope on fd 1")
@@ -44,6 +47,21 @@ func main() {
 	asJSON := flag.Bool("json", false, "print the result as JSON")
 	label := flag.String("label", "", "label printed with the result")
 	flag.Parse()
+	for i, p := range strings.Split(*pids, ",") {
+		if p == "" {
+			continue
+		}
+		n, err := strconv.Atoi(p)
+		if err != nil || n <= 0 {
+			fmt.Fprintf(os.Stderr, "loadgen: -pid %q: want pids separated by commas\n", *pids)
+			os.Exit(64)
+		}
+		if i == 0 {
+			c.ServerPID = n
+		} else {
+			c.ExtraPIDs = append(c.ExtraPIDs, n)
+		}
+	}
 
 	var res any
 	var err error

@@ -102,6 +102,8 @@ type pageData struct {
 	Queued                        []heldRow
 	Counts                        []countRow
 	CanReload                     bool
+	DKIM                          []dkimRow
+	DKIMReport                    DKIMReport
 
 	Sender  *senderRow
 	Message *HeldMessage
@@ -208,6 +210,8 @@ func (s *Server) dashboard(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	s.queueSection(p, held)
+	p.DKIMReport = s.dkimReport()
+	p.DKIM = dkimRows(p.DKIMReport)
 	s.render(w, http.StatusOK, "dashboard", p)
 }
 

@@ -28,7 +28,7 @@ import (
 // Relative paths in the file (data_dir, local listener sockets,
 // delivery.maildir, admin.token_file, auth.users_file, relay.tcprules,
 // relay.qmail_control_dir, webserver passwd files, tls.cert and tls.key,
-// admin.tls_cert and admin.tls_key)
+// admin.tls_cert and admin.tls_key, dkim.keys_dir)
 // are taken relative to the directory holding the config file, and Load
 // makes them absolute.
 func Load(path string) (*Config, error) {
@@ -222,6 +222,11 @@ func defaults() *Config {
 			MaxConnections: 200,
 		},
 		Admin: Admin{Listen: "127.0.0.1:8025"},
+		DKIM: DKIM{
+			Headers:      DefaultDKIMHeaders(),
+			UnownedFrom:  FromAccept,
+			ForeignDMARC: FromReject,
+		},
 		Policy: Policy{
 			Mode:           PolicyEnforce,
 			OverLimit:      OverLimitDefer,
@@ -285,6 +290,14 @@ func (c *Config) resolvePaths(dir string) {
 	for i := range c.Webservers {
 		abs(&c.Webservers[i].Passwd)
 	}
+	abs(&c.DKIM.KeysDir)
+}
+
+// DefaultDKIMHeaders returns [dkim] headers' default: RFC 6376 §5.4.1's
+// list and the list headers receivers look at.
+func DefaultDKIMHeaders() []string {
+	return []string{"From", "Reply-To", "Subject", "Date", "To", "Cc", "Message-ID", "In-Reply-To",
+		"References", "MIME-Version", "Content-Type", "Content-Transfer-Encoding", "List-Id", "List-Unsubscribe"}
 }
 
 // resolveHostname fills an empty hostname from control/me (me, when not

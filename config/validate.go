@@ -60,6 +60,7 @@ func (v *validator) config(c *Config) {
 	v.submissionAuth(c)
 	v.relay(&c.Relay)
 	v.positive("auth.timeout", c.Auth.Timeout.Duration)
+	v.pace("auth.fail_limit", c.Auth.FailLimit)
 	v.delivery(&c.Delivery)
 	v.local(&c.Local)
 	v.admin(&c.Admin)
@@ -182,6 +183,7 @@ func (v *validator) relay(r *Relay) {
 	v.nonNegative("relay.max_connections_per_ip", int64(r.MaxConnectionsPerIP))
 	v.positive("relay.timeout", r.Timeout.Duration)
 	v.positive("relay.max_session", r.MaxSession.Duration)
+	v.pace("relay.conn_rate_per_ip", r.ConnRatePerIP)
 }
 
 // ParseNetwork parses a relay_networks entry: a CIDR prefix ("10.0.0.0/8",
@@ -302,13 +304,16 @@ func (v *validator) policy(p *Policy) {
 		v.add("policy.mode", "%q: one of enforce, observe", p.Mode)
 	}
 	switch p.OverLimit {
-	case OverLimitDefer, OverLimitReject, OverLimitHold:
+	case OverLimitDefer, OverLimitReject, OverLimitHold, OverLimitQueue:
 	default:
-		v.add("policy.over_limit", "%q: one of defer, reject, hold", p.OverLimit)
+		v.add("policy.over_limit", "%q: one of defer, reject, hold, queue", p.OverLimit)
 	}
 	v.nonNegative("policy.suspend_after", int64(p.SuspendAfter))
 	if m := p.RecipientMemory.Duration; m < 24*time.Hour || m%(24*time.Hour) != 0 {
 		v.add("policy.recipient_memory", "want a whole number of days, at least \"1d\" (the memory keeps the day a recipient was last sent to)")
+	}
+	if p.QueueMax < 1 {
+		v.add("policy.queue_max", "must be at least 1 (messages waiting per identity)")
 	}
 	seenKind := map[string]int{}
 	for i, kind := range p.SuspendKinds {
@@ -329,6 +334,7 @@ func (v *validator) policy(p *Policy) {
 			v.rates(key+".rcpts", l.Rcpts)
 			v.rates(key+".msgs", l.Msgs)
 			v.signals(key, l.NewRcpts, l.Bounces, l.MaxBounceRatio, l.MinBounceSample)
+			v.pace(key+".pace", l.Pace)
 		}
 	}
 	for i, a := range p.Allow {
@@ -346,6 +352,12 @@ func (v *validator) policy(p *Policy) {
 		if a.Unlimited && (len(a.NewRcpts) > 0 || len(a.Bounces) > 0 || a.MaxBounceRatio != 0 || a.MinBounceSample != 0) {
 			v.add(key+".unlimited", "unlimited = true cannot be combined with new_rcpts, bounces, max_bounce_ratio or min_bounce_sample")
 		}
+		v.pace(key+".pace", a.Pace)
+		switch a.Action {
+		case "", OverLimitDefer, OverLimitReject, OverLimitHold, OverLimitQueue:
+		default:
+			v.add(key+".action", "%q: one of defer, reject, hold, queue (or leave it out for policy.over_limit)", a.Action)
+		}
 	}
 }
 
@@ -359,6 +371,16 @@ func (v *validator) signals(key string, newRcpts, bounces []Rate, ratio float64,
 	v.nonNegative(key+".min_bounce_sample", int64(sample))
 	if sample != 0 && ratio == 0 && !v.skip[key+".max_bounce_ratio"] {
 		v.add(key+".min_bounce_sample", "needs max_bounce_ratio in the same section")
+	}
+}
+
+// maxPaceBurst bounds N of a pace: the burst of its token bucket.
+const maxPaceBurst = 1_000_000
+
+// pace checks a pace "N/D": a rate of at most maxPaceBurst per D.
+func (v *validator) pace(key string, r OptRate) {
+	if r.On() && r.N > maxPaceBurst {
+		v.add(key, "%s: N is the burst and must be at most %d", r.String(), maxPaceBurst)
 	}
 }
 

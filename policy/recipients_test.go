@@ -525,3 +525,48 @@ func TestNewRcptsHoldsLapse(t *testing.T) {
 		t.Fatalf("z charged %d, want 1", got)
 	}
 }
+
+// Mail over new_rcpts with over_limit = "queue" waits in the release
+// queue; its release checks the cap again and, handed off, makes its
+// recipients known and counts them.
+func TestNewRcptsQueuedRelease(t *testing.T) {
+	cfg := newRcptsConfig(t, "2/1h")
+	cfg.Policy.OverLimit = config.OverLimitQueue
+	cfg.Policy.QueueMax = 10
+	clk := newClock()
+	e := openTest(t, t.TempDir(), cfg, clk, Options{})
+	if d := sendTo(e.Engine, bobIDs, "a@x.org", "b@x.org"); d.Action != Accept {
+		t.Fatal(d)
+	}
+	tx := e.Begin(bobIDs)
+	if d := tx.AddRcpt("c@x.org"); d.Action != Queue || d.Limit != "2 new recipients/1h" {
+		t.Fatalf("c over the cap: %+v", d)
+	}
+	tx.Held("q1")
+	if r, d := e.BeginRelease("user:bob", bobIDs, []string{"c@x.org"}); r != nil || d.Action != Defer || d.RetryIn <= 0 {
+		t.Fatalf("released while new_rcpts is full: %v %+v", r, d)
+	}
+	// Known recipients would pass the same check.
+	if r, d := e.BeginRelease("user:bob", bobIDs, []string{"a@x.org"}); d.Action != Accept {
+		t.Fatalf("known recipient's release: %+v", d)
+	} else {
+		r.Abort()
+	}
+	clk.Add(62 * time.Minute)
+	r, d := e.BeginRelease("user:bob", bobIDs, []string{"c@x.org"})
+	if d.Action != Accept {
+		t.Fatalf("release after the window: %+v", d)
+	}
+	if err := r.Commit(nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := usage(t, e.Engine, "user:bob", "new_rcpts", "1h"); got != 1 {
+		t.Fatalf("released c counted %d, want 1", got)
+	}
+	if d := sendTo(e.Engine, bobIDs, "c@x.org", "a@x.org", "b@x.org"); d.Action != Accept {
+		t.Fatalf("c not learnt by its release: %+v", d)
+	}
+	if got := usage(t, e.Engine, "user:bob", "new_rcpts", "1h"); got != 1 {
+		t.Fatalf("used %d, want 1", got)
+	}
+}

@@ -124,3 +124,25 @@ func TestCheckCommitRecordsPID(t *testing.T) {
 	}
 	waitFor(t, func() bool { return strings.Count(ck.log(), "commit") == 2 })
 }
+
+// Mail the releaser lets out of a release queue is recorded too, with the
+// qp of its hand-off and the identities it was queued with; while it waits
+// nothing is.
+func TestReleasedHandoffRecorded(t *testing.T) {
+	r := newQueueRig(t, "1/1h", "")
+	if got := r.send(t, "m1"); !strings.HasPrefix(got, "250 ok 1795833709 qp 4242") {
+		t.Fatal(got)
+	}
+	if got := r.send(t, "m2"); !strings.HasPrefix(got, "250 ok queued ") {
+		t.Fatalf("over the cap: %q", got)
+	}
+	if got := r.rec.got(); len(got) != 1 || got[0].qp != 4242 || got[0].from != "news@example.test" {
+		t.Fatalf("recorded %+v", got)
+	}
+	r.advance(time.Hour + 2*time.Minute)
+	waitFor(t, func() bool { return len(r.rec.got()) == 2 })
+	got := r.rec.got()[1]
+	if got.qp != 4242 || got.from != "news@example.test" || !strings.Contains(got.ids, "sender:news@example.test") {
+		t.Fatalf("release recorded %+v", got)
+	}
+}

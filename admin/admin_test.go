@@ -187,6 +187,7 @@ func TestEveryEndpointNeedsTheToken(t *testing.T) {
 		{"GET", "/api/held", 200},
 		{"GET", "/api/held/" + heldID, 200},
 		{"GET", "/api/events", 200},
+		{"GET", "/api/dkim", 200},
 		{"POST", "/api/reload", 200},
 		{"GET", "/metrics", 200},
 		{"GET", "/api/nothing-here", 404},

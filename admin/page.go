@@ -98,6 +98,8 @@ type pageData struct {
 	Held                          []heldRow
 	HeldErr                       string
 	CanReload                     bool
+	DKIM                          []dkimRow
+	DKIMReport                    DKIMReport
 
 	Sender  *senderRow
 	Message *HeldMessage
@@ -201,6 +203,8 @@ func (s *Server) dashboard(w http.ResponseWriter, r *http.Request) {
 	for _, h := range held {
 		p.Held = append(p.Held, heldRow{HeldSummary: h, CSRF: p.CSRF, Back: "/"})
 	}
+	p.DKIMReport = s.dkimReport()
+	p.DKIM = dkimRows(p.DKIMReport)
 	s.render(w, http.StatusOK, "dashboard", p)
 }
 

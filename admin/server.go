@@ -40,6 +40,7 @@ type Options struct {
 	Gatherer prometheus.Gatherer // served at /metrics; nil: no /metrics
 	Logger   *slog.Logger        // nil: discard
 	Pprof    bool                // serve /debug/pprof/ behind the token
+	DKIM     DKIM                // nil: the DKIM section and /api/dkim are empty
 	Now      func() time.Time    // nil: time.Now
 	// Health reports what is wrong now (relay.db cannot be written or is
 	// damaged); /healthz answers 503 with its text. nil: always ok.
@@ -136,6 +137,7 @@ func (s *Server) routes() http.Handler {
 	mux.Handle("POST /api/held/{id}/{action}", s.api(s.heldAction))
 	mux.Handle("GET /api/events", s.api(s.listEvents))
 	mux.Handle("POST /api/reload", s.api(s.reload))
+	mux.Handle("GET /api/dkim", s.api(s.getDKIM))
 
 	if s.opts.Gatherer != nil {
 		metrics := promhttp.HandlerFor(s.opts.Gatherer, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError})

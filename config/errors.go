@@ -2,8 +2,11 @@ package config
 
 import (
 	"bytes"
+	"encoding"
 	"errors"
 	"fmt"
+	"reflect"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -62,6 +65,10 @@ type positions struct {
 	path map[[2]int]string // line, col -> longest path starting there
 	// exprs are the top-level key/value expressions.
 	exprs []expr
+	// bare are the values written without quotes (numbers, booleans,
+	// dates), in file order: go-toml hands their text to a
+	// TextUnmarshaler without saying where it was (textValueError).
+	bare []bareValue
 	// syntaxOK is false when the document does not parse.
 	syntaxOK bool
 }
@@ -124,6 +131,14 @@ func mapPositions(doc []byte) *positions {
 	return p
 }
 
+// bareValue is a value written without quotes, at its path and position.
+type bareValue struct {
+	path      string
+	text      string // as go-toml hands it to UnmarshalText
+	line, col int
+	off       int // byte offset in the document
+}
+
 // expr is a top-level key/value expression: its key path and byte range.
 type expr struct {
 	path       string
@@ -149,6 +164,7 @@ func (p *positions) blankExpr(doc []byte, line, col int) (out []byte, path strin
 					out[i] = ' '
 				}
 			}
+			p.bare = slices.DeleteFunc(p.bare, func(b bareValue) bool { return b.off >= e.start && b.off < e.end })
 			return out, e.path, true
 		}
 	}
@@ -173,6 +189,9 @@ func (p *positions) keyValue(parser *unstable.Parser, table string, kv *unstable
 
 func (p *positions) value(parser *unstable.Parser, path string, v *unstable.Node) {
 	switch v.Kind {
+	case unstable.Integer, unstable.Float, unstable.Bool, unstable.DateTime, unstable.LocalDate, unstable.LocalDateTime, unstable.LocalTime:
+		s := parser.Shape(v.Raw).Start
+		p.bare = append(p.bare, bareValue{path: path, text: string(v.Data), line: s.Line, col: s.Column, off: int(v.Raw.Offset)})
 	case unstable.Array:
 		i := 0
 		for it := v.Children(); it.Next(); {
@@ -235,7 +254,72 @@ func decodeErrors(file string, err error, pos *positions) (errs Errors, fatal bo
 	if errors.As(err, &de) {
 		return Errors{fromDecodeError(file, de, pos, friendlyDecodeMessage(strings.TrimPrefix(de.Error(), "toml: ")))}, true
 	}
+	if e, ok := pos.textValueError(file, err); ok {
+		return Errors{e}, true
+	}
 	return Errors{{File: file, Line: 1, Col: 1, Msg: err.Error()}}, true
+}
+
+// textValueError places an error go-toml returned without a position: a
+// value written without quotes (timeout = 60) for a key whose type reads
+// text (Duration, Rate). go-toml passes the bare text to UnmarshalText and
+// returns its error as is: the first such value in the file that fails
+// the same way is the one.
+func (p *positions) textValueError(file string, err error) (Error, bool) {
+	for _, b := range p.bare {
+		t, ok := typeAt(reflect.TypeFor[Config](), b.path)
+		if !ok || !reflect.PointerTo(t).Implements(textUnmarshalerType) {
+			continue
+		}
+		e := reflect.New(t).Interface().(encoding.TextUnmarshaler).UnmarshalText([]byte(b.text))
+		if e != nil && e.Error() == err.Error() {
+			return Error{File: file, Line: b.line, Col: b.col, Key: b.path, Msg: err.Error() + "; write it as a quoted string"}, true
+		}
+	}
+	return Error{}, false
+}
+
+var textUnmarshalerType = reflect.TypeFor[encoding.TextUnmarshaler]()
+
+// typeAt is the Go type that decodes the value at a dotted config path
+// ("relay.timeout", "listen[1].addr", "policy.limits.user.rcpts[0]").
+func typeAt(t reflect.Type, path string) (reflect.Type, bool) {
+	for _, seg := range strings.Split(path, ".") {
+		name, idx, _ := strings.Cut(seg, "[")
+		for t.Kind() == reflect.Pointer {
+			t = t.Elem()
+		}
+		switch t.Kind() {
+		case reflect.Struct:
+			f, ok := fieldByTag(t, name)
+			if !ok {
+				return nil, false
+			}
+			t = f.Type
+		case reflect.Map:
+			t = t.Elem()
+		default:
+			return nil, false
+		}
+		for ; idx != ""; _, idx, _ = strings.Cut(idx, "[") {
+			if t.Kind() != reflect.Slice && t.Kind() != reflect.Array {
+				return nil, false
+			}
+			t = t.Elem()
+		}
+	}
+	return t, true
+}
+
+// fieldByTag finds the field of struct type t that go-toml decodes key into.
+func fieldByTag(t reflect.Type, key string) (reflect.StructField, bool) {
+	for i := range t.NumField() {
+		f := t.Field(i)
+		if tag, _, _ := strings.Cut(f.Tag.Get("toml"), ","); tag == key {
+			return f, true
+		}
+	}
+	return reflect.StructField{}, false
 }
 
 func fromDecodeError(file string, de *toml.DecodeError, pos *positions, msg string) Error {

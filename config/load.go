@@ -28,7 +28,7 @@ import (
 // Relative paths in the file (data_dir, local listener sockets,
 // delivery.maildir, admin.token_file, auth.users_file, relay.tcprules,
 // relay.qmail_control_dir, webserver passwd files, tls.cert and tls.key,
-// admin.tls_cert and admin.tls_key)
+// admin.tls_cert and admin.tls_key, dkim.keys_dir)
 // are taken relative to the directory holding the config file, and Load
 // makes them absolute.
 func Load(path string) (*Config, error) {
@@ -110,8 +110,10 @@ func decode(path string, doc []byte) (*loaded, Errors, bool) {
 		if !fatal {
 			break
 		}
+		// A DecodeError has a place; so has a bare value given to a key
+		// that reads text (textValueError), found by its key.
 		var de *toml.DecodeError
-		if !pos.syntaxOK || attempt == maxDecodeRetries || !errors.As(err, &de) {
+		if !pos.syntaxOK || attempt == maxDecodeRetries || (!errors.As(err, &de) && found[0].Key == "") {
 			return nil, errs, true
 		}
 		blank, key, ok := pos.blankExpr(doc, found[0].Line, found[0].Col)
@@ -218,6 +220,11 @@ func defaults() *Config {
 			MaxConnections: 200,
 		},
 		Admin: Admin{Listen: "127.0.0.1:8025"},
+		DKIM: DKIM{
+			Headers:      DefaultDKIMHeaders(),
+			UnownedFrom:  FromAccept,
+			ForeignDMARC: FromReject,
+		},
 		Policy: Policy{
 			Mode:           PolicyEnforce,
 			OverLimit:      OverLimitDefer,
@@ -280,6 +287,14 @@ func (c *Config) resolvePaths(dir string) {
 	for i := range c.Webservers {
 		abs(&c.Webservers[i].Passwd)
 	}
+	abs(&c.DKIM.KeysDir)
+}
+
+// DefaultDKIMHeaders returns [dkim] headers' default: RFC 6376 §5.4.1's
+// list and the list headers receivers look at.
+func DefaultDKIMHeaders() []string {
+	return []string{"From", "Reply-To", "Subject", "Date", "To", "Cc", "Message-ID", "In-Reply-To",
+		"References", "MIME-Version", "Content-Type", "Content-Transfer-Encoding", "List-Id", "List-Unsubscribe"}
 }
 
 // resolveHostname fills an empty hostname from control/me (me, when not

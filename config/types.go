@@ -25,6 +25,7 @@ type Config struct {
 	Policy     Policy      `toml:"policy"`
 	Webservers []Webserver `toml:"webserver"`
 	Notify     Notify      `toml:"notify"`
+	DKIM       DKIM        `toml:"dkim"`
 
 	// Filled by Load, not by TOML.
 
@@ -283,6 +284,41 @@ type Webserver struct {
 type Notify struct {
 	Email   string `toml:"email"`
 	Webhook string `toml:"webhook"`
+}
+
+// From: control actions of [dkim] unowned_from and foreign_dmarc.
+const (
+	FromAccept = "accept"
+	FromHold   = "hold"
+	FromReject = "reject"
+)
+
+// DKIM is the [dkim] section (docs/design.md §11): signing and From: control.
+type DKIM struct {
+	// KeysDir holds <domain>/<selector>.key; "" signs nothing.
+	KeysDir string `toml:"keys_dir"`
+	// Headers are the header fields signed (h=), in order; From is signed
+	// twice whatever the list says.
+	Headers []string `toml:"headers"`
+	// UnownedFrom: a From: in a domain we sign for, sent by an identity
+	// that does not own it (accept unsigned, hold, reject). "" (a config
+	// built in code) is accept.
+	UnownedFrom string `toml:"unowned_from"`
+	// ForeignDMARC: a From: in a foreign domain whose DMARC policy is
+	// reject or quarantine. "" (a config built in code) is accept: no
+	// lookups.
+	ForeignDMARC string `toml:"foreign_dmarc"`
+	// DNS is "ip:port" of the resolver for DMARC and `relay dkim check`;
+	// "" is the system's.
+	DNS     string       `toml:"dns"`
+	Domains []DKIMDomain `toml:"domain"`
+}
+
+// DKIMDomain is one [[dkim.domain]] entry: who owns (may be signed for) a
+// domain.
+type DKIMDomain struct {
+	Name   string   `toml:"name"`
+	Owners []string `toml:"owners"` // identity ids with * globs
 }
 
 // Duration is a time.Duration written as a Go duration string ("60s").

@@ -65,6 +65,7 @@ func (v *validator) config(c *Config) {
 	v.policy(&c.Policy)
 	v.webservers(c.Webservers)
 	v.notify(&c.Notify)
+	v.dkim(&c.DKIM)
 }
 
 func isSpaceOrControl(r rune) bool { return r <= ' ' || r == 0x7f }
@@ -400,4 +401,105 @@ func (v *validator) notify(n *Notify) {
 	if n.Email != "" && (!strings.Contains(n.Email, "@") || strings.ContainsFunc(n.Email, isSpaceOrControl)) {
 		v.add("notify.email", "%q is not an email address", n.Email)
 	}
+}
+
+// dkim checks the [dkim] section. The keys themselves are package dkim's to
+// read (relay serve and check-config do).
+func (v *validator) dkim(d *DKIM) {
+	for _, a := range []struct{ key, val string }{{"dkim.unowned_from", d.UnownedFrom}, {"dkim.foreign_dmarc", d.ForeignDMARC}} {
+		switch a.val {
+		case FromAccept, FromHold, FromReject:
+		default:
+			v.add(a.key, "%q: one of accept, hold, reject", a.val)
+		}
+	}
+	if d.DNS != "" {
+		if ap, err := netip.ParseAddrPort(d.DNS); err != nil || ap.Port() == 0 || ap.Addr().Zone() != "" {
+			v.add("dkim.dns", "%q: want an IP address and port, e.g. \"127.0.0.1:53\" or \"[::1]:53\"", d.DNS)
+		}
+	}
+	from := false
+	for i, h := range d.Headers {
+		if !isFieldName(h) {
+			v.add(fmt.Sprintf("dkim.headers[%d]", i), "%q is not a header field name", h)
+		}
+		from = from || strings.EqualFold(h, "From")
+	}
+	if !from {
+		v.add("dkim.headers", "must include From (it is what DKIM signs for)")
+	}
+	names := map[string]int{}
+	for i, dom := range d.Domains {
+		key := fmt.Sprintf("dkim.domain[%d]", i)
+		name := strings.ToLower(strings.TrimSuffix(dom.Name, "."))
+		if !IsDomainName(name) {
+			v.add(key+".name", "%q is not a domain name", dom.Name)
+		} else if j, dup := names[name]; dup {
+			v.add(key+".name", "%q already has dkim.domain[%d]", dom.Name, j)
+		} else {
+			names[name] = i
+		}
+		if len(dom.Owners) == 0 {
+			v.add(key+".owners", "empty: nobody would own %s; remove the entry to let its logins own it", dom.Name)
+		}
+		for j, o := range dom.Owners {
+			if err := checkOwner(o); err != nil {
+				v.add(fmt.Sprintf("%s.owners[%d]", key, j), "%v", err)
+			}
+		}
+	}
+}
+
+// checkOwner checks a [[dkim.domain]] owner: an identity id of a strong
+// kind (docs/design.md §3), * globs allowed. Envelope senders and their domains
+// are anyone's to write, so they cannot own a domain.
+func checkOwner(o string) error {
+	kind, rest, ok := strings.Cut(o, ":")
+	switch kind {
+	case KindUser, KindUID, "script", KindIP:
+	case KindSender, KindDomain:
+		return fmt.Errorf("%q: %s ids are whatever the client writes; owners are user, uid, script or ip ids", o, kind)
+	default:
+		return fmt.Errorf("%q must start with a kind: user, uid, script or ip, then ':'", o)
+	}
+	if !ok || rest == "" {
+		return fmt.Errorf("%q: nothing after the kind %q", o, kind)
+	}
+	if strings.ContainsFunc(rest, isSpaceOrControl) {
+		return fmt.Errorf("%q: must not contain spaces", o)
+	}
+	return nil
+}
+
+// isFieldName reports whether s is a header field name (RFC 5322 §3.6.8:
+// printable ASCII but ':').
+func isFieldName(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c <= ' ' || c >= 0x7f || c == ':' {
+			return false
+		}
+	}
+	return true
+}
+
+// IsDomainName reports whether s is a lower-case DNS name of letters,
+// digits and '-' (no leading or trailing dot, labels of 1-63, 253 at most).
+func IsDomainName(s string) bool {
+	if s == "" || len(s) > 253 {
+		return false
+	}
+	for _, label := range strings.Split(s, ".") {
+		if label == "" || len(label) > 63 || label[0] == '-' || label[len(label)-1] == '-' {
+			return false
+		}
+		for i := 0; i < len(label); i++ {
+			if c := label[i]; !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
+				return false
+			}
+		}
+	}
+	return true
 }

@@ -126,13 +126,18 @@ func (c *check) decide(req *checkRequest) (byte, *smtp.SMTPError) {
 		}
 		return refusal(r)
 	}
-	switch {
-	case tx.ptx == nil:
+	if tx.ptx == nil {
 		// Exempt, or no policy: nothing is counted, relay qq runs the
 		// real qmail-queue.
 		tx.result = txAccepted
 		return frameExempt, nil
-	case tx.hold:
+	}
+	// From: control as for SMTP (relay/dkim.go), never signed here.
+	if r := ss.fromControl(tx, req.head, false, false); r != nil {
+		tx.code, tx.result = r.Code, txRejected
+		return refusal(r)
+	}
+	if tx.hold {
 		return frameHold, nil
 	}
 	return frameAccepted, nil

@@ -30,6 +30,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"relay/config"
+	"relay/dkim"
 	"relay/policy"
 	"relay/queue"
 )
@@ -95,6 +96,9 @@ type Server struct {
 	tlsConf *tls.Config
 	smtpLog *log.Logger
 
+	dmarc     *dkim.DMARC // DMARC lookups and their cache, across reloads
+	dkimStats *dkim.Stats
+
 	mu        sync.Mutex
 	listeners []*boundListener
 	serving   sync.WaitGroup
@@ -128,6 +132,10 @@ func newServer(st *settings, deps Deps) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	stats, err := dkim.NewStats(deps.Registerer, deps.Now)
+	if err != nil {
+		return nil, err
+	}
 	s := &Server{
 		deps:          deps,
 		log:           deps.Logger,
@@ -135,10 +143,12 @@ func newServer(st *settings, deps Deps) (*Server, error) {
 		metrics:       m,
 		connPerClient: map[connKey]int{},
 		conns:         map[*trackedConn]struct{}{},
+		dkimStats:     stats,
 	}
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
+	s.dmarc = dkim.NewDMARC(dkim.DMARCOptions{Server: st.cfg.DKIM.DNS, Logger: s.log})
 	if s.now == nil {
 		s.now = time.Now
 	}
@@ -160,15 +170,16 @@ func newServer(st *settings, deps Deps) (*Server, error) {
 // Reload makes new connections use cfg: relay control, limits, control
 // files (the greeting and databytes included), tcprules, web servers,
 // passwd, exempt users, timeouts, the TLS certificate and whether STARTTLS
-// is offered. Listeners are not rebound, and a connection keeps the
-// settings it was accepted under. On error the running configuration
-// stays.
+// is offered, and DKIM (keys, owners, actions, resolver). Listeners are not
+// rebound, and a connection keeps the settings it was accepted under. On
+// error the running configuration stays.
 func (s *Server) Reload(cfg *config.Config) error {
 	st, err := newSettings(cfg, s.log)
 	if err != nil {
 		return err
 	}
 	s.settings.Store(st)
+	s.dmarc.SetServer(cfg.DKIM.DNS)
 	return nil
 }
 
@@ -503,6 +514,7 @@ type settings struct {
 	accounts   map[uint32]string // /etc/passwd uid -> name
 	exempt     map[string]bool
 	cert       *tls.Certificate
+	dkim       *dkim.Set
 }
 
 // webserver is one [[webserver]] entry.
@@ -597,6 +609,14 @@ func newSettings(cfg *config.Config, log *slog.Logger) (*settings, error) {
 		}
 		st.cert = &cert
 	}
+	d, err := dkim.Load(cfg.DKIM)
+	if err != nil {
+		return nil, err
+	}
+	if len(d.Keys()) > 0 && cfg.Delivery.Method == config.DeliverQmailInject {
+		log.Warn("qmail-inject rewrites header fields: DKIM signatures made before it may not verify; deliver with qmail-queue")
+	}
+	st.dkim = d
 	return st, nil
 }
 

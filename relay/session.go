@@ -15,6 +15,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"relay/config"
+	"relay/dkim"
 	"relay/policy"
 	"relay/queue"
 )
@@ -122,7 +123,8 @@ type transaction struct {
 	size        int64
 	code        int // last reply code
 	qp          int
-	result      string // metrics result; "" until decided
+	result      string       // metrics result; "" until decided
+	fromVerdict dkim.Verdict // DKIM signing and From: control (relay/dkim.go)
 }
 
 // trusted reports whether mail from this session is counted by policy:
@@ -367,7 +369,19 @@ func (s *session) data(tx *transaction, msg *storeReader, headBuf []byte) *smtp.
 	if tx.ptx != nil {
 		msg.atEOF = func() error { return s.recheck(tx) }
 	}
+	if r := s.fromControl(tx, head, !msg.inHeader, true); r != nil {
+		return r
+	}
 	body := io.MultiReader(strings.NewReader(s.traceHeaders(tx)), bytes.NewReader(head), msg)
+	if tx.fromVerdict.Action == dkim.Sign {
+		// Signed last, over every byte handed off (docs/design.md §11).
+		signed, done, r := s.signed(tx, body, msg)
+		if r != nil {
+			return r
+		}
+		defer done.Close()
+		body = signed
+	}
 	if tx.hold {
 		return s.holdMessage(tx, head, body, func() *smtp.SMTPError {
 			if msg.Err() == nil {
@@ -589,6 +603,10 @@ func (s *session) endTx() {
 	}
 	if len(tx.ids) > 0 {
 		attrs = append(attrs, "id", tx.ids[0].ID)
+	}
+	if v := tx.fromVerdict; v.Domain != "" {
+		attrs = append(attrs, "dkim", dkimLogValue(v))
+		s.recordFrom(tx)
 	}
 	s.log.Info("transaction", attrs...)
 }

@@ -27,6 +27,7 @@ commands:
   release ID
   delete ID
   events [--identity ID] [--kind KIND] [--limit N]
+  dkim                 per domain: signed, unsigned and why, held, refused
   reload
   health
 
@@ -102,7 +103,7 @@ func ctl(args []string, stdout, stderr io.Writer, connect func() (*admin.Client,
 		return exitUsage
 	}
 	wantArgs := map[string]int{"senders": 0, "sender": 1, "suspend": 1, "unsuspend": 1, "reset": 1, "held": 0,
-		"show-held": 1, "release": 1, "delete": 1, "events": 0, "reload": 0, "health": 0}
+		"show-held": 1, "release": 1, "delete": 1, "events": 0, "reload": 0, "health": 0, "dkim": 0}
 	n, known := wantArgs[cmd]
 	if !known || len(pos) != n {
 		if !known {
@@ -197,6 +198,11 @@ func ctl(args []string, stdout, stderr io.Writer, connect func() (*admin.Client,
 		var evs []admin.Event
 		if evs, err = c.Events(ctx, admin.EventFilter{Identity: *identity, Kind: *kind, Limit: *limit}); err == nil {
 			err = out(evs, func() error { return admin.WriteEvents(stdout, evs) })
+		}
+	case "dkim":
+		var r admin.DKIMReport
+		if r, err = c.DKIM(ctx); err == nil {
+			err = out(r, func() error { return admin.WriteDKIM(stdout, r) })
 		}
 	case "health":
 		if err = c.Health(ctx); err == nil {

@@ -19,6 +19,7 @@ commands:
   ctl            drive the admin API from a shell
   qmail-queue    list who is in qmail's queue right now
   scan           list processes talking SMTP (run on a web server)
+  dkim           DKIM keys: keygen, dns (records to publish), check (against DNS)
   doctor         check this server's installation, read-only, and say what to fix
   queue-writer   write qmail's queue for delivery method qmail-direct
                  (relay serve runs it; not for use by hand)
@@ -59,6 +60,8 @@ func dispatch(argv []string, stdout, stderr io.Writer) int {
 		return runQmailQueue(args, stdout, stderr)
 	case "scan":
 		return runScan(args, stdout, stderr)
+	case "dkim":
+		return runDKIM(args, stdout, stderr)
 	case "doctor":
 		return runDoctor(args, stdout, stderr)
 	case "queue-writer":

@@ -199,6 +199,7 @@ func startDaemon(cfg *config.Config, log *slog.Logger, writers <-chan net.Conn) 
 		Health:   d.policy.Health,
 		TLSCert:  cfg.Admin.TLSCert,
 		TLSKey:   cfg.Admin.TLSKey,
+		DKIM:     d.smtp,
 	})
 	if err == nil {
 		err = d.admin.Start()

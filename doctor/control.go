@@ -170,16 +170,21 @@ func (r *run) checkCert(check, certPath, keyPath, load, host string) {
 		}
 	}
 	if st, err := statPath(keyPath); err == nil {
-		owner := "qmaild"
-		if r.daemon != nil {
-			owner = userName(r.daemon.uid)
+		c, who, known := r.daemonCred()
+		owner := daemonUser
+		if known {
+			owner = userName(c.uid)
 		}
+		fix := fmt.Sprintf("chown %s %s && chmod 600 %s", owner, keyPath, keyPath)
 		if st.mode&0o004 != 0 {
-			v.bad(Fail, fmt.Sprintf("chown %s %s && chmod 600 %s", owner, keyPath, keyPath), "the private key %s is %s: every local user can read it", keyPath, st)
+			v.bad(Fail, fix, "the private key %s is %s: every local user can read it", keyPath, st)
 		}
-		if r.daemon != nil {
-			if err := procCred(r.daemon).reach(keyPath, 4); err != nil {
-				v.bad(Fail, fmt.Sprintf("chown %s %s && chmod 600 %s", owner, keyPath, keyPath), "the daemon (%s) cannot read %s (%v): it will not start again", owner, keyPath, err)
+		if known {
+			if err := c.reach(keyPath, 4); err != nil {
+				if re := (*reachError)(nil); errors.As(err, &re) && re.dir {
+					fix = reachFix(err, 4)
+				}
+				v.bad(Fail, fix, "%s cannot read %s (%v): relay will not start with it", who, keyPath, err)
 			}
 		}
 	}
@@ -199,6 +204,3 @@ func firstCert(b []byte) (*x509.Certificate, error) {
 		}
 	}
 }
-
-// checkDKIM is filled in when the dkim package lands (issue 14).
-func (r *run) checkDKIM() {}

@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os/user"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -187,6 +189,36 @@ func (r *run) findDaemon() {
 	}
 }
 
+// daemonCred is who the daemon is (its process) or, when it is not
+// running, who it would be: qmaild with its groups from the group file.
+// who names it for messages.
+func (r *run) daemonCred() (c cred, who string, ok bool) {
+	if r.daemon != nil {
+		return procCred(r.daemon), "the daemon (" + userName(r.daemon.uid) + ")", true
+	}
+	u, err := user.Lookup(daemonUser)
+	if err != nil {
+		return cred{}, "", false
+	}
+	uid, err1 := strconv.Atoi(u.Uid)
+	gid, err2 := strconv.Atoi(u.Gid)
+	if err1 != nil || err2 != nil {
+		return cred{}, "", false
+	}
+	c = cred{uid: uid, gids: []int{gid}}
+	if ids, err := u.GroupIds(); err == nil {
+		for _, s := range ids {
+			if g, err := strconv.Atoi(s); err == nil {
+				c.gids = append(c.gids, g)
+			}
+		}
+	}
+	return c, daemonUser + " (the daemon's user; it is not running)", true
+}
+
+// daemonUser is the user the README runs the daemon as.
+const daemonUser = "qmaild"
+
 // unitName is the systemd unit relay runs in, for the fixes.
 func (r *run) unitName() string {
 	for _, p := range []*proc{r.supervisor, r.daemon} {
@@ -235,7 +267,7 @@ func (r *run) checkDaemon() {
 			fix = "it runs as root without its supervisor: " + r.restartFix()
 		}
 		v.bad(Fail, fix, "it runs as root: every client's bytes are parsed with every right on the machine")
-	case d.uid != lookupUID("qmaild"):
+	case d.uid != lookupUID(daemonUser):
 		v.bad(Warn, "User=qmaild in "+unit+", then "+r.restartFix(), "it runs as %s, not qmaild (qmail-smtpd's user, whom qmail treats as the network)", userName(d.uid))
 	}
 	if cfgPath := serveConfig(d); !samePath(cfgPath, r.o.Config) {

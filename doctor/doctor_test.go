@@ -13,6 +13,9 @@ import (
 	"testing"
 	"time"
 
+	"relay/config"
+	"relay/dkim"
+	"relay/internal/dnstest"
 	"relay/local"
 )
 
@@ -316,4 +319,42 @@ func FuzzIdentifyC(f *testing.F) {
 			}
 		}
 	})
+}
+
+// Each DKIM key gets its line; with --dns, dkim.CheckDNS judges the
+// published record.
+func TestCheckDKIM(t *testing.T) {
+	dir := t.TempDir()
+	k, err := dkim.GenerateKey(dir, "example.test", "s1", dkim.AlgoEd25519)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dns := dnstest.New(t)
+	cfg := config.Default()
+	cfg.DKIM.KeysDir, cfg.DKIM.DNS = dir, dns.Addr
+	check := func(withDNS bool) Result {
+		r := &run{o: Options{DNS: withDNS, Now: time.Now()}, ctx: context.Background(), euid: os.Geteuid(), cfg: cfg, procs: newProcTable("/proc")}
+		r.daemon = &proc{pid: os.Getpid(), uid: os.Geteuid(), gid: os.Getegid()}
+		r.checkDKIM()
+		if len(r.results) != 1 || r.results[0].Check != "dkim s1._domainkey.example.test" {
+			t.Fatalf("%+v", r.results)
+		}
+		return r.results[0]
+	}
+	if r := check(false); r.Status != OK || !strings.Contains(r.Detail, "DNS not checked") {
+		t.Errorf("%+v", r)
+	}
+	if r := check(true); r.Status != Fail || !strings.Contains(r.Fix, k.ZoneLine()) || strings.Contains(r.Detail, "publish:") {
+		t.Errorf("%+v", r)
+	}
+	dns.SetTXT(k.Name(), k.Record())
+	if r := check(true); r.Status != OK || !strings.Contains(r.Detail, "DNS matches") {
+		t.Errorf("%+v", r)
+	}
+	cfg.DKIM.KeysDir = ""
+	r := &run{o: Options{Now: time.Now()}, ctx: context.Background(), cfg: cfg, procs: newProcTable("/proc")}
+	r.checkDKIM()
+	if len(r.results) != 1 || r.results[0].Status != OK {
+		t.Errorf("%+v", r.results)
+	}
 }

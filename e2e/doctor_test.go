@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"relay/dkim"
+	"relay/internal/dnstest"
 	"relay/internal/qmailtest"
 	"relay/internal/testcert"
 )
@@ -38,6 +40,8 @@ type installation struct {
 	key      string
 	group    string
 	gid      int
+	dkimDir  string
+	dns      *dnstest.Server
 	smtp     string // 127.0.0.1:25
 	svc      *service
 	send     *exec.Cmd
@@ -126,8 +130,15 @@ func install(t *testing.T, q *qmailtest.Qmail) *installation {
 	os.WriteFile(tcprules, []byte("127.:allow,RELAYCLIENT=\"\"\n:allow\n"), 0o644)
 
 	in.config = filepath.Join(in.root, "etc", "relay", "relay.toml")
+	in.dkimDir = filepath.Join(in.root, "etc", "relay", "dkim")
+	in.dns = dnstest.New(t)
 	in.writeConfig(fmt.Sprintf(`method = "qmail-queue"
 command = %q`, filepath.Join(in.qmail, "bin", "qmail-queue.orig")))
+	// README step 6: a key, readable by relay only.
+	if out, err := exec.Command(bins.relay, "dkim", "--config", in.config, "keygen", "--domain", in.me, "--selector", "s1", "--algo", "ed25519").CombinedOutput(); err != nil {
+		t.Fatalf("relay dkim keygen: %v\n%s", err, out)
+	}
+	run(t, "chown", "-R", "qmaild", in.dkimDir)
 	in.svc = startService(t, in.config, serviceOpts{cred: in.daemonCred()})
 	in.startQmailSend()
 	return in
@@ -171,9 +182,13 @@ qmail_queue = %q
 
 [admin]
 listen = %q
+
+[dkim]
+keys_dir = %q
+dns = %q
 `, in.data, in.smtp, freePort(in.t), filepath.Join(in.root, "run", "relay", "submit.sock"), in.cert, in.key,
 		filepath.Join(in.qmail, "control"), filepath.Join(in.root, "etc", "tcp.smtp"), delivery,
-		filepath.Join(in.qmail, "bin", "qmail-queue.orig"), freePort(in.t))
+		filepath.Join(in.qmail, "bin", "qmail-queue.orig"), freePort(in.t), in.dkimDir, in.dns.Addr)
 	if err := os.WriteFile(in.config, []byte(cfg), 0o644); err != nil {
 		in.t.Fatal(err)
 	}
@@ -260,9 +275,9 @@ func (in *installation) stopQmailSend() {
 // doctor runs relay doctor on the installation (as root unless cred says
 // otherwise), once as text and once as JSON, and checks that the two say
 // the same; it returns the results and the exit code.
-func (in *installation) doctor(cred *syscall.Credential) (map[string]doctorResult, string, int) {
+func (in *installation) doctor(cred *syscall.Credential, extra ...string) (map[string]doctorResult, string, int) {
 	in.t.Helper()
-	args := []string{"doctor", "--config", in.config, "--qmail", in.qmail, "--sendmail", in.sendmail}
+	args := append([]string{"doctor", "--config", in.config, "--qmail", in.qmail, "--sendmail", in.sendmail}, extra...)
 	cmd := exec.Command(bins.relay, append(args, "--json")...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
 	cmd.Dir = "/"
@@ -317,9 +332,9 @@ type doctorResult struct {
 }
 
 // expectAllOK runs relay doctor and wants exit 0 with every check ok.
-func (in *installation) expectAllOK(what string) {
+func (in *installation) expectAllOK(what string, extra ...string) {
 	in.t.Helper()
-	rs, text, code := in.doctor(nil)
+	rs, text, code := in.doctor(nil, extra...)
 	bad := false
 	for _, r := range rs {
 		bad = bad || r.Status != "ok"
@@ -331,9 +346,9 @@ func (in *installation) expectAllOK(what string) {
 
 // expectFail runs relay doctor and wants exit 1 with check FAILing, its
 // detail and fix containing the given strings.
-func (in *installation) expectFail(check, detail, fix string) map[string]doctorResult {
+func (in *installation) expectFail(check, detail, fix string, extra ...string) map[string]doctorResult {
 	in.t.Helper()
-	rs, text, code := in.doctor(nil)
+	rs, text, code := in.doctor(nil, extra...)
 	r, ok := rs[check]
 	if code != 1 || !ok || r.Status != "FAIL" || !strings.Contains(r.Detail, detail) || !strings.Contains(r.Fix, fix) {
 		in.t.Fatalf("relay doctor exit %d; want 1 with %q FAIL, detail with %q, fix with %q:\n%s", code, check, detail, fix, text)
@@ -409,6 +424,34 @@ func TestDoctorOnAnInstallation(t *testing.T) {
 	in.expectAllOK("installed")
 	realQQ := filepath.Join(in.qmail, "bin", "qmail-queue.orig")
 
+	{
+		t.Log("DKIM: the key's record, with --dns")
+		keys, err := dkim.LoadKeys(in.dkimDir)
+		if err != nil || len(keys[in.me]) != 1 {
+			t.Fatalf("%v %v", keys, err)
+		}
+		k := keys[in.me][0]
+		check := "dkim " + k.Name()
+		rs, _, _ := in.doctor(nil)
+		if !strings.Contains(rs[check].Detail, "DNS not checked (relay doctor --dns)") {
+			t.Errorf("%+v", rs[check])
+		}
+		in.expectFail(check, "no TXT record at "+k.Name(), "publish "+k.ZoneLine(), "--dns")
+		in.dns.SetTXT(k.Name(), k.Record())
+		in.expectAllOK("published", "--dns")
+		if rs, _, _ := in.doctor(nil, "--dns"); !strings.Contains(rs[check].Detail, "DNS matches") {
+			t.Errorf("%+v", rs[check])
+		}
+		in.dns.SetTXT(k.Name(), "v=DKIM1; k=ed25519; p=bm90IHRoaXMga2V5IGF0IGFsbCBub3QgdGhpcyBrZXkgYXQgYWxsIQ==")
+		in.expectFail(check, "differs from "+k.Path, "publish "+k.ZoneLine(), "--dns")
+		in.dns.SetTXT(k.Name(), k.Record())
+
+		t.Log("break and restore: DKIM keys unreadable by the daemon")
+		run(t, "chown", "-R", "root", in.dkimDir)
+		in.expectFail(check, "the daemon (qmaild) cannot read "+k.Path, "chown -R qmaild "+in.dkimDir)
+		run(t, "chown", "-R", "qmaild", in.dkimDir)
+		in.expectAllOK("restored")
+	}
 	{
 		t.Log("break and restore: real qmail-queue runnable by anyone")
 		run(t, "chmod", "4711", realQQ)

@@ -23,10 +23,10 @@ func (r *run) checkControl() {
 	qmailControl := filepath.Join(r.o.QmailHome, "control")
 	if dir == "" {
 		if st, err := statPath(qmailControl); err == nil && st.dir {
-			r.add("rcpthosts", Warn, fmt.Sprintf(`set [relay] qmail_control_dir = "%s" in %s, then systemctl reload relay`, qmailControl, r.o.Config),
+			r.add("control files", Warn, fmt.Sprintf(`set [relay] qmail_control_dir = "%s" in %s, then systemctl reload relay`, qmailControl, r.o.Config),
 				"relay does not read qmail's control files (me, rcpthosts, morercpthosts, databytes, badmailfrom): only [relay] local_domains = %q are accepted from anyone", r.cfg.Relay.LocalDomains)
 		} else {
-			r.ok("rcpthosts", "no qmail control directory: [relay] local_domains %q are accepted from anyone", r.cfg.Relay.LocalDomains)
+			r.ok("control files", "no qmail control directory: [relay] local_domains %q are accepted from anyone", r.cfg.Relay.LocalDomains)
 		}
 	} else {
 		r.checkRcptHosts(dir)
@@ -34,10 +34,11 @@ func (r *run) checkControl() {
 	r.checkRelayNetworks()
 }
 
-// checkRcptHosts: rcpthosts is there, readable by the daemon and not
-// empty; local_domains adds nothing qmail would not accept.
+// checkRcptHosts: rcpthosts is there and not empty, the daemon may read
+// every control file relay reads, and local_domains adds nothing qmail
+// would not accept.
 func (r *run) checkRcptHosts(dir string) {
-	const check = "rcpthosts"
+	const check = "control files"
 	path := filepath.Join(dir, "rcpthosts")
 	var v verdict
 	f, err := os.Open(path)
@@ -60,9 +61,15 @@ func (r *run) checkRcptHosts(dir string) {
 	case len(hosts) == 0:
 		v.bad(Fail, addMe, "%s lists no domain: relay takes mail from the internet only for local_domains %q", path, r.cfg.Relay.LocalDomains)
 	}
-	if r.daemon != nil && err == nil {
-		if rerr := procCred(r.daemon).reach(path, 4); rerr != nil {
-			v.bad(Fail, reachFix(rerr, 4), "the daemon (%s) cannot read %s: %v", userName(r.daemon.uid), path, rerr)
+	if c, who, ok := r.daemonCred(); ok {
+		for _, name := range config.ControlFiles() {
+			f := filepath.Join(dir, name)
+			if _, serr := statPath(f); serr != nil {
+				continue
+			}
+			if rerr := c.reach(f, 4); rerr != nil {
+				v.bad(Fail, reachFix(rerr, 4), "%s cannot read %s (%v): relay will not start or reload", who, f, rerr)
+			}
 		}
 	}
 	if len(r.cfg.Relay.LocalDomains) > 0 {
@@ -81,7 +88,7 @@ func (r *run) checkRcptHosts(dir string) {
 			}
 		}
 	}
-	r.emit(check, &v, fmt.Sprintf("%s lists %d domain(s)", path, len(hosts)))
+	r.emit(check, &v, fmt.Sprintf("%s lists %d domain(s); the daemon may read what relay reads in %s", path, len(hosts), dir))
 }
 
 // checkRelayNetworks: who may relay is qmail's tcprules, and

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"os/user"
 	"path/filepath"
 	"slices"
@@ -109,10 +110,38 @@ func isRelayServe(p *proc) bool {
 	return len(p.argv) >= 2 && p.argv[1] == "serve" && (p.name == "relay" || filepath.Base(p.argv[0]) == "relay")
 }
 
-// serveConfig is the config a relay serve process was started with.
-func serveConfig(p *proc) string {
-	path, _, _ := config.PathFromArgs(p.argv[2:])
+// serveConfig is the config a relay serve process was started with: its
+// --config, else its $RELAY_CONFIG (readable by root), else the default.
+// config.PathFromArgs is not used: it would take this process's
+// environment.
+func (r *run) serveConfig(p *proc) string {
+	path := r.serveConfigArg(p)
+	if !filepath.IsAbs(path) {
+		if cwd, err := r.procs.link(p.pid, "cwd"); err == nil {
+			return filepath.Join(cwd, path)
+		}
+	}
 	return path
+}
+
+func (r *run) serveConfigArg(p *proc) string {
+	args := p.argv[2:]
+	if len(args) >= 2 && (args[0] == "--config" || args[0] == "-config") {
+		return args[1]
+	}
+	if len(args) >= 1 {
+		if v, ok := strings.CutPrefix(args[0], "--config="); ok {
+			return v
+		}
+	}
+	if env, err := os.ReadFile(filepath.Join(r.procs.root, strconv.Itoa(p.pid), "environ")); err == nil {
+		for _, kv := range strings.Split(string(env), "\x00") {
+			if v, ok := strings.CutPrefix(kv, "RELAY_CONFIG="); ok && v != "" {
+				return v
+			}
+		}
+	}
+	return config.DefaultPath
 }
 
 func samePath(a, b string) bool {
@@ -167,7 +196,7 @@ func (r *run) findDaemon() {
 	}
 	if r.daemon == nil {
 		for _, p := range r.procs.all() {
-			if isRelayServe(p) && samePath(serveConfig(p), r.o.Config) && (r.daemon == nil || r.daemon.uid == 0) {
+			if isRelayServe(p) && samePath(r.serveConfig(p), r.o.Config) && (r.daemon == nil || r.daemon.uid == 0) {
 				r.daemon, r.daemonHow = p, "started with "+r.o.Config
 			}
 		}
@@ -270,7 +299,7 @@ func (r *run) checkDaemon() {
 	case d.uid != lookupUID(daemonUser):
 		v.bad(Warn, "User=qmaild in "+unit+", then "+r.restartFix(), "it runs as %s, not qmaild (qmail-smtpd's user, whom qmail treats as the network)", userName(d.uid))
 	}
-	if cfgPath := serveConfig(d); !samePath(cfgPath, r.o.Config) {
+	if cfgPath := r.serveConfig(d); !samePath(cfgPath, r.o.Config) {
 		v.bad(Warn, "relay doctor --config "+cfgPath, "it was started with --config %s, not %s", cfgPath, r.o.Config)
 	}
 	if exe, err := r.procs.link(d.pid, "exe"); err == nil && strings.HasSuffix(exe, " (deleted)") {

@@ -9,9 +9,15 @@ import (
 	"relay/config"
 )
 
-// nnpImplied are the systemd settings that set NoNewPrivileges= for a
-// service that runs as a user other than root (systemd.exec(5)).
-const nnpImplied = "SystemCallFilter=, SystemCallArchitectures=, RestrictAddressFamilies=, RestrictNamespaces=, RestrictSUIDSGID=, RestrictRealtime=, PrivateDevices=, ProtectKernelTunables=, ProtectKernelModules=, ProtectKernelLogs=, ProtectClock=, MemoryDenyWriteExecute=, LockPersonality=, DynamicUser="
+// NoNewPrivsSettings are the systemd unit settings that give a service
+// no_new_privs: NoNewPrivileges= itself, and those that imply it for a
+// service that runs as a user other than root (systemd.exec(5)). Under
+// it the real qmail-queue's setuid bit is ignored.
+func NoNewPrivsSettings() []string {
+	return []string{"NoNewPrivileges", "SystemCallFilter", "SystemCallArchitectures", "SystemCallLog", "RestrictAddressFamilies",
+		"RestrictNamespaces", "RestrictSUIDSGID", "RestrictRealtime", "PrivateDevices", "ProtectKernelTunables",
+		"ProtectKernelModules", "ProtectKernelLogs", "ProtectClock", "MemoryDenyWriteExecute", "LockPersonality", "DynamicUser"}
+}
 
 // checkHandoff: the daemon can run what it hands each message to, and
 // the kernel honours that program's setuid bit (no NoNewPrivs); with
@@ -88,7 +94,7 @@ func (r *run) judgeSetIDExec(v *verdict, prog string, chain ...string) {
 	if len(setid) == 0 {
 		return
 	}
-	v.bad(Fail, fmt.Sprintf("delete NoNewPrivileges=yes from %s (and any of %s, which imply it), then systemctl daemon-reload && %s", unit, nnpImplied, r.restartFix()),
+	v.bad(Fail, fmt.Sprintf("delete NoNewPrivileges=yes from %s (and any of %s=, which imply it), then systemctl daemon-reload && %s", unit, strings.Join(NoNewPrivsSettings()[1:], "=, "), r.restartFix()),
 		"the daemon pid %d has NoNewPrivs: 1, so the kernel ignores the setuid and setgid bits of %s: qmail-queue stays %s, cannot enter the queue and exits 62, and every message gets 451",
 		d.pid, strings.Join(setid, ", "), userName(d.uid))
 }

@@ -51,7 +51,7 @@ func (r *run) holders(addr string) []holder {
 			h.p = r.procs.get(pid)
 		}
 		if h.p == nil {
-			h.p = r.tcpserverOn(port)
+			h.p = r.tcpserverOn(s.addr)
 		}
 		out = append(out, h)
 	}
@@ -126,18 +126,26 @@ func serviceLink(scanDir, dir string) string {
 	return ""
 }
 
-// tcpserverOn returns a tcpserver (or sslserver) process started for port,
-// which any user can see in /proc: what holds a socket whose owner only
-// root can see.
-func (r *run) tcpserverOn(port int) *proc {
+// tcpserverOn returns a tcpserver (or sslserver) process started for a
+// listening address, which any user can see in /proc: what holds a socket
+// whose owner only root can see.
+func (r *run) tcpserverOn(addr netip.AddrPort) *proc {
 	for _, p := range r.procs.all() {
-		_, ps, _, ok := parseTCPServer(p.argv)
+		host, ps, _, ok := parseTCPServer(p.argv)
 		if !ok {
 			continue
 		}
-		if n, err := net.LookupPort("tcp", ps); err == nil && n == port {
-			return p
+		if n, err := net.LookupPort("tcp", ps); err != nil || n != int(addr.Port()) {
+			continue
 		}
+		// tcpserver's host: 0 for every address, an IP, or a name.
+		if a, err := netip.ParseAddr(host); err == nil && a.Unmap() != addr.Addr() && !a.IsUnspecified() {
+			continue
+		}
+		if host == "0" && !addr.Addr().IsUnspecified() {
+			continue
+		}
+		return p
 	}
 	return nil
 }
@@ -220,7 +228,7 @@ func (r *run) checkListeners() {
 		default:
 			v.note("%q", p.greeting)
 		}
-		if p.err == nil || !errors.Is(p.err, syscall.ENOENT) {
+		if !errors.Is(p.err, syscall.ENOENT) {
 			if err := others.reach(l.Addr, 2); err != nil {
 				v.bad(Fail, reachFix(err, 2), "local users cannot connect (relay qq runs as each of them): %v", err)
 			}
@@ -256,11 +264,6 @@ func (r *run) checkOtherSMTP() {
 		}
 		check := "port " + strconv.Itoa(port)
 		hs := r.holders(":" + strconv.Itoa(port))
-		if len(hs) == 0 {
-			if p := r.tcpserverOn(port); p != nil && runsQmailSMTPD(p.argv) {
-				hs = []holder{{p: p}}
-			}
-		}
 		if len(hs) == 0 {
 			if port == 25 && r.cfg != nil {
 				r.add(check, Warn, `add [[listen]] addr = "0.0.0.0:25" mode = "smtp" to `+r.o.Config+", then "+r.restartFix(),

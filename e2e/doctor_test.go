@@ -510,6 +510,18 @@ func TestDoctorOnAnInstallation(t *testing.T) {
 		stop()
 		in.svc.start()
 		in.expectAllOK("restored")
+
+		t.Log("break and restore: a second tcpserver, on port 587")
+		ts587 := exec.Command("tcpserver", "-R", "-H", "-l", "0", "127.0.0.1", "587", smtpd)
+		if err := ts587.Start(); err != nil {
+			t.Fatal(err)
+		}
+		defer func() { ts587.Process.Kill(); ts587.Wait() }()
+		waitListening(t, "127.0.0.1:587")
+		in.expectFail("port 587", fmt.Sprintf("tcpserver pid %d running %s answers on port 587", ts587.Process.Pid, smtpd), fmt.Sprintf("kill %d", ts587.Process.Pid))
+		ts587.Process.Kill()
+		ts587.Wait()
+		in.expectAllOK("restored")
 	}
 
 	{

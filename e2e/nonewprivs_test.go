@@ -6,11 +6,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"relay/doctor"
 	"relay/internal/qmailtest"
 )
 
@@ -136,4 +138,24 @@ func doctorLine(out, check string) string {
 		}
 	}
 	return ""
+}
+
+// The README's unit sets none of the settings that give the daemon
+// no_new_privs (the list is relay doctor's).
+func TestREADMEUnitKeepsSetuid(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join(moduleRoot(t), "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, unit, ok := strings.Cut(string(b), "# /etc/systemd/system/relay.service\n")
+	unit, _, ok2 := strings.Cut(unit, "```")
+	if !ok || !ok2 || !strings.Contains(unit, "ExecStart=/usr/local/bin/relay serve") {
+		t.Fatal("the README's systemd unit was not found")
+	}
+	for line := range strings.Lines(unit) {
+		key, _, isSetting := strings.Cut(strings.TrimSpace(line), "=")
+		if isSetting && slices.Contains(doctor.NoNewPrivsSettings(), key) {
+			t.Errorf("the README's unit sets %s", strings.TrimSpace(line))
+		}
+	}
 }

@@ -57,7 +57,7 @@ func (r *run) checkRcptHosts(dir string) {
 	case errors.Is(err, fs.ErrNotExist):
 		v.bad(Fail, addMe, "%s is missing: relay then takes mail from the internet only for local_domains %q", path, r.cfg.Relay.LocalDomains)
 	case err != nil:
-		v.bad(Fail, "", "%s: %v", path, err)
+		v.bad(Fail, "chmod 644 "+path, "%s: %v", path, err)
 	case len(hosts) == 0:
 		v.bad(Fail, addMe, "%s lists no domain: relay takes mail from the internet only for local_domains %q", path, r.cfg.Relay.LocalDomains)
 	}

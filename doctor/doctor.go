@@ -138,6 +138,7 @@ func WriteText(w io.Writer, rs []Result) error {
 		if x.Fix != "" {
 			line += "  fix: " + x.Fix
 		}
+		line = strings.ReplaceAll(line, "\n", " ") // one line per check, whatever an error said
 		if _, err := fmt.Fprintln(w, strings.TrimRight(line, " ")); err != nil {
 			return err
 		}

@@ -158,7 +158,7 @@ func (r *run) checkRelayLocal(path string, gid int, gname string) {
 	var v verdict
 	build := fmt.Sprintf("CGO_ENABLED=0 go build -o %[1]s ./cmd/relay-local && chgrp %[2]s %[1]s && chmod 2755 %[1]s", path, gname)
 	if path == "" {
-		v.bad(Warn, "", "relay-qq names no relay-local (it was built with -DRELAY_LOCAL_PATH of another name); not checked")
+		v.bad(Warn, fmt.Sprintf(`rebuild relay-qq with -DRELAY_LOCAL_PATH='"%s"' (README, Installing)`, installedRelayLocal), "relay-qq names no relay-local (it was built with -DRELAY_LOCAL_PATH of another name); not checked")
 		r.emit(check, &v, "")
 		return
 	}
@@ -240,7 +240,7 @@ func (r *run) checkQQSettings() {
 	var v verdict
 	accounts, err := config.ReadPasswdFile(passwdFile)
 	if err != nil {
-		v.bad(Warn, "", "%s: %v (exempt uids not compared)", passwdFile, err)
+		v.bad(Warn, "chmod 644 "+passwdFile, "%s: %v (exempt uids not compared)", passwdFile, err)
 	}
 	want, err := local.NewSettings(r.cfg, accounts)
 	if err != nil {
@@ -375,7 +375,7 @@ func (r *run) checkQmailSend() {
 		return
 	}
 	if err != nil {
-		r.add(check, Fail, "", "%s: %v: is qmail installed in %s?", mutex, unwrapPath(err), r.o.QmailHome)
+		r.add(check, Fail, "relay doctor --qmail DIR, DIR being where qmail is installed", "%s: %v: is qmail installed in %s?", mutex, unwrapPath(err), r.o.QmailHome)
 		return
 	}
 	for _, l := range r.procs.locks() {

@@ -16,6 +16,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"relay/queue"
 )
 
 // Client drives the admin API (relay ctl).
@@ -192,6 +194,13 @@ func (c *Client) Reset(ctx context.Context, id string) (ActionResult, error) {
 func (c *Client) Held(ctx context.Context) ([]HeldSummary, error) {
 	var out []HeldSummary
 	err := c.getJSON(ctx, http.MethodGet, "/api/held", nil, &out)
+	return out, err
+}
+
+// Queues returns the release queues (GET /api/queue).
+func (c *Client) Queues(ctx context.Context) ([]queue.ReleaseQueue, error) {
+	var out []queue.ReleaseQueue
+	err := c.getJSON(ctx, http.MethodGet, "/api/queue", nil, &out)
 	return out, err
 }
 

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"relay/queue"
 )
 
 // Tables for relay ctl. Every cell goes through clean: subjects and
@@ -112,6 +114,17 @@ func WriteHeld(w io.Writer, held []HeldSummary) error {
 		}
 		row(tw, h.ID, fmtTime(h.Time), strings.Join(h.Identities, ","), from,
 			strconv.Itoa(h.Rcpts), strconv.FormatInt(h.Size, 10), h.Subject)
+	}
+	return tw.Flush()
+}
+
+// WriteQueues writes the release queues, one identity a line.
+func WriteQueues(w io.Writer, qs []queue.ReleaseQueue) error {
+	tw := newTable(w)
+	row(tw, "IDENTITY", "WAITING", "RCPTS", "PACED", "OLDEST", "STATE", "NEXT", "DRAINS BY", "DETAIL")
+	for _, q := range qs {
+		row(tw, q.Identity, strconv.Itoa(q.Messages), strconv.Itoa(q.Recipients), strconv.Itoa(q.Paced),
+			fmtTime(q.Oldest), q.State, fmtTime(q.NextTry), fmtTime(q.DrainsBy), q.Detail)
 	}
 	return tw.Flush()
 }

@@ -5,7 +5,8 @@ import (
 )
 
 // RegisterHeldGauge registers relay_held_messages, the number of messages in
-// the hold spool h, counted at each scrape. The other series that /metrics
+// the hold spool h held for an admin (not those in a release queue, which
+// relay_queued_messages counts), counted at each scrape. The other series that /metrics
 // serves are registered by the packages that own them into the same
 // registry (Options.Gatherer): relay_transactions_total,
 // relay_recipients_total and relay_connections_open by relay;
@@ -31,5 +32,11 @@ func (c *heldCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.NewInvalidMetric(c.desc, err)
 		return
 	}
-	ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(len(list)))
+	n := 0
+	for _, m := range list {
+		if m.Queue == "" {
+			n++
+		}
+	}
+	ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(n))
 }

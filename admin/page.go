@@ -97,6 +97,10 @@ type pageData struct {
 	Events                        []Event
 	Held                          []heldRow
 	HeldErr                       string
+	Queues                        []queueRow // queue.go
+	QueuedTotal                   int
+	Queued                        []heldRow
+	Counts                        []countRow
 	CanReload                     bool
 	DKIM                          []dkimRow
 	DKIMReport                    DKIMReport
@@ -201,8 +205,11 @@ func (s *Server) dashboard(w http.ResponseWriter, r *http.Request) {
 		p.HeldErr = err.Error()
 	}
 	for _, h := range held {
-		p.Held = append(p.Held, heldRow{HeldSummary: h, CSRF: p.CSRF, Back: "/"})
+		if h.Queue == "" {
+			p.Held = append(p.Held, heldRow{HeldSummary: h, CSRF: p.CSRF, Back: "/"})
+		}
 	}
+	s.queueSection(p, held)
 	p.DKIMReport = s.dkimReport()
 	p.DKIM = dkimRows(p.DKIMReport)
 	s.render(w, http.StatusOK, "dashboard", p)

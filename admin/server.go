@@ -26,6 +26,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"relay/queue"
 )
 
 // Options configures a Server.
@@ -34,6 +36,9 @@ type Options struct {
 	Token  string // the bearer token (LoadOrCreateToken)
 	Policy Policy
 	Held   Held // nil: no hold spool, the lists are empty
+	// Queues describes the release queues (over_limit = "queue", pace);
+	// nil: none.
+	Queues func() []queue.ReleaseQueue
 	// Reload re-reads the config file. A bad file keeps the running policy
 	// and its error text (config.Errors, file:line:col) goes to the client.
 	Reload   func() error
@@ -136,6 +141,7 @@ func (s *Server) routes() http.Handler {
 	mux.Handle("GET /api/held/{id}", s.api(s.getHeld))
 	mux.Handle("POST /api/held/{id}/{action}", s.api(s.heldAction))
 	mux.Handle("GET /api/events", s.api(s.listEvents))
+	mux.Handle("GET /api/queue", s.api(s.listQueues))
 	mux.Handle("POST /api/reload", s.api(s.reload))
 	mux.Handle("GET /api/dkim", s.api(s.getDKIM))
 

@@ -64,6 +64,9 @@ type HeldSummary struct {
 	Reason     string    `json:"reason"`
 	Subject    string    `json:"subject"`
 	Size       int64     `json:"size"`
+	// Queue: the message waits in this identity's release queue and relay
+	// releases it itself; "" for mail held for an admin.
+	Queue string `json:"queue,omitempty"`
 }
 
 // HeldMessage is GET /api/held/{id}: the envelope, why it was held, and the
@@ -76,5 +79,5 @@ type HeldMessage struct {
 // summarize turns spool metadata into a list line.
 func summarize(m queue.HeldMeta) HeldSummary {
 	return HeldSummary{ID: m.ID, Time: m.Time, From: m.From, Rcpts: len(m.To), Identities: m.Identities,
-		Reason: m.Reason, Subject: m.Subject, Size: m.Size}
+		Reason: m.Reason, Subject: m.Subject, Size: m.Size, Queue: m.Queue}
 }

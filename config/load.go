@@ -201,10 +201,12 @@ func defaults() *Config {
 			MaxConnectionsPerIP: 20,
 			Timeout:             Duration{1200 * time.Second},
 			MaxSession:          Duration{30 * time.Minute},
+			ConnRatePerIP:       OptRate{Rate{60, time.Minute}},
 		},
 		Auth: Auth{
 			RequireTLS: true,
 			Timeout:    Duration{10 * time.Second},
+			FailLimit:  OptRate{Rate{10, 10 * time.Minute}},
 		},
 		Delivery: Delivery{
 			Method:   DeliverMaildir,
@@ -231,6 +233,7 @@ func defaults() *Config {
 			SuspendAfter:   5,
 			SuspendKinds:   DefaultSuspendKinds(),
 			ReserveTimeout: Duration{60 * time.Second},
+			QueueMax:       10000,
 			Limits: KindLimits{
 				User: &Limits{
 					MaxRcptsPerMsg: 50,
@@ -333,7 +336,7 @@ func friendlyDecodeMessage(msg string) string {
 		want = "an integer"
 	case want == "config.Duration":
 		want = `a duration string such as "60s"`
-	case want == "config.Rate":
+	case want == "config.Rate", want == "config.OptRate":
 		want = `a rate string such as "500/1h"`
 	default:
 		want = "a table"

@@ -607,3 +607,42 @@ func TestIdentityKindsAreOneList(t *testing.T) {
 		}
 	}
 }
+
+// TestSmoothingKeys: the keys of issue 15 load with their defaults, ""
+// turns an optional rate off, and an allow entry takes pace and action.
+func TestSmoothingKeys(t *testing.T) {
+	d := defaults()
+	if d.Relay.ConnRatePerIP.String() != "60/1m" || d.Auth.FailLimit.String() != "10/10m" || d.Policy.QueueMax != 10000 {
+		t.Fatalf("defaults: conn_rate_per_ip %q fail_limit %q queue_max %d", d.Relay.ConnRatePerIP, d.Auth.FailLimit, d.Policy.QueueMax)
+	}
+	path := writeFile(t, filepath.Join(t.TempDir(), "relay.toml"), `
+[relay]
+conn_rate_per_ip = ""
+[auth]
+fail_limit = "3/1m"
+[policy]
+over_limit = "queue"
+queue_max = 7
+[policy.limits.sender]
+msgs = ["3/10s"]
+pace = "20/1s"
+[[policy.allow]]
+match = "sender:list@example.com"
+unlimited = true
+pace = "5/1s"
+action = "hold"
+`)
+	c, err := Load(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Relay.ConnRatePerIP.On() || c.Auth.FailLimit.Rate != (Rate{3, time.Minute}) {
+		t.Errorf("conn_rate_per_ip %+v fail_limit %+v", c.Relay.ConnRatePerIP, c.Auth.FailLimit)
+	}
+	if c.Policy.OverLimit != OverLimitQueue || c.Policy.QueueMax != 7 || c.Policy.Limits.Sender.Pace.Rate != (Rate{20, time.Second}) {
+		t.Errorf("policy %+v", c.Policy)
+	}
+	if a := c.Policy.Allow[0]; a.Pace.Rate != (Rate{5, time.Second}) || a.Action != OverLimitHold || !a.Unlimited {
+		t.Errorf("allow %+v", a)
+	}
+}

@@ -77,6 +77,10 @@ type Relay struct {
 	TCPRules        string   `toml:"tcprules"`
 	// SenderIDHeader adds "X-Sender-Id: <primary identity>" to handed-off mail.
 	SenderIDHeader bool `toml:"sender_id_header"`
+	// ConnRatePerIP bounds new connections per client address (IPv6 by
+	// /64), a token bucket: beyond it "421 4.7.0" at the greeting. Off
+	// when empty; the local socket is never limited.
+	ConnRatePerIP OptRate `toml:"conn_rate_per_ip"`
 }
 
 // Auth is the [auth] section.
@@ -85,6 +89,10 @@ type Auth struct {
 	UsersFile     string   `toml:"users_file"`
 	RequireTLS    bool     `toml:"require_tls"`
 	Timeout       Duration `toml:"timeout"` // checkpassword is killed after this
+	// FailLimit bounds failed logins per client address and per login, a
+	// token bucket: once over, AUTH from that address or for that login
+	// gets "454 4.7.0". Off when empty.
+	FailLimit OptRate `toml:"fail_limit"`
 
 	// Users is users_file read by Load: login -> bcrypt hash (cost checked).
 	Users map[string][]byte `toml:"-"`
@@ -139,6 +147,7 @@ const (
 	OverLimitDefer  = "defer"
 	OverLimitReject = "reject"
 	OverLimitHold   = "hold"
+	OverLimitQueue  = "queue" // accepted into the release queue, let out as the windows free up
 )
 
 // Policy is the [policy] section.
@@ -152,9 +161,13 @@ type Policy struct {
 	// ReserveTimeout is how long a transaction may hold the recipients it
 	// reserved before finishing its DATA; then they are released and the
 	// transaction is checked again.
-	ReserveTimeout Duration    `toml:"reserve_timeout"`
-	Limits         KindLimits  `toml:"limits"`
-	Allow          []AllowRule `toml:"allow"`
+	ReserveTimeout Duration `toml:"reserve_timeout"`
+	// QueueMax bounds the release queue (over_limit = "queue", pace) per
+	// identity, in messages; beyond it the over_limit reply, with defer
+	// standing for queue.
+	QueueMax int         `toml:"queue_max"`
+	Limits   KindLimits  `toml:"limits"`
+	Allow    []AllowRule `toml:"allow"`
 }
 
 // Identity kinds (docs/design.md §3). IdentityKinds lists them in order.
@@ -255,6 +268,9 @@ type Limits struct {
 	MaxRcptsPerMsg int    `toml:"max_rcpts_per_msg"`
 	Rcpts          []Rate `toml:"rcpts"`
 	Msgs           []Rate `toml:"msgs"`
+	// Pace "N/D" lets the identity's messages out at N per D with bursts
+	// of N (a token bucket); faster mail joins the release queue.
+	Pace OptRate `toml:"pace"`
 }
 
 // AllowRule is one [[policy.allow]] entry: the mailing-list allowlist.
@@ -264,6 +280,11 @@ type AllowRule struct {
 	Rcpts          []Rate `toml:"rcpts"`
 	Msgs           []Rate `toml:"msgs"`
 	Unlimited      bool   `toml:"unlimited"`
+	// Pace as in Limits; it may go with unlimited = true.
+	Pace OptRate `toml:"pace"`
+	// Action over these caps: defer, reject, hold or queue; empty: the
+	// policy's over_limit.
+	Action string `toml:"action"`
 }
 
 // Webserver is one [[webserver]] entry.
@@ -361,6 +382,37 @@ func (r *Rate) UnmarshalText(b []byte) error {
 
 // MarshalText implements encoding.TextMarshaler.
 func (r Rate) MarshalText() ([]byte, error) { return []byte(r.String()), nil }
+
+// OptRate is a Rate that may be left empty ("" or absent): off.
+type OptRate struct{ Rate }
+
+// On reports whether a rate is set.
+func (r OptRate) On() bool { return r.N > 0 && r.Window > 0 }
+
+// UnmarshalText implements encoding.TextUnmarshaler; "" is off.
+func (r *OptRate) UnmarshalText(b []byte) error {
+	if strings.TrimSpace(string(b)) == "" {
+		*r = OptRate{}
+		return nil
+	}
+	return r.Rate.UnmarshalText(b)
+}
+
+// MarshalText implements encoding.TextMarshaler; off is "".
+func (r OptRate) MarshalText() ([]byte, error) {
+	if !r.On() {
+		return nil, nil
+	}
+	return r.Rate.MarshalText()
+}
+
+// String is the rate in its config form, "" when off.
+func (r OptRate) String() string {
+	if !r.On() {
+		return ""
+	}
+	return r.Rate.String()
+}
 
 // ParseRate parses "N/W" where W is a count and a unit s, m, h or d
 // ("100/1m", "2000/24h", "3/10s"). A bare unit means one of it ("10/h").

@@ -59,6 +59,7 @@ func (v *validator) config(c *Config) {
 	v.submissionAuth(c)
 	v.relay(&c.Relay)
 	v.positive("auth.timeout", c.Auth.Timeout.Duration)
+	v.pace("auth.fail_limit", c.Auth.FailLimit)
 	v.delivery(&c.Delivery)
 	v.local(&c.Local)
 	v.admin(&c.Admin)
@@ -181,6 +182,7 @@ func (v *validator) relay(r *Relay) {
 	v.nonNegative("relay.max_connections_per_ip", int64(r.MaxConnectionsPerIP))
 	v.positive("relay.timeout", r.Timeout.Duration)
 	v.positive("relay.max_session", r.MaxSession.Duration)
+	v.pace("relay.conn_rate_per_ip", r.ConnRatePerIP)
 }
 
 // ParseNetwork parses a relay_networks entry: a CIDR prefix ("10.0.0.0/8",
@@ -301,11 +303,14 @@ func (v *validator) policy(p *Policy) {
 		v.add("policy.mode", "%q: one of enforce, observe", p.Mode)
 	}
 	switch p.OverLimit {
-	case OverLimitDefer, OverLimitReject, OverLimitHold:
+	case OverLimitDefer, OverLimitReject, OverLimitHold, OverLimitQueue:
 	default:
-		v.add("policy.over_limit", "%q: one of defer, reject, hold", p.OverLimit)
+		v.add("policy.over_limit", "%q: one of defer, reject, hold, queue", p.OverLimit)
 	}
 	v.nonNegative("policy.suspend_after", int64(p.SuspendAfter))
+	if p.QueueMax < 1 {
+		v.add("policy.queue_max", "must be at least 1 (messages waiting per identity)")
+	}
 	seenKind := map[string]int{}
 	for i, kind := range p.SuspendKinds {
 		key := fmt.Sprintf("policy.suspend_kinds[%d]", i)
@@ -324,6 +329,7 @@ func (v *validator) policy(p *Policy) {
 			v.nonNegative(key+".max_rcpts_per_msg", int64(l.MaxRcptsPerMsg))
 			v.rates(key+".rcpts", l.Rcpts)
 			v.rates(key+".msgs", l.Msgs)
+			v.pace(key+".pace", l.Pace)
 		}
 	}
 	for i, a := range p.Allow {
@@ -337,6 +343,22 @@ func (v *validator) policy(p *Policy) {
 		if a.Unlimited && (a.MaxRcptsPerMsg != 0 || len(a.Rcpts) > 0 || len(a.Msgs) > 0) {
 			v.add(key+".unlimited", "unlimited = true cannot be combined with max_rcpts_per_msg, rcpts or msgs")
 		}
+		v.pace(key+".pace", a.Pace)
+		switch a.Action {
+		case "", OverLimitDefer, OverLimitReject, OverLimitHold, OverLimitQueue:
+		default:
+			v.add(key+".action", "%q: one of defer, reject, hold, queue (or leave it out for policy.over_limit)", a.Action)
+		}
+	}
+}
+
+// maxPaceBurst bounds N of a pace: the burst of its token bucket.
+const maxPaceBurst = 1_000_000
+
+// pace checks a pace "N/D": a rate of at most maxPaceBurst per D.
+func (v *validator) pace(key string, r OptRate) {
+	if r.On() && r.N > maxPaceBurst {
+		v.add(key, "%s: N is the burst and must be at most %d", r.String(), maxPaceBurst)
 	}
 }
 

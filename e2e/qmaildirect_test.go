@@ -65,6 +65,8 @@ mode = "smtp"
 local_domains = [%q]
 relay_networks = ["127.0.0.0/8"]
 timeout = "30s"
+# The load comes from one address, a connection per message: no rate.
+conn_rate_per_ip = ""
 
 [delivery]
 method = "qmail-direct"
@@ -872,7 +874,7 @@ func TestQmailDirectNotRootRunsItsOwnWriter(t *testing.T) {
 	filepath.WalkDir(dir, func(p string, _ os.DirEntry, _ error) error { return os.Chown(p, uid, gid) })
 	smtp := freePort(t)
 	cfg := fmt.Sprintf("hostname = \"relay.example.test\"\ndata_dir = %q\n[[listen]]\naddr = %q\nmode = \"smtp\"\n"+
-		"[relay]\nlocal_domains = [\"example.test\"]\nrelay_networks = [\"127.0.0.0/8\"]\n"+
+		"[relay]\nlocal_domains = [\"example.test\"]\nrelay_networks = [\"127.0.0.0/8\"]\nconn_rate_per_ip = \"\"\n"+
 		"[delivery]\nmethod = \"qmail-direct\"\nqueue_dir = %q\ntimeout = \"10s\"\n[admin]\nlisten = %q\n[policy.limits]\n",
 		filepath.Join(dir, "data"), smtp, queue, freePort(t))
 	config := filepath.Join(dir, "relay.toml")

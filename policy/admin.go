@@ -52,6 +52,10 @@ type Sender struct {
 	Suspension     *Suspension `json:"suspension,omitempty"`
 	LastDecision   string      `json:"last_decision,omitempty"`
 	Events         []Event     `json:"events,omitempty"` // Sender only
+	// Queued is how many of its messages wait in the release queue; Pace
+	// is its pace ("20/1s"), if any.
+	Queued int64  `json:"queued,omitempty"`
+	Pace   string `json:"pace,omitempty"`
 }
 
 // senderEvents is how many recent events Sender returns.
@@ -66,6 +70,7 @@ func (e *Engine) snapshot(st *idState, c *policyConf, now time.Time) Sender {
 	s := Sender{
 		ID: st.id, Kind: st.kind, Account: st.account, Rule: lim.rule, MaxRcptsPerMsg: lim.maxRcpts,
 		Scripts: append([]string(nil), st.scripts...), LastDecision: st.lastDecision, State: StateOK,
+		Queued: st.queued, Pace: lim.pace.String(),
 	}
 	if st.lastSeen != 0 {
 		s.LastSeen = time.Unix(0, st.lastSeen)
@@ -88,7 +93,7 @@ func (e *Engine) snapshot(st *idState, c *policyConf, now time.Time) Sender {
 		s.State = StateSuspended
 		cp := *st.suspension
 		s.Suspension = &cp
-	case atCap || (st.lastOver != 0 && ns-st.lastOver < int64(quietSpan)):
+	case atCap || st.queued > 0 || (st.lastOver != 0 && ns-st.lastOver < int64(quietSpan)):
 		s.State = StateThrottled
 	}
 	return s

@@ -136,7 +136,7 @@ func (e *Engine) resident(id string) bool {
 // evictable reports whether st may leave memory at now: bbolt holds all
 // of it and nothing needs it resident. The shard lock is held.
 func (st *idState) evictable(now int64) bool {
-	return st.refs == 0 && !st.dirty && st.suspension == nil && now-st.lastUsed >= int64(residentSpan)
+	return st.refs == 0 && !st.dirty && st.suspension == nil && now-st.lastUsed >= int64(residentSpan) && !st.keepResident(now)
 }
 
 // expireStored deletes from bbolt the identities that are not resident and

@@ -15,6 +15,8 @@ type limitSet struct {
 	maxRcpts int64  // 0: no per-message cap
 	rcpts    []config.Rate
 	msgs     []config.Rate
+	pace     config.OptRate // token bucket of messages; off when !pace.On()
+	action   Action         // over these caps: Defer, Reject, Hold or Queue
 }
 
 // noLimits applies to identities of a kind without [policy.limits.<kind>].
@@ -39,6 +41,8 @@ type allowRule struct {
 type policyConf struct {
 	observe      bool
 	overAction   Action
+	fullAction   Action // over a full release queue: overAction, Defer for Queue
+	queueMax     int64  // messages waiting per identity in the release queue
 	suspendAfter int
 	suspendable  [numKinds]bool // by rank: kinds in suspend_kinds
 	// reserveTimeout is how long a transaction holds its reservations
@@ -74,8 +78,18 @@ func compileConf(cfg *config.Config) (*policyConf, error) {
 		c.overAction = Reject
 	case config.OverLimitHold:
 		c.overAction = Hold
+	case config.OverLimitQueue:
+		c.overAction = Queue
 	default:
-		return nil, fmt.Errorf("policy.over_limit %q: want defer, reject or hold", p.OverLimit)
+		return nil, fmt.Errorf("policy.over_limit %q: want defer, reject, hold or queue", p.OverLimit)
+	}
+	c.fullAction = c.overAction
+	if c.fullAction == Queue {
+		c.fullAction = Defer
+	}
+	c.queueMax = int64(p.QueueMax)
+	if c.queueMax <= 0 {
+		c.queueMax = defaultQueueMax
 	}
 	if p.SuspendAfter < 0 {
 		return nil, fmt.Errorf("policy.suspend_after %d: must not be negative", p.SuspendAfter)
@@ -97,6 +111,7 @@ func compileConf(cfg *config.Config) (*policyConf, error) {
 		if err != nil {
 			return nil, fmt.Errorf("policy.limits.%s: %v", kind, err)
 		}
+		ls.pace, ls.action = l.Pace, c.overAction
 		c.defaults[rank] = ls
 	}
 	for i, r := range p.Allow {
@@ -116,9 +131,35 @@ func compileConf(cfg *config.Config) (*policyConf, error) {
 				return nil, fmt.Errorf("policy.allow[%d]: %v", i, err)
 			}
 		}
+		ls.pace, ls.action = r.Pace, c.overAction
+		if r.Action != "" {
+			a, err := parseOverLimit(r.Action)
+			if err != nil {
+				return nil, fmt.Errorf("policy.allow[%d].action: %v", i, err)
+			}
+			ls.action = a
+		}
 		c.rules = append(c.rules, allowRule{kind: kind, match: compileGlob(pattern), limits: ls})
 	}
 	return c, nil
+}
+
+// defaultQueueMax is [policy] queue_max when a config leaves it 0.
+const defaultQueueMax = 10000
+
+// parseOverLimit reads an over_limit or allow action word.
+func parseOverLimit(s string) (Action, error) {
+	switch s {
+	case config.OverLimitDefer:
+		return Defer, nil
+	case config.OverLimitReject:
+		return Reject, nil
+	case config.OverLimitHold:
+		return Hold, nil
+	case config.OverLimitQueue:
+		return Queue, nil
+	}
+	return 0, fmt.Errorf("%q: want defer, reject, hold or queue", s)
 }
 
 func newLimitSet(rule string, maxRcpts int, rcpts, msgs []config.Rate) (*limitSet, error) {

@@ -21,6 +21,8 @@ func (a Action) String() string {
 		return "defer"
 	case Reject:
 		return "reject"
+	case Queue:
+		return "queue"
 	}
 	return "action(" + strconv.Itoa(int(a)) + ")"
 }
@@ -38,6 +40,8 @@ func (d Decision) Text() string {
 		return d.Limit
 	case d.Suspended:
 		return d.Identity + " is suspended"
+	case d.Behind > 0 && d.Limit == "":
+		return d.Identity + " has " + strconv.FormatInt(d.Behind, 10) + " messages waiting in its release queue"
 	}
 	s := d.Identity + " is over " + d.Limit
 	if d.RetryIn > 0 {
@@ -90,6 +94,16 @@ func limitText(metric uint8, n int64, w time.Duration) string {
 	}
 	b.WriteString(config.FormatWindow(w))
 	return b.String()
+}
+
+// paceText names a pace: "its pace of 20 messages/1s".
+func paceText(r config.Rate) string {
+	return "its pace of " + limitText(metricMsgs, r.N, r.Window)
+}
+
+// queueFullText names a full release queue: "10000 queued messages".
+func queueFullText(n int64) string {
+	return strconv.FormatInt(n, 10) + " queued messages"
 }
 
 // perMsgText names a per-message cap: "50 recipients per message".

@@ -14,6 +14,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	bolt "go.etcd.io/bbolt"
+	"golang.org/x/time/rate"
 
 	"relay/config"
 	"relay/internal/boltsafe"
@@ -113,6 +114,10 @@ type idState struct {
 	sampleID      string
 	sampleSubject string
 	dirty         bool
+	// The release queue and pace (memory only; see release.go, pace.go).
+	queued   int64         // messages waiting in its release queue, with slots taken by open transactions
+	pace     *rate.Limiter // its pace's token bucket, made at first use
+	paceRate config.Rate   // the pace pace was made for
 }
 
 // window returns the state's window for (metric, length), adding it when
@@ -129,6 +134,9 @@ func (st *idState) window(metric uint8, length time.Duration) *window {
 
 // idle reports whether the state carries nothing worth keeping at now.
 func (st *idState) idle(now int64) bool {
+	if st.keepResident(now) {
+		return false
+	}
 	if st.refs > 0 || st.suspension != nil || now-st.lastSeen < int64(idleSpan) || now-st.lastOver < int64(suspendSpan) {
 		return false
 	}

@@ -7,7 +7,7 @@ import (
 )
 
 // numActions is the number of Action values.
-const numActions = int(Reject) + 1
+const numActions = int(Queue) + 1
 
 // metrics are the engine's Prometheus series. Labels never carry an
 // identity or address.

@@ -5,6 +5,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/time/rate"
+
 	"relay/config"
 )
 
@@ -20,6 +22,9 @@ type txEnt struct {
 	// counted: an over-limit attempt of this transaction counted towards
 	// its suspension (once per transaction).
 	counted bool
+	// paceRes is the token its pace gave this message (pace.go): kept on
+	// Commit and across a lapse, given back otherwise.
+	paceRes *rate.Reservation
 }
 
 // overHit is one cap that a check found exceeded.
@@ -50,11 +55,23 @@ type tx struct {
 	buf      [6]txEnt
 	shardBuf [8]int
 	hitBuf   [4]overHit
-	rcpts    int64 // recipients accepted so far (reserved, or bound for hold)
-	msg      bool  // Message reserved one message
-	holding  bool  // a Hold decision was given: the rest of the message goes to hold
+	tookBuf  [6]int // takePace's tokens of one call
+	rcpts    int64  // recipients accepted so far (reserved, or bound for hold)
+	msg      bool   // Message reserved one message
+	holding  bool   // a Hold or Queue decision was given: the rest of the message goes to the hold spool
 	holdDec  Decision
 	done     bool
+	// slot is the state whose release queue this message has a place in
+	// since its Queue decision (slotShard its shard); Held keeps the place
+	// for the spooled message, Abort gives it back.
+	slot      *idState
+	slotShard int
+	// releasing marks a queued message's way out (release.go): it checks
+	// windows, pace and suspensions, records nothing and is never queued.
+	releasing bool
+	// acting is the action of the decision settle is recording, for the
+	// events and notifications it makes.
+	acting Action
 	// err: the counters of an identity could not be read (a damaged
 	// file); every check then answers storeFailure.
 	err error
@@ -192,16 +209,25 @@ func (t *tx) evaluate(from int, now int64, needR, needM, total int64, perMsg Act
 				best = h
 			}
 		}
-		return Decision{
-			Action:   t.conf.overAction,
+		dec := Decision{
+			Action:   t.ents[best.ent].lim.action,
 			Identity: t.ents[best.ent].id.ID,
 			Limit:    limitText(best.metric, best.rate.N, best.rate.Window),
 			RetryIn:  best.retry,
-		}, hits
+		}
+		switch {
+		case t.releasing:
+			dec.Action = Defer // not yet
+		case dec.Action == Queue:
+			dec = t.queueOrFull(best.ent, dec)
+		case dec.Action == Accept: // noLimits has no caps to hit
+			dec.Action = t.conf.overAction
+		}
+		return dec, hits
 	case tooMany != nil:
 		return Decision{Action: perMsg, Identity: tooMany.id.ID, Limit: perMsgText(tooManyN)}, hits
 	}
-	return Decision{Action: Accept}, hits
+	return t.smooth(from, now, needR, needM), hits
 }
 
 // settle applies what a refused check means to the identities: the last
@@ -214,6 +240,7 @@ func (t *tx) settle(dec Decision, hits []overHit, now time.Time) Decision {
 	}
 	ns := now.UnixNano()
 	c := t.conf
+	t.acting = dec.Action
 	var deciding *txEnt
 	for i := range t.ents {
 		if t.ents[i].id.ID == dec.Identity {
@@ -236,7 +263,9 @@ func (t *tx) settle(dec Decision, hits []overHit, now time.Time) Decision {
 		}
 		ent.over = true
 		detail := t.overEvent(ent, h, now, ns)
-		if target := t.suspendTarget(ent); target != nil && !target.counted {
+		// Queued mail is smoothed, not refused: it is no offence towards
+		// suspend_after, so a list over its caps keeps flowing.
+		if target := t.suspendTarget(ent); target != nil && !target.counted && dec.Action != Queue {
 			target.counted = true
 			t.countOver(target, ent, h, detail, now, ns)
 		}
@@ -272,7 +301,7 @@ func (t *tx) overEvent(ent *txEnt, h overHit, now time.Time, ns int64) string {
 	}
 	if c.observe {
 		if logSpaced {
-			t.postEvents = append(t.postEvents, t.event(ent, EventObserve, now, "would "+c.overAction.String()+": "+detail))
+			t.postEvents = append(t.postEvents, t.event(ent, EventObserve, now, "would "+t.acting.String()+": "+detail))
 		}
 		return detail
 	}
@@ -281,7 +310,7 @@ func (t *tx) overEvent(ent *txEnt, h overHit, now time.Time, ns int64) string {
 		t.postNotes = append(t.postNotes, t.note(EventThrottleStart, ent, h, now))
 	}
 	if logSpaced {
-		t.postEvents = append(t.postEvents, t.event(ent, EventOverLimit, now, c.overAction.String()+": "+detail))
+		t.postEvents = append(t.postEvents, t.event(ent, EventOverLimit, now, t.acting.String()+": "+detail))
 	}
 	return detail
 }
@@ -362,7 +391,7 @@ func (t *tx) note(kind string, ent *txEnt, h overHit, now time.Time) notificatio
 	n := notification{
 		Event: kind, Identity: ent.id.ID, Kind: ent.id.Kind, Account: st.account, Script: ent.id.Script,
 		Limit: limitText(h.metric, h.rate.N, h.rate.Window), Used: h.used, OverLimitEvents: len(st.overTimes),
-		Action: t.conf.overAction.String(), MessageID: t.sampleID, Subject: t.sampleSubject, Time: now,
+		Action: t.acting.String(), MessageID: t.sampleID, Subject: t.sampleSubject, Time: now,
 	}
 	if n.MessageID == "" && n.Subject == "" {
 		n.MessageID, n.Subject = st.sampleID, st.sampleSubject
@@ -401,8 +430,12 @@ func (t *tx) afterUnlock(dec Decision) Decision {
 		if dec.Observed {
 			action = dec.WouldBe
 		}
-		e.log.Info("policy: over a limit", "identity", dec.Identity, "limit", dec.Limit, "action", action.String(),
-			"observe", dec.Observed, "retry_in", dec.RetryIn)
+		msg := "policy: over a limit"
+		if action == Queue {
+			msg = "policy: queued" // over a cap, over a pace, or behind mail waiting
+		}
+		e.log.Info(msg, "identity", dec.Identity, "limit", dec.Limit, "action", action.String(),
+			"observe", dec.Observed, "retry_in", dec.RetryIn, "reason", dec.Text())
 	}
 	e.metrics.decision(dec, t.kindOf(dec.Identity))
 	return dec
@@ -450,6 +483,12 @@ func (t *tx) release(charge bool, ns int64) {
 	for i := range t.ents {
 		ent := &t.ents[i]
 		st := ent.st
+		if ent.paceRes != nil {
+			if !charge {
+				ent.paceRes.CancelAt(time.Unix(0, ns))
+			}
+			ent.paceRes = nil
+		}
 		if charge {
 			for _, r := range ent.lim.rcpts {
 				st.window(metricRcpts, r.Window).add(ns, t.rcpts)
@@ -546,6 +585,10 @@ func (t *tx) accept(dec Decision, from int, needR, needM, addR, addM, ns int64) 
 	case Hold:
 		t.holding, t.holdDec = true, dec
 		t.rcpts += addR
+	case Queue:
+		t.holding, t.holdDec = true, dec
+		t.rcpts += addR
+		t.takeSlot(dec.Identity)
 	}
 }
 
@@ -579,7 +622,7 @@ func (t *tx) AddIdentities(ids ...Identity) Decision {
 	if t.expire(ns) || t.lapsed {
 		from = 0 // every identity takes its reservations again
 	}
-	dec, hits := t.evaluate(from, ns, t.rcpts, needM, t.rcpts, t.conf.overAction)
+	dec, hits := t.evaluate(from, ns, t.rcpts, needM, t.rcpts, t.conf.fullAction)
 	dec = t.settle(dec, hits, now)
 	t.accept(dec, from, t.rcpts, needM, 0, 0, ns)
 	t.e.unlockShards(locked)
@@ -657,6 +700,7 @@ func (t *tx) Commit() {
 	locked := t.lock()
 	t.release(true, ns)
 	t.e.unlockShards(locked)
+	t.giveSlotBack() // handed off, not queued: nothing waits
 }
 
 // Held releases the reservations without charging them and records that
@@ -671,7 +715,12 @@ func (t *tx) Held(holdID string) {
 	locked := t.lock()
 	t.release(false, now.UnixNano())
 	var ev Event
-	if len(t.ents) > 0 {
+	if t.slot != nil {
+		// Queued: the spooled message keeps its place. No event per
+		// message (a paced list would flood the log); the cap's
+		// over_limit events and the page's release queue tell it.
+		t.slot = nil
+	} else if len(t.ents) > 0 {
 		ent := &t.ents[0]
 		for i := range t.ents {
 			if t.ents[i].id.ID == t.holdDec.Identity {
@@ -690,7 +739,8 @@ func (t *tx) Held(holdID string) {
 	}
 }
 
-// Abort releases every reservation (RSET, disconnect, failed hand-off).
+// Abort releases every reservation (RSET, disconnect, failed hand-off),
+// and the message's place in a release queue.
 func (t *tx) Abort() {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -701,6 +751,7 @@ func (t *tx) Abort() {
 	locked := t.lock()
 	t.release(false, ns)
 	t.e.unlockShards(locked)
+	t.giveSlotBack()
 }
 
 // Identities lists the transaction's identities, strongest first.

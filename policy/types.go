@@ -18,13 +18,19 @@ type Identity struct {
 // Action is what a decision tells the SMTP front end to do.
 type Action int
 
-// Actions, in order of severity.
+// Actions. Accept to Reject are in order of severity; Queue came later.
 const (
 	Accept       Action = iota
 	TooManyRcpts        // this recipient is over max_rcpts_per_msg: 452 4.5.3, the message goes on
 	Hold                // 250, but into the hold spool
 	Defer               // 451 4.7.1
 	Reject              // 550 5.7.1 (over a cap with over_limit = "reject", or suspended)
+	// Queue is 250, into the release queue (the hold spool, marked with
+	// Decision.Identity), which relay empties itself as that identity's
+	// windows and pace allow: over a cap with over_limit or the allow
+	// entry's action "queue", over a pace, or behind mail of the identity
+	// that waits already.
+	Queue
 )
 
 // Decision is the outcome of one check.
@@ -40,6 +46,12 @@ type Decision struct {
 	// not be read (a damaged relay.db); Action is then Defer, and the
 	// front end answers its own temporary error, not a cap's text.
 	Err error
+	// Paced: the identity's pace decided (Queue, or the over_limit reply
+	// when its release queue is full).
+	Paced bool
+	// Behind is how many messages of Identity wait in its release queue
+	// when the message is queued behind them rather than over a cap.
+	Behind int64
 }
 
 // Checker starts policy transactions; *Engine implements it.

@@ -26,6 +26,9 @@ var (
 	ErrHeldNotFound = errors.New("no such held message")
 	ErrHeldBadID    = errors.New("malformed held message id")
 	ErrHeldBusy     = errors.New("held message is being released or deleted")
+	// ErrNotRemoved: the message was handed off but its record could not
+	// be removed; it must not be handed off again (remove it with Delete).
+	ErrNotRemoved = errors.New("held message was handed off but not removed from the spool")
 )
 
 // holdBucket holds id -> JSON HeldMeta. Bucket names of package queue start
@@ -39,12 +42,23 @@ const maxHeaderBytes = 64 << 10
 // HoldSpool is the hold (quarantine) spool: each message is a file
 // dir/<id> in qmail's stored form, its metadata a record in bbolt. A
 // message is in the spool once Put returns: the file and the directory are
-// fsynced before the record is committed.
+// fsynced before the record is committed. It is also the release queue of
+// over_limit = "queue" (HeldMeta.Queue), which relay empties itself.
+//
+// A released message loses its file first, right after the hand-off
+// succeeded, and then its record: a record without its file is a message
+// that was handed off (nothing else removes the file first), and OpenHold
+// drops such records. So a crash hands a message off twice only if it
+// comes between the hand-off's success (qmail-queue's exit 0) and the
+// unlink of the file: one system call.
 type HoldSpool struct {
 	dir   string
 	db    *bolt.DB
 	seq   atomic.Uint32
 	count atomic.Int64
+	// Released lists the records OpenHold found without their file and
+	// dropped: messages handed off just before a crash.
+	Released []string
 
 	mu   sync.Mutex
 	busy map[string]bool // ids being released or deleted
@@ -64,10 +78,26 @@ func OpenHold(dir string, db *bolt.DB) (*HoldSpool, error) {
 		if err != nil {
 			return err
 		}
-		return b.ForEach(func(k, _ []byte) error {
-			known[string(k)] = true
+		var gone []string
+		err = b.ForEach(func(k, _ []byte) error {
+			id := string(k)
+			if _, err := os.Lstat(s.path(id)); validHeldID(id) && errors.Is(err, os.ErrNotExist) {
+				gone = append(gone, id) // handed off just before a crash
+				return nil
+			}
+			known[id] = true
 			return nil
 		})
+		if err != nil {
+			return err
+		}
+		for _, id := range gone {
+			if err := b.Delete([]byte(id)); err != nil {
+				return err
+			}
+		}
+		s.Released = gone
+		return nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("hold spool: %w", err)
@@ -227,9 +257,19 @@ func (s *HoldSpool) Header(id string) ([]byte, error) {
 
 // Release hands a held message to h with its original envelope, then
 // removes it from the spool. If the hand-off fails the message stays. If
-// it succeeds but the removal fails, the receipt comes back with an error:
-// the message went out and must not be released again.
+// it succeeds but the removal fails, the receipt comes back with an error
+// wrapping ErrNotRemoved: the message went out and must not be released
+// again.
 func (s *HoldSpool) Release(ctx context.Context, id string, h Handoff) (Receipt, error) {
+	return s.ReleaseWith(ctx, id, h, nil)
+}
+
+// ReleaseWith is Release where the record's removal is the function
+// commit is given, for commit to run in a bbolt transaction of its own
+// choosing (relay's releaser charges policy in the same one); nil commit
+// runs it alone. The file is unlinked, and the directory synced, before
+// commit is called.
+func (s *HoldSpool) ReleaseWith(ctx context.Context, id string, h Handoff, commit func(remove func(*bolt.Tx) error) error) (Receipt, error) {
 	if err := s.claim(id); err != nil {
 		return Receipt{}, err
 	}
@@ -239,6 +279,9 @@ func (s *HoldSpool) Release(ctx context.Context, id string, h Handoff) (Receipt,
 		return Receipt{}, err
 	}
 	f, err := os.Open(s.path(id))
+	if errors.Is(err, os.ErrNotExist) {
+		return Receipt{}, ErrHeldNotFound
+	}
 	if err != nil {
 		return Receipt{}, fmt.Errorf("hold spool: %w", err)
 	}
@@ -247,8 +290,31 @@ func (s *HoldSpool) Release(ctx context.Context, id string, h Handoff) (Receipt,
 	if err != nil {
 		return Receipt{}, err
 	}
-	if err := s.remove(id); err != nil {
-		return r, fmt.Errorf("held message %s was handed off (%s) but not removed: %w", id, r.Reply, err)
+	// It went out. The file goes first: from now on the message is never
+	// handed off again, whatever happens to the record (see HoldSpool).
+	var errs []error
+	if err := os.Remove(s.path(id)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	} else if err := syncDir(s.dir); err != nil {
+		errs = append(errs, err) // a power loss could bring the file back
+	}
+	remove := func(btx *bolt.Tx) error {
+		b := btx.Bucket(holdBucket)
+		if b.Get([]byte(id)) == nil {
+			return ErrHeldNotFound
+		}
+		return b.Delete([]byte(id))
+	}
+	if commit == nil {
+		commit = func(remove func(*bolt.Tx) error) error { return boltsafe.Update(s.db, remove) }
+	}
+	if err := commit(remove); err != nil {
+		errs = append(errs, err)
+	} else {
+		s.count.Add(-1)
+	}
+	if len(errs) > 0 {
+		return r, fmt.Errorf("%w: %s (%s): %w", ErrNotRemoved, id, r.Reply, errors.Join(errs...))
 	}
 	return r, nil
 }

@@ -361,3 +361,99 @@ func FuzzValidHeldID(f *testing.F) {
 		}
 	})
 }
+
+// recordingHandoff takes every message and counts them.
+type recordingHandoff struct{ n int }
+
+func (h *recordingHandoff) Deliver(ctx context.Context, env Envelope, msg io.Reader) (Receipt, error) {
+	if _, err := io.Copy(io.Discard, msg); err != nil {
+		return Receipt{}, err
+	}
+	h.n++
+	return Receipt{Reply: "ok"}, nil
+}
+
+// TestReleaseWithCommit: the record's removal runs in the caller's
+// transaction, after the file is gone; when that transaction fails the
+// message is reported handed off but not removed (never handed off
+// again), and Delete removes the record.
+func TestReleaseWithCommit(t *testing.T) {
+	s, _, db := newTestSpool(t)
+	m, err := s.Put(HeldMeta{From: "a@b", To: []string{"c@d"}, Queue: "sender:a@b"}, strings.NewReader(heldMsg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &recordingHandoff{}
+	var fileGone bool
+	_, err = s.ReleaseWith(context.Background(), m.ID, h, func(remove func(*bolt.Tx) error) error {
+		_, statErr := os.Stat(s.path(m.ID))
+		fileGone = errors.Is(statErr, os.ErrNotExist)
+		return errors.New("disk full")
+	})
+	if !errors.Is(err, ErrNotRemoved) || !fileGone || h.n != 1 {
+		t.Fatalf("err %v, file gone before the commit %v, hand-offs %d", err, fileGone, h.n)
+	}
+	if _, err := s.Release(context.Background(), m.ID, h); !errors.Is(err, ErrHeldNotFound) || h.n != 1 {
+		t.Fatalf("a second release of a handed-off message: %v, hand-offs %d", err, h.n)
+	}
+	if err := s.Delete(m.ID); err != nil || s.Count() != 0 {
+		t.Fatalf("Delete: %v, count %d", err, s.Count())
+	}
+
+	m, err = s.Put(HeldMeta{From: "a@b", To: []string{"c@d"}, Queue: "sender:a@b"}, strings.NewReader(heldMsg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = s.ReleaseWith(context.Background(), m.ID, h, func(remove func(*bolt.Tx) error) error {
+		return db.Update(func(btx *bolt.Tx) error {
+			if err := remove(btx); err != nil {
+				return err
+			}
+			return btx.Bucket(holdBucket).Put([]byte("marker"), []byte("x"))
+		})
+	})
+	if err != nil || s.Count() != 0 {
+		t.Fatalf("release: %v, count %d", err, s.Count())
+	}
+	if l, _ := s.List(); len(l) != 0 {
+		t.Fatalf("still listed: %+v", l)
+	}
+}
+
+// TestHoldDropsReleasedRecords: a crash after a release unlinked the
+// message file but before the record went leaves a record without its
+// file; OpenHold drops it (it was handed off) and says so.
+func TestHoldDropsReleasedRecords(t *testing.T) {
+	dir := t.TempDir()
+	dbPath := filepath.Join(dir, "relay.db")
+	db := openTestDB(t, dbPath)
+	s, err := OpenHold(filepath.Join(dir, "hold"), db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for range 3 {
+		m, err := s.Put(HeldMeta{From: "a@b", To: []string{"c@d"}, Queue: "sender:a@b"}, strings.NewReader(heldMsg))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, m.ID)
+	}
+	os.Remove(s.path(ids[1])) // what a release does first
+	db.Close()
+	db = openTestDB(t, dbPath)
+	defer db.Close()
+	s, err = OpenHold(filepath.Join(dir, "hold"), db)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, _ := s.List()
+	if len(l) != 2 || s.Count() != 2 || len(s.Released) != 1 || s.Released[0] != ids[1] {
+		t.Fatalf("after restart: list %d, count %d, released %v", len(l), s.Count(), s.Released)
+	}
+	for _, m := range l {
+		if m.Queue != "sender:a@b" {
+			t.Errorf("queue mark lost: %+v", m)
+		}
+	}
+}

@@ -120,8 +120,8 @@ func (p *policyRefusal) Error() string { return "refused at the end of DATA: " +
 // recheck is the policy check at the end of DATA: a transaction whose
 // reservations lapsed (reserve_timeout) while the message came in is
 // checked again before the hand-off may confirm it. It may no longer be
-// held instead (the hand-off already has most of it): a hold decision then
-// defers.
+// held or queued instead (the hand-off already has most of it): a hold or
+// queue decision then defers.
 func (s *session) recheck(tx *transaction) error {
 	if tx.ptx == nil {
 		return nil
@@ -131,7 +131,7 @@ func (s *session) recheck(tx *transaction) error {
 	if r := decisionReply(d); r != nil {
 		return &policyRefusal{reply: r}
 	}
-	if d.Action == policy.Hold && !tx.hold {
+	if (d.Action == policy.Hold || d.Action == policy.Queue) && !tx.hold {
 		return &policyRefusal{reply: reply(451, smtp.EnhancedCode{4, 7, 1}, safeHeaderValue(d.Text()))}
 	}
 	return nil

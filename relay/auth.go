@@ -4,12 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -23,14 +23,18 @@ import (
 var (
 	ErrAuthBad       = errors.New("authentication failed")           // 535 5.7.8, after the delay
 	ErrAuthTemporary = errors.New("authentication unavailable")      // 454 4.7.0
-	ErrAuthLocked    = errors.New("too many failed authentications") // 421/454: this IP is refused for a while
+	ErrAuthLocked    = errors.New("too many failed authentications") // 454 4.7.0: refused for a while
+	// The two ways to be over [auth] fail_limit; both are ErrAuthLocked.
+	ErrAuthLockedAddress = fmt.Errorf("%w from this address", ErrAuthLocked)
+	ErrAuthLockedLogin   = fmt.Errorf("%w for this login", ErrAuthLocked)
 )
 
 // Authenticator checks a login and password (checkpassword program or
-// users_file) and tracks failures per client address.
+// users_file) and tracks failures per client address and per login.
 type Authenticator interface {
-	// Authenticate returns nil, ErrAuthBad, ErrAuthTemporary or ErrAuthLocked.
-	// On ErrAuthBad it has already waited the failure delay.
+	// Authenticate returns nil, ErrAuthBad, ErrAuthTemporary or an
+	// ErrAuthLocked (ErrAuthLockedAddress, ErrAuthLockedLogin). On
+	// ErrAuthBad it has already waited the failure delay.
 	Authenticate(ctx context.Context, login, password string, remote netip.Addr) error
 	// Enabled reports whether any backend (checkpassword or users_file) is configured.
 	Enabled() bool
@@ -38,9 +42,7 @@ type Authenticator interface {
 
 // AuthOptions tunes the Authenticator; zero values are production defaults.
 type AuthOptions struct {
-	FailDelay func(n int) time.Duration // delay before answering a failure; default grows from 2s
-	LockAfter int                       // failures from one IP before it is refused (default 10 in 10 min); negative: never
-	LockFor   time.Duration
+	FailDelay func(n int) time.Duration // delay before answering the n-th failure held against the client; default grows from 2s
 	Now       func() time.Time
 	// Hostname goes into the checkpassword timestamp field; default os.Hostname().
 	Hostname string
@@ -49,8 +51,6 @@ type AuthOptions struct {
 // Defaults for AuthOptions and config.Auth.
 const (
 	defaultCheckpasswordTimeout = 10 * time.Second
-	defaultLockAfter            = 10
-	defaultLockFor              = 10 * time.Minute
 	failDelayStep               = 2 * time.Second
 	failDelayMax                = 10 * time.Second
 
@@ -59,9 +59,6 @@ const (
 	checkpasswordMaxInput = 512
 	// checkpasswordTempFail is the interface's "temporary problem" exit code.
 	checkpasswordTempFail = 111
-
-	// maxTrackedClients bounds the failure table's memory.
-	maxTrackedClients = 10000
 )
 
 // defaultFailDelay waits 2s after the first failure, 4s after the second,
@@ -85,7 +82,10 @@ type authenticator struct {
 
 	failDelay func(n int) time.Duration
 	now       func() time.Time
-	failures  *failureTable
+	// [auth] fail_limit: failures per client address (IPv6 by /64) and
+	// per login (lowercased); both nil when it is off.
+	byAddress *limiterTable[netip.Prefix]
+	byLogin   *limiterTable[string]
 }
 
 // NewAuthenticator builds the Authenticator for cfg.
@@ -124,14 +124,8 @@ func newAuthenticator(cfg config.Auth, opts AuthOptions) *authenticator {
 	if a.now == nil {
 		a.now = time.Now
 	}
-	lockAfter, lockFor := opts.LockAfter, opts.LockFor
-	if lockAfter == 0 {
-		lockAfter = defaultLockAfter
-	}
-	if lockFor <= 0 {
-		lockFor = defaultLockFor
-	}
-	a.failures = newFailureTable(lockAfter, lockFor, maxTrackedClients)
+	a.byAddress = newLimiterTable[netip.Prefix](cfg.FailLimit, maxLimiterKeys)
+	a.byLogin = newLimiterTable[string](cfg.FailLimit, maxLimiterKeys)
 
 	if cfg.UsersFile != "" || len(cfg.Users) > 0 {
 		a.usersFile, a.users = true, cfg.Users
@@ -153,24 +147,39 @@ func (a *authenticator) Enabled() bool {
 	return a.usersFile || len(a.checkpassword) > 0
 }
 
-// Authenticate checks login and password for a client at remote.
+// Authenticate checks login and password for a client at remote. Over
+// fail_limit, for the address or for the login, it refuses before asking
+// any backend, even a right password; a success gives no failure back, so
+// knowing one password does not buy more guesses at others. Each failure
+// is answered after a delay that grows with the failures held against the
+// address or the login (2s, 4s, ... 10s; 2s when fail_limit is off).
 func (a *authenticator) Authenticate(ctx context.Context, login, password string, remote netip.Addr) error {
-	client := clientKey(remote)
-	if a.failures.locked(client, a.now()) {
-		return ErrAuthLocked
+	client, user := clientKey(remote), strings.ToLower(login)
+	now := a.now()
+	if a.byAddress != nil {
+		if remote.IsValid() && a.byAddress.exhausted(client, now) {
+			return ErrAuthLockedAddress
+		}
+		if login != "" && a.byLogin.exhausted(user, now) {
+			return ErrAuthLockedLogin
+		}
 	}
 	err := a.check(ctx, login, password, remote)
-	switch err {
-	case nil:
-		a.failures.clear(client)
-		return nil
-	case ErrAuthBad:
-		n := a.failures.fail(client, a.now())
-		sleepCtx(ctx, a.failDelay(n))
-		return ErrAuthBad
-	default:
+	if err != ErrAuthBad {
 		return err
 	}
+	n := 1
+	if a.byAddress != nil {
+		now = a.now()
+		if remote.IsValid() {
+			n = max(n, a.byAddress.take(client, now))
+		}
+		if login != "" {
+			n = max(n, a.byLogin.take(user, now))
+		}
+	}
+	sleepCtx(ctx, a.failDelay(n))
+	return ErrAuthBad
 }
 
 // check asks the backends, users_file first.
@@ -288,105 +297,6 @@ func clientKey(addr netip.Addr) netip.Prefix {
 	default:
 		return netip.Prefix{}
 	}
-}
-
-// failureTable counts failed authentications per client in fixed windows of
-// lockFor: the lockAfter-th failure within one window refuses the client for
-// lockFor from then. Its size is capped; idle clients are evicted first.
-type failureTable struct {
-	lockAfter  int // <0: never lock
-	lockFor    time.Duration
-	maxClients int
-
-	mu      sync.Mutex
-	clients map[netip.Prefix]*failureRecord
-}
-
-type failureRecord struct {
-	count       int       // failures since windowStart
-	windowStart time.Time // first failure of the current window
-	lastFailure time.Time
-	lockedUntil time.Time // zero: not locked
-}
-
-func newFailureTable(lockAfter int, lockFor time.Duration, maxClients int) *failureTable {
-	return &failureTable{
-		lockAfter:  lockAfter,
-		lockFor:    lockFor,
-		maxClients: maxClients,
-		clients:    make(map[netip.Prefix]*failureRecord),
-	}
-}
-
-// locked reports whether client is refused at now.
-func (t *failureTable) locked(client netip.Prefix, now time.Time) bool {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	rec := t.clients[client]
-	return rec != nil && now.Before(rec.lockedUntil)
-}
-
-// fail records a failure of client at now and returns its failures in the
-// current window, counting this one.
-func (t *failureTable) fail(client netip.Prefix, now time.Time) int {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	rec := t.clients[client]
-	if rec == nil {
-		if len(t.clients) >= t.maxClients {
-			t.evict(now)
-		}
-		rec = &failureRecord{}
-		t.clients[client] = rec
-	}
-	if rec.count == 0 || !now.Before(rec.windowStart.Add(t.lockFor)) {
-		rec.count, rec.windowStart = 0, now
-	}
-	rec.count++
-	rec.lastFailure = now
-	if t.lockAfter > 0 && rec.count >= t.lockAfter {
-		rec.lockedUntil = now.Add(t.lockFor)
-	}
-	return rec.count
-}
-
-// clear forgets client's failures, after it authenticated.
-func (t *failureTable) clear(client netip.Prefix) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	delete(t.clients, client)
-}
-
-// evict makes room: it drops every record whose window and lock are over,
-// and if none is, the unlocked record (else the record) idle the longest.
-// Called with t.mu held.
-func (t *failureTable) evict(now time.Time) {
-	var victim netip.Prefix
-	var victimRec *failureRecord
-	for client, rec := range t.clients {
-		if !now.Before(rec.windowStart.Add(t.lockFor)) && !now.Before(rec.lockedUntil) {
-			delete(t.clients, client)
-			continue
-		}
-		if victimRec == nil || evictBefore(rec, victimRec, now) {
-			victim, victimRec = client, rec
-		}
-	}
-	if len(t.clients) >= t.maxClients && victimRec != nil {
-		delete(t.clients, victim)
-	}
-}
-
-// evictBefore reports whether a should be evicted before b.
-func evictBefore(a, b *failureRecord, now time.Time) bool {
-	aLocked, bLocked := now.Before(a.lockedUntil), now.Before(b.lockedUntil)
-	if aLocked != bLocked {
-		return !aLocked
-	}
-	if aLocked {
-		return a.lockedUntil.Before(b.lockedUntil)
-	}
-	return a.lastFailure.Before(b.lastFailure)
 }
 
 // NewLoginServer returns a SASL LOGIN server (go-sasl has none):

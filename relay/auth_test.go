@@ -6,7 +6,6 @@ import (
 	"context"
 	"encoding/base64"
 	"errors"
-	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -183,7 +182,7 @@ func TestCheckpasswordRefusesInputItCannotPass(t *testing.T) {
 	dir := t.TempDir()
 	runs := filepath.Join(dir, "runs")
 	script := writeAuthScript(t, dir, "checkpw", `echo run >>"`+runs+`"; exit 0`+"\n")
-	a := NewAuthenticator(config.Auth{Checkpassword: script}, AuthOptions{FailDelay: func(int) time.Duration { return 0 }, LockAfter: -1})
+	a := NewAuthenticator(config.Auth{Checkpassword: script}, AuthOptions{FailDelay: func(int) time.Duration { return 0 }})
 	for _, tc := range []struct{ name, login, password string }{
 		{"longer than 512 bytes", "u", strings.Repeat("p", 512)},
 		{"NUL in login", "u\x00x", "p"},
@@ -329,17 +328,14 @@ exec "$@"
 `)
 	clock := newAuthTestClock()
 	var delays authDelays
-	a := NewAuthenticator(config.Auth{Checkpassword: script},
-		AuthOptions{FailDelay: delays.delay, LockAfter: 3, LockFor: 10 * time.Minute, Now: clock.Now})
+	a := NewAuthenticator(config.Auth{Checkpassword: script, FailLimit: failLimit(t, "3/10m")},
+		AuthOptions{FailDelay: delays.delay, Now: clock.Now})
 	ctx := context.Background()
 	client := netip.MustParseAddr("2001:db8:1:2::10")
 	sameNet := netip.MustParseAddr("2001:db8:1:2:ffff::1")
 	otherNet := netip.MustParseAddr("2001:db8:1:3::10")
 
-	for i := 0; i < 3; i++ {
-		if i > 0 {
-			clock.Advance(time.Minute)
-		}
+	for i := range 3 {
 		if err := a.Authenticate(ctx, "u", "wrong", client); err != ErrAuthBad {
 			t.Fatalf("failure %d: %v, want ErrAuthBad", i+1, err)
 		}
@@ -349,114 +345,69 @@ exec "$@"
 	}
 	before := countRuns(t, runs)
 	for _, addr := range []netip.Addr{client, sameNet} {
-		if err := a.Authenticate(ctx, "u", "right", addr); err != ErrAuthLocked {
-			t.Fatalf("right password from %v after 3 failures = %v, want ErrAuthLocked", addr, err)
+		if err := a.Authenticate(ctx, "v", "right", addr); err != ErrAuthLockedAddress {
+			t.Fatalf("right password from %v after 3 failures = %v, want ErrAuthLockedAddress", addr, err)
 		}
+	}
+	// The login is over its limit from any address, in any letter case.
+	if err := a.Authenticate(ctx, "U", "right", otherNet); err != ErrAuthLockedLogin || !errors.Is(err, ErrAuthLocked) {
+		t.Fatalf("the locked login from another /64 = %v, want ErrAuthLockedLogin", err)
 	}
 	if n := countRuns(t, runs); n != before {
 		t.Fatalf("checkpassword ran while the client was locked")
 	}
-	if err := a.Authenticate(ctx, "u", "right", otherNet); err != nil {
-		t.Fatalf("another /64 is not locked: %v", err)
+	if err := a.Authenticate(ctx, "v", "right", otherNet); err != nil {
+		t.Fatalf("another login from another /64 is not locked: %v", err)
 	}
-	// The lock lasts LockFor from the failure that set it.
-	clock.Advance(10*time.Minute - time.Second)
-	if err := a.Authenticate(ctx, "u", "right", client); err != ErrAuthLocked {
-		t.Fatalf("just before LockFor ends: %v, want ErrAuthLocked", err)
+	// 3 per 10m: one token comes back every 200s.
+	clock.Advance(200*time.Second - time.Second)
+	if err := a.Authenticate(ctx, "u", "right", client); err != ErrAuthLockedAddress {
+		t.Fatalf("before a token came back: %v, want ErrAuthLockedAddress", err)
 	}
 	clock.Advance(time.Second)
 	if err := a.Authenticate(ctx, "u", "right", client); err != nil {
-		t.Fatalf("after LockFor: %v, want success", err)
+		t.Fatalf("once a token came back: %v, want success", err)
 	}
-	// The lock and the count are gone: one failure is the first again.
+	// A success gives nothing back: the next failure counts as the third
+	// and locks again at once.
 	if err := a.Authenticate(ctx, "u", "wrong", client); err != ErrAuthBad {
 		t.Fatal(err)
 	}
-	if got := delays.got(); got[len(got)-1] != 1 {
-		t.Fatalf("failure after recovery counted as %d, want 1", got[len(got)-1])
+	if got := delays.got(); got[len(got)-1] != 3 {
+		t.Fatalf("failure after a success counted as %d, want 3", got[len(got)-1])
+	}
+	if err := a.Authenticate(ctx, "u", "right", client); err != ErrAuthLockedAddress {
+		t.Fatalf("after that failure: %v, want ErrAuthLockedAddress", err)
 	}
 }
 
-func TestAuthSuccessClearsFailures(t *testing.T) {
+func failLimit(t *testing.T, s string) config.OptRate {
+	t.Helper()
+	r, err := config.ParseRate(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return config.OptRate{Rate: r}
+}
+
+// TestAuthFailLimitOff: without fail_limit nobody is locked and every
+// failure waits the first delay.
+func TestAuthFailLimitOff(t *testing.T) {
 	cfg := config.Auth{UsersFile: "users", Users: map[string][]byte{"bob": authTestHash(t, "pw", bcrypt.MinCost)}}
 	var delays authDelays
-	a := NewAuthenticator(cfg, AuthOptions{FailDelay: delays.delay, LockAfter: 3})
-	ctx := context.Background()
-	for round := 0; round < 3; round++ {
-		for i := 0; i < 2; i++ {
-			if err := a.Authenticate(ctx, "bob", "bad", authTestClient); err != ErrAuthBad {
-				t.Fatalf("round %d failure %d: %v", round, i, err)
-			}
-		}
-		if err := a.Authenticate(ctx, "bob", "pw", authTestClient); err != nil {
-			t.Fatalf("round %d: success after 2 failures = %v", round, err)
+	a := NewAuthenticator(cfg, AuthOptions{FailDelay: delays.delay})
+	for range 30 {
+		if err := a.Authenticate(context.Background(), "bob", "bad", authTestClient); err != ErrAuthBad {
+			t.Fatal(err)
 		}
 	}
-	if got := fmt.Sprint(delays.got()); got != "[1 2 1 2 1 2]" {
-		t.Fatalf("failure counts %v, want [1 2 1 2 1 2]", got)
+	if err := a.Authenticate(context.Background(), "bob", "pw", authTestClient); err != nil {
+		t.Fatalf("locked without fail_limit: %v", err)
 	}
-}
-
-func TestAuthFailureWindow(t *testing.T) {
-	clock := newAuthTestClock()
-	table := newFailureTable(3, 10*time.Minute, 100)
-	client := clientKey(authTestClient)
-	table.fail(client, clock.Now())
-	table.fail(client, clock.Now())
-	// Failures in an earlier window do not count toward the lock.
-	clock.Advance(10 * time.Minute)
-	if n := table.fail(client, clock.Now()); n != 1 {
-		t.Fatalf("first failure of a new window counted %d", n)
-	}
-	table.fail(client, clock.Now())
-	if table.locked(client, clock.Now()) {
-		t.Fatal("locked after 2 failures in the window")
-	}
-	table.fail(client, clock.Now())
-	if !table.locked(client, clock.Now()) {
-		t.Fatal("not locked after 3 failures in the window")
-	}
-}
-
-func TestAuthNeverLocks(t *testing.T) {
-	table := newFailureTable(-1, time.Minute, 100)
-	now := time.Unix(1, 0)
-	for i := 0; i < 50; i++ {
-		table.fail(clientKey(authTestClient), now)
-	}
-	if table.locked(clientKey(authTestClient), now) {
-		t.Fatal("LockAfter < 0 locked a client")
-	}
-}
-
-func TestAuthFailureTableBounded(t *testing.T) {
-	clock := newAuthTestClock()
-	table := newFailureTable(2, time.Hour, 4)
-	addr := func(i int) netip.Prefix { return clientKey(netip.AddrFrom4([4]byte{198, 51, 100, byte(i)})) }
-	// Client 0 is locked; the others fail once each, one minute apart.
-	table.fail(addr(0), clock.Now())
-	table.fail(addr(0), clock.Now())
-	for i := 1; i <= 20; i++ {
-		clock.Advance(time.Minute)
-		table.fail(addr(i), clock.Now())
-		if len(table.clients) > 4 {
-			t.Fatalf("table holds %d clients, cap 4", len(table.clients))
+	for _, n := range delays.got() {
+		if n != 1 {
+			t.Fatalf("delays %v, want all 1", delays.got())
 		}
-	}
-	if !table.locked(addr(0), clock.Now()) {
-		t.Fatal("a locked client was evicted while idle unlocked ones remained")
-	}
-	if _, ok := table.clients[addr(20)]; !ok {
-		t.Fatal("the newest failure is not recorded")
-	}
-	if _, ok := table.clients[addr(1)]; ok {
-		t.Fatal("the longest idle client was kept")
-	}
-	// Once every window and lock is over, a new failure sweeps them all out.
-	clock.Advance(2 * time.Hour)
-	table.fail(addr(99), clock.Now())
-	if len(table.clients) != 1 {
-		t.Fatalf("after expiry the table holds %d clients, want only the new one", len(table.clients))
 	}
 }
 

@@ -163,6 +163,7 @@ func (s *Server) admit(c net.Conn, local, isTLS bool) *trackedConn {
 			info.rule, info.ruled = st.tcpRules(info.remote)
 			if info.ruled && !info.rule.Allow {
 				s.log.Info("tcprules deny", "remote", info.remote.String())
+				s.metrics.connRefused.WithLabelValues(refusedTCPRules).Inc()
 				c.Close()
 				return nil
 			}
@@ -172,6 +173,12 @@ func (s *Server) admit(c net.Conn, local, isTLS bool) *trackedConn {
 				}
 			}
 		}
+	}
+	if !local && !s.connAllowed(info.remote) {
+		s.log.Info("too many connections from the address", "remote", info.remote.String())
+		s.metrics.connRefused.WithLabelValues(refusedConnRate).Inc()
+		refuse(c, isTLS, tooManyFromAddress)
+		return nil
 	}
 	key := clientKeyOf(info)
 	total, limit := &s.connTotal, st.maxConns
@@ -188,11 +195,8 @@ func (s *Server) admit(c net.Conn, local, isTLS bool) *trackedConn {
 	s.connMu.Unlock()
 	if over {
 		s.log.Info("too many connections", "remote", info.remote.String(), "local", local)
-		if !isTLS {
-			c.SetWriteDeadline(time.Now().Add(time.Second))
-			c.Write([]byte(tooManyConnections))
-		}
-		c.Close()
+		s.metrics.connRefused.WithLabelValues(refusedMaxConnections).Inc()
+		refuse(c, isTLS, tooManyConnections)
 		return nil
 	}
 	s.metrics.connectionsOpen.Inc()
@@ -215,6 +219,16 @@ func (s *Server) admit(c net.Conn, local, isTLS bool) *trackedConn {
 	s.conns[tc] = struct{}{}
 	s.connMu.Unlock()
 	return tc
+}
+
+// refuse writes reply (not on implicit TLS, where nothing may be written
+// in clear text) and closes c.
+func refuse(c net.Conn, isTLS bool, reply string) {
+	if !isTLS {
+		c.SetWriteDeadline(time.Now().Add(time.Second))
+		c.Write([]byte(reply))
+	}
+	c.Close()
 }
 
 // connKey is what max_connections_per_ip counts: the client address on

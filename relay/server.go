@@ -48,6 +48,7 @@ type Deps struct {
 	Handoff    queue.Handoff         // required
 	Hold       HoldSpool             // nil: a hold decision defers instead
 	Auth       Authenticator         // nil: no AUTH offered
+	Queue      Enqueuer              // the releaser of over_limit = "queue" and pace; nil: such mail is deferred
 	Logger     *slog.Logger          // nil: discard
 	Registerer prometheus.Registerer // nil: metrics are kept but not registered
 	Now        func() time.Time      // nil: time.Now
@@ -88,6 +89,8 @@ type Server struct {
 
 	busy     inflight
 	draining atomic.Bool
+
+	connRate atomic.Pointer[connRate] // [relay] conn_rate_per_ip (connlimit.go)
 
 	storeBufs sync.Pool // *storeBuffers, one set per message in DATA
 
@@ -154,6 +157,7 @@ func newServer(st *settings, deps Deps) (*Server, error) {
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.settings.Store(st)
+	s.setConnRate(st.cfg.Relay.ConnRatePerIP)
 	s.smtpLog = slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)
 	s.tlsConf = &tls.Config{
 		MinVersion: tls.VersionTLS12,
@@ -179,6 +183,7 @@ func (s *Server) Reload(cfg *config.Config) error {
 		return err
 	}
 	s.settings.Store(st)
+	s.setConnRate(cfg.Relay.ConnRatePerIP)
 	s.dmarc.SetServer(cfg.DKIM.DNS)
 	return nil
 }

@@ -119,6 +119,8 @@ type transaction struct {
 	ptx         policy.Tx // nil when policy is not consulted
 	hold        bool
 	holdReason  string
+	queue       string // hold into this identity's release queue (releaser.go); "" for mail held for an admin
+	queueWhy    string // queuedOverLimit, queuedPace or queuedBehind
 	start       time.Time
 	size        int64
 	code        int // last reply code
@@ -202,7 +204,12 @@ func (s *session) authenticate(login, password string) error {
 		s.log.Info("auth failed", "user", login)
 		return replyAuthFailed
 	case errors.Is(err, ErrAuthLocked):
-		s.log.Info("auth locked", "user", login)
+		reason := authRefusedAddress
+		if errors.Is(err, ErrAuthLockedLogin) {
+			reason = authRefusedLogin
+		}
+		s.log.Info("auth locked", "user", login, "reason", reason)
+		s.srv.metrics.authRefused.WithLabelValues(reason).Inc()
 		return replyAuthLocked
 	case errors.Is(err, ErrAuthTemporary):
 		s.log.Warn("auth unavailable", "user", login, "err", err)
@@ -300,9 +307,7 @@ func (s *session) rcpt(tx *transaction, to string) (*smtp.SMTPError, string) {
 		if r := decisionReply(d); r != nil {
 			return r, resultOf(r.Code)
 		}
-		if d.Action == policy.Hold {
-			tx.hold, tx.holdReason = true, d.Text()
-		}
+		tx.holdFor(d)
 	}
 	tx.rcpts = append(tx.rcpts, to+s.rcptSuffix)
 	return nil, rcptAccepted
@@ -448,19 +453,18 @@ func (s *session) decide(tx *transaction, stage string, d policy.Decision) *smtp
 		tx.abort()
 		return r
 	}
-	if d.Action == policy.Hold && !tx.hold {
-		tx.hold, tx.holdReason = true, d.Text()
-	}
+	tx.holdFor(d)
 	return nil
 }
 
 // holdMessage puts the message into the hold spool instead of handing it
-// off: "250 ok held <id>" once the spool has it on disk. readFailure is the
-// reply for a message that could not be read whole, nil when it was.
+// off: "250 ok held <id>" once the spool has it on disk ("250 ok queued
+// <id>" for a release queue). readFailure is the reply for a message that
+// could not be read whole, nil when it was.
 func (s *session) holdMessage(tx *transaction, head []byte, body io.Reader, readFailure func() *smtp.SMTPError) *smtp.SMTPError {
-	if s.srv.deps.Hold == nil {
+	if s.srv.deps.Hold == nil || (tx.queue != "" && s.srv.deps.Queue == nil) {
 		tx.abort()
-		s.log.Warn("policy says hold but no hold spool is configured; deferring")
+		s.log.Warn("policy says hold or queue but no hold spool or releaser is configured; deferring")
 		return reply(451, smtp.EnhancedCode{4, 7, 1}, safeHeaderValue(tx.holdReason))
 	}
 	meta := queue.HeldMeta{
@@ -469,6 +473,8 @@ func (s *session) holdMessage(tx *transaction, head []byte, body io.Reader, read
 		To:      tx.rcpts,
 		Reason:  tx.holdReason,
 		Subject: firstHeader(head, "Subject"),
+		Queue:   tx.queue,
+		Paced:   tx.queueWhy == queuedPace,
 	}
 	for _, id := range tx.ids {
 		meta.Identities = append(meta.Identities, id.ID)
@@ -489,6 +495,9 @@ func (s *session) holdMessage(tx *transaction, head []byte, body io.Reader, read
 		tx.ptx = nil
 	}
 	tx.result = txHeld
+	if tx.queue != "" {
+		return s.queued(tx, meta)
+	}
 	s.log.Info("held", "id", meta.ID, "reason", tx.holdReason)
 	return okReply("ok held " + safeHeaderValue(meta.ID))
 }

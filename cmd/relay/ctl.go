@@ -12,6 +12,7 @@ import (
 
 	"relay/admin"
 	"relay/config"
+	"relay/queue"
 )
 
 const ctlUsage = `usage: relay ctl [--config FILE] [--json] COMMAND
@@ -23,6 +24,7 @@ commands:
   unsuspend ID
   reset ID
   held
+  queue                per identity: messages waiting in the release queue, state, when it drains
   show-held ID [--raw]
   release ID
   delete ID
@@ -102,7 +104,7 @@ func ctl(args []string, stdout, stderr io.Writer, connect func() (*admin.Client,
 		fmt.Fprintf(stderr, "relay ctl %s: %v\n\n%s", cmd, err, ctlUsage)
 		return exitUsage
 	}
-	wantArgs := map[string]int{"senders": 0, "sender": 1, "suspend": 1, "unsuspend": 1, "reset": 1, "held": 0,
+	wantArgs := map[string]int{"senders": 0, "sender": 1, "suspend": 1, "unsuspend": 1, "reset": 1, "held": 0, "queue": 0,
 		"show-held": 1, "release": 1, "delete": 1, "events": 0, "reload": 0, "health": 0, "dkim": 0}
 	n, known := wantArgs[cmd]
 	if !known || len(pos) != n {
@@ -184,6 +186,11 @@ func ctl(args []string, stdout, stderr io.Writer, connect func() (*admin.Client,
 		var hs []admin.HeldSummary
 		if hs, err = c.Held(ctx); err == nil {
 			err = out(hs, func() error { return admin.WriteHeld(stdout, hs) })
+		}
+	case "queue":
+		var qs []queue.ReleaseQueue
+		if qs, err = c.Queues(ctx); err == nil {
+			err = out(qs, func() error { return admin.WriteQueues(stdout, qs) })
 		}
 	case "show-held":
 		if *raw {

@@ -111,6 +111,7 @@ type daemon struct {
 	policy  *policy.Engine
 	handoff queue.Handoff
 	hold    *queue.HoldSpool
+	release *relay.Releaser
 	smtp    *relay.Server
 	admin   *admin.Server
 	closeDB func() error
@@ -142,6 +143,9 @@ func startDaemon(cfg *config.Config, log *slog.Logger, writers <-chan net.Conn) 
 	if err != nil {
 		return fail(err)
 	}
+	if len(d.hold.Released) > 0 {
+		log.Warn("hold spool: messages handed off just before relay stopped are gone from it now", "ids", d.hold.Released)
+	}
 
 	// Notifications go straight to the delivery path: never counted.
 	sendMail := func(ctx context.Context, from string, to []string, msg []byte) error {
@@ -152,19 +156,33 @@ func startDaemon(cfg *config.Config, log *slog.Logger, writers <-chan net.Conn) 
 	if err != nil {
 		return fail(err)
 	}
+	// The releaser learns what waits in the release queues before the
+	// first SMTP connection, so new mail of those identities queues behind.
+	d.release, err = relay.NewReleaser(relay.ReleaserOptions{Policy: d.policy, Spool: d.hold, Handoff: d.handoff, Logger: log, Registerer: reg})
+	if err == nil {
+		err = d.release.Start()
+	}
+	if err != nil {
+		d.policy.Close()
+		return fail(err)
+	}
+	stopRelease := func() { d.release.Stop(context.Background()) }
 	d.smtp, err = relay.New(cfg, relay.Deps{
 		Policy:     d.policy,
 		Handoff:    d.handoff,
 		Hold:       d.hold,
+		Queue:      d.release,
 		Auth:       relay.NewAuthenticator(cfg.Auth, relay.AuthOptions{}),
 		Logger:     log,
 		Registerer: reg,
 	})
 	if err != nil {
+		stopRelease()
 		d.policy.Close()
 		return fail(err)
 	}
 	if err := d.smtp.Start(); err != nil {
+		stopRelease()
 		d.policy.Close()
 		return fail(err)
 	}
@@ -175,15 +193,17 @@ func startDaemon(cfg *config.Config, log *slog.Logger, writers <-chan net.Conn) 
 	token, tokenPath, created, err := admin.LoadOrCreateToken(cfg.Admin.TokenFile, cfg.DataDir)
 	if err != nil {
 		d.smtp.Shutdown(context.Background())
+		stopRelease()
 		d.policy.Close()
 		return fail(err)
 	}
 	if created {
 		log.Info("admin token created", "path", tokenPath)
 	}
-	held := heldActions{HoldSpool: d.hold, handoff: d.handoff}
+	held := heldActions{HoldSpool: d.hold, release: d.release}
 	if err := admin.RegisterHeldGauge(reg, held); err != nil {
 		d.smtp.Shutdown(context.Background())
+		stopRelease()
 		d.policy.Close()
 		return fail(err)
 	}
@@ -192,6 +212,7 @@ func startDaemon(cfg *config.Config, log *slog.Logger, writers <-chan net.Conn) 
 		Token:    token,
 		Policy:   d.policy,
 		Held:     held,
+		Queues:   d.release.Queues,
 		Reload:   d.reload,
 		Gatherer: reg,
 		Logger:   log,
@@ -206,6 +227,7 @@ func startDaemon(cfg *config.Config, log *slog.Logger, writers <-chan net.Conn) 
 	}
 	if err != nil {
 		d.smtp.Shutdown(context.Background())
+		stopRelease()
 		d.policy.Close()
 		return fail(err)
 	}
@@ -303,27 +325,36 @@ func restartOnly(old, cur *config.Config) []string {
 	if old.Admin != cur.Admin {
 		keys = append(keys, "admin")
 	}
+	if old.Auth.FailLimit != cur.Auth.FailLimit {
+		keys = append(keys, "auth.fail_limit")
+	}
 	return keys
 }
 
 // shutdown stops the admin API first (a release in flight finishes), then
-// the SMTP front end (transactions in flight finish within ctx), and only
-// then flushes policy and closes the database they both write to.
+// the SMTP front end (transactions in flight finish within ctx), then the
+// releaser (hand-offs in flight finish within ctx), and only then flushes
+// policy and closes the database they all write to.
 func (d *daemon) shutdown(ctx context.Context) error {
 	errAdmin := d.admin.Shutdown(ctx)
 	errSMTP := d.smtp.Shutdown(ctx)
+	errRelease := d.release.Stop(ctx)
 	errPolicy := d.policy.Close()
 	errDB := d.closeDB()
-	return errors.Join(errAdmin, errSMTP, errPolicy, errDB)
+	return errors.Join(errAdmin, errSMTP, errRelease, errPolicy, errDB)
 }
 
-// heldActions gives the admin API the hold spool with the daemon's own
-// hand-off: released mail keeps its envelope and is not counted again.
+// heldActions gives the admin API the hold spool, with release and delete
+// through the releaser: released mail goes through the daemon's own
+// hand-off, keeps its envelope and is not counted again, and queued mail
+// leaves its release queue.
 type heldActions struct {
 	*queue.HoldSpool
-	handoff queue.Handoff
+	release *relay.Releaser
 }
 
 func (h heldActions) Release(ctx context.Context, id string) (queue.Receipt, error) {
-	return h.HoldSpool.Release(ctx, id, h.handoff)
+	return h.release.Release(ctx, id)
 }
+
+func (h heldActions) Delete(id string) error { return h.release.Delete(id) }

@@ -55,6 +55,12 @@ func NewControl(cfg *Config) *Control {
 	return c
 }
 
+// ControlFiles names the files of qmail's control directory that
+// ReadControl reads: the daemon must be able to read each that exists.
+func ControlFiles() []string {
+	return []string{"me", "smtpgreeting", "rcpthosts", "morercpthosts", "badmailfrom", "databytes", "timeoutsmtpd"}
+}
+
 // ReadControl reads relay.qmail_control_dir (when set) on top of
 // NewControl(cfg). Missing files keep relay.toml's values; unreadable or
 // malformed ones are reported as Errors at the bad line. It does not

@@ -161,3 +161,18 @@ func BenchmarkRcptHostAllowed(b *testing.B) {
 		c.RcptHostAllowed("nowhere.example.org")
 	}
 }
+
+// ControlFiles names exactly what ReadControl reads: each, made
+// unreadable (a directory in its place), fails the read, naming it.
+func TestControlFilesAreRead(t *testing.T) {
+	for _, name := range ControlFiles() {
+		dir := t.TempDir()
+		if err := os.Mkdir(filepath.Join(dir, name), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		_, err := ReadControl(&Config{Relay: Relay{QmailControlDir: dir}})
+		if err == nil || !strings.Contains(err.Error(), filepath.Join(dir, name)) {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+}

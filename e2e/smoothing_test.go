@@ -277,8 +277,10 @@ func TestQueueSurvivesKill9(t *testing.T) {
 
 // TestPaceFromHandoffTimes: at pace = "4/1s" 20 messages sent at once all
 // get 250 (none refused, over_limit says reject); 4 go at once and the
-// rest at 4 a second: never more than 4 + 4 in any second, and the whole
-// takes (20-4)/4 s at least.
+// rest at 4 a second: never more than 4 + 4 in any second, and the last
+// goes out (20-4)/4 s after the first was sent at the earliest. (Measured
+// from the sending, not from the first hand-off: on a loaded machine the
+// first hand-off may come late while the bucket already runs.)
 func TestPaceFromHandoffTimes(t *testing.T) {
 	t.Parallel()
 	d := newDaemon(t, daemonOpts{policy: `[policy]
@@ -290,6 +292,7 @@ suspend_after = 0
 pace = "4/1s"
 `})
 	want := subjects("p", 20)
+	sent := time.Now()
 	replies := sendAll(t, d, "list@example.com", want)
 	for i, r := range replies {
 		if !strings.HasPrefix(r, "250 ") {
@@ -307,8 +310,8 @@ pace = "4/1s"
 			t.Fatalf("%d hand-offs within a second from hand-off %d", n, i+1)
 		}
 	}
-	if span := got[len(got)-1].at.Sub(got[0].at); span < 4*time.Second-100*time.Millisecond {
-		t.Fatalf("20 messages at 4/1s with a burst of 4 went out in %v", span)
+	if span := got[len(got)-1].at.Sub(sent); span < 4*time.Second-50*time.Millisecond {
+		t.Fatalf("20 messages at 4/1s with a burst of 4 went out within %v of the first being sent", span)
 	}
 	if v, _ := sum(scrape(t, d), "relay_queued_total", map[string]string{"reason": "pace"}); v == 0 {
 		t.Errorf("relay_queued_total{reason=pace} is 0")

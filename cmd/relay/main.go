@@ -20,6 +20,7 @@ commands:
   qmail-queue    list who is in qmail's queue right now
   scan           list processes talking SMTP (run on a web server)
   dkim           DKIM keys: keygen, dns (records to publish), check (against DNS)
+  doctor         check this server's installation, read-only, and say what to fix
   queue-writer   write qmail's queue for delivery method qmail-direct
                  (relay serve runs it; not for use by hand)
 
@@ -61,6 +62,8 @@ func dispatch(argv []string, stdout, stderr io.Writer) int {
 		return runScan(args, stdout, stderr)
 	case "dkim":
 		return runDKIM(args, stdout, stderr)
+	case "doctor":
+		return runDoctor(args, stdout, stderr)
 	case "queue-writer":
 		return runQueueWriter(args, stdout, stderr)
 	case "help", "-h", "--help":

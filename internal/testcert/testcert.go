@@ -20,6 +20,12 @@ import (
 // and a pool that trusts it.
 func New(t testing.TB, name string) (tls.Certificate, *x509.CertPool) {
 	t.Helper()
+	return NewValid(t, name, time.Now().Add(-time.Hour), time.Now().Add(time.Hour))
+}
+
+// NewValid is New for a certificate valid from notBefore to notAfter.
+func NewValid(t testing.TB, name string, notBefore, notAfter time.Time) (tls.Certificate, *x509.CertPool) {
+	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -28,8 +34,8 @@ func New(t testing.TB, name string) (tls.Certificate, *x509.CertPool) {
 		SerialNumber: big.NewInt(1),
 		Subject:      pkix.Name{CommonName: name},
 		DNSNames:     []string{name},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(time.Hour),
+		NotBefore:    notBefore,
+		NotAfter:     notAfter,
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	}
@@ -51,6 +57,13 @@ func New(t testing.TB, name string) (tls.Certificate, *x509.CertPool) {
 func Write(t testing.TB, dir, name string) (certFile, keyFile string) {
 	t.Helper()
 	c, _ := New(t, name)
+	return WriteCert(t, dir, c)
+}
+
+// WriteCert writes c as PEM files cert.pem and key.pem (0600) in dir and
+// returns their paths.
+func WriteCert(t testing.TB, dir string, c tls.Certificate) (certFile, keyFile string) {
+	t.Helper()
 	keyDER, err := x509.MarshalECPrivateKey(c.PrivateKey.(*ecdsa.PrivateKey))
 	if err != nil {
 		t.Fatal(err)

@@ -182,7 +182,9 @@ func (d *daemon) start() {
 		}
 		// A port picked by freePort can be taken by another test process
 		// before relay binds it: move the daemon's ports and try again.
-		if attempt < 5 && strings.Contains(d.logs(), "address already in use") {
+		// freePort can also hand out one port twice (the kernel reuses
+		// the port just closed): the config then names it twice.
+		if attempt < 5 && (strings.Contains(d.logs(), "address already in use") || strings.Contains(d.logs(), "is already used by listen")) {
 			d.movePorts()
 			continue
 		}

@@ -234,7 +234,7 @@ func (d *daemon) movePorts() {
 	cfg := string(b)
 	for _, addr := range []*string{&d.smtp, &d.sub, &d.admin} {
 		next := freePort(d.t)
-		cfg = strings.ReplaceAll(cfg, strconv.Quote(*addr), strconv.Quote(next))
+		cfg = strings.Replace(cfg, strconv.Quote(*addr), strconv.Quote(next), 1) // once: two may share a port
 		*addr = next
 	}
 	if err := os.WriteFile(d.config, []byte(cfg), 0o644); err != nil {

@@ -17,6 +17,10 @@ type metrics struct {
 	storeErrors *prometheus.CounterVec // failed reads and writes of relay.db
 	// Resolved once so the mail path does no label hashing: [observed][action][kind rank, numKinds = "none"].
 	byLabel [2][numActions][numKinds + 1]prometheus.Counter
+	// newRcpts counts first-time recipients by the kind of the identity
+	// that counted them (recipients.go), by kind rank.
+	newRcptsVec *prometheus.CounterVec
+	newRcpts    [numKinds + 1]prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -33,6 +37,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "relay_store_errors_total",
 			Help: "Failed transactions on relay.db by op (read, write): a full disk, a damaged file. /healthz says what fails now.",
 		}, []string{"op"}),
+		newRcptsVec: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "relay_signals_new_recipients_total",
+			Help: "First-time recipients (new_rcpts) counted, by the kind of the identity that had not sent to them; one per identity and recipient.",
+		}, []string{"kind"}),
 	}
 	for _, op := range []string{"read", "write"} {
 		m.storeErrors.WithLabelValues(op)
@@ -53,8 +61,12 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			}
 		}
 	}
+	for k := range numKinds {
+		m.newRcpts[k] = m.newRcptsVec.WithLabelValues(kindNames[k])
+	}
+	m.newRcpts[numKinds] = m.newRcptsVec.WithLabelValues("none")
 	if reg != nil {
-		for _, c := range []prometheus.Collector{m.decisions, m.suspended, m.storeErrors} {
+		for _, c := range []prometheus.Collector{m.decisions, m.suspended, m.storeErrors, m.newRcptsVec} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}

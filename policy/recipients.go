@@ -686,5 +686,6 @@ func (t *tx) settleNewRcpts(charge bool, ns int64) {
 		for _, r := range ent.lim.newRcpts {
 			ent.st.window(metricNewRcpts, r.Window).add(ns, fresh)
 		}
+		t.e.metrics.newRcpts[min(kindRank(ent.st.kind), numKinds)].Add(float64(fresh))
 	}
 }

@@ -5,6 +5,8 @@ import (
 	"strconv"
 	"time"
 
+	bolt "go.etcd.io/bbolt"
+
 	"relay/config"
 )
 
@@ -102,7 +104,8 @@ func (ls *limitSet) deliveryWindows(f func(time.Duration)) {
 // RecordDelivery counts one delivery of a message handed off for ids, as
 // qmail-send logged it at `at`: outcome is DeliverySuccess,
 // DeliveryFailure or DeliveryDeferral (anything else is ignored). It is
-// the sink of package signals; the counts are flushed like the others.
+// the sink of package signals; the counts are flushed like the others
+// (with the follower's place in the log: AttachFlushPart).
 func (e *Engine) RecordDelivery(ids []string, outcome string, at time.Time) {
 	var metric uint8
 	switch outcome {
@@ -141,9 +144,125 @@ func (e *Engine) RecordDelivery(ids []string, outcome string, at time.Time) {
 	}
 }
 
-// Flush writes the counters to bbolt now: package signals makes the
-// deliveries it handed over durable before it records how far it read.
-func (e *Engine) Flush() error { return e.flush() }
+// FlushPart is state of another package that must become durable in the
+// same relay.db transaction as the counts it produced, so that a crash
+// keeps both or neither: package signals' place in qmail-send's log and
+// its join, with the deliveries counted from the lines before that place.
+// It is an alias of an unnamed interface so that such a package can
+// implement and name it without importing policy.
+type FlushPart = interface {
+	// Lock and Unlock: the part holds the lock while it counts
+	// (RecordDelivery); a flush holds it from TakeChanges until it has
+	// taken the changed counters, so the changes it writes are exactly
+	// those of the counts it writes.
+	Lock()
+	Unlock()
+	// TakeChanges is called with the lock held at the start of every
+	// flush. It may count (RecordDelivery) first, then hands put each
+	// record changed since the last call (a nil val deletes it; put keeps
+	// the slices). done says whether the transaction with them committed;
+	// when not, the part must hand them again at the next flush.
+	TakeChanges(put func(key, val []byte)) (done func(committed bool))
+}
+
+// flushPart is an attached FlushPart and its bucket.
+type flushPart struct {
+	bucket []byte
+	part   FlushPart
+}
+
+// partWrite is what one part hands a flush.
+type partWrite struct {
+	bucket []byte
+	keys   [][]byte
+	vals   [][]byte // nil: delete
+	done   func(committed bool)
+}
+
+// AttachFlushPart makes part's records, kept in relay.db's bucket
+// `bucket` (created if missing), part of every flush of the counters from
+// now on. load is called first with each record stored there, in key
+// order; its error is returned.
+func (e *Engine) AttachFlushPart(bucket string, part FlushPart, load func(key, val []byte) error) error {
+	e.flushMu.Lock()
+	defer e.flushMu.Unlock()
+	name := []byte(bucket)
+	err := e.update(func(btx *bolt.Tx) error {
+		_, err := btx.CreateBucketIfNotExists(name)
+		return err
+	})
+	if err == nil {
+		err = e.view(func(btx *bolt.Tx) error { return btx.Bucket(name).ForEach(load) })
+	}
+	if err != nil {
+		return err
+	}
+	e.parts = append(e.parts, flushPart{bucket: name, part: part})
+	return nil
+}
+
+// lockParts locks the attached parts and has each count what it owes
+// and hand its changes; the caller takes the changed counters, then
+// unlockParts. flushMu is held.
+func (e *Engine) lockParts() []partWrite {
+	if len(e.parts) == 0 {
+		return nil
+	}
+	ws := make([]partWrite, len(e.parts))
+	for i, p := range e.parts {
+		p.part.Lock()
+		w := &ws[i]
+		w.bucket = p.bucket
+		w.done = p.part.TakeChanges(func(k, v []byte) {
+			w.keys = append(w.keys, k)
+			w.vals = append(w.vals, v)
+		})
+	}
+	return ws
+}
+
+func (e *Engine) unlockParts() {
+	for _, p := range e.parts {
+		p.part.Unlock()
+	}
+}
+
+// writeParts puts the parts' changes into the flush's transaction.
+func writeParts(btx *bolt.Tx, ws []partWrite) error {
+	for _, w := range ws {
+		b := btx.Bucket(w.bucket)
+		for i, k := range w.keys {
+			var err error
+			if w.vals[i] == nil {
+				err = b.Delete(k)
+			} else {
+				err = b.Put(k, w.vals[i])
+			}
+			if err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// partsDone tells the parts whether their changes committed.
+func partsDone(ws []partWrite, committed bool) {
+	for _, w := range ws {
+		if w.done != nil {
+			w.done(committed)
+		}
+	}
+}
+
+func partsChanged(ws []partWrite) bool {
+	for _, w := range ws {
+		if len(w.keys) > 0 {
+			return true
+		}
+	}
+	return false
+}
 
 // addAt records n arrivals that happened at `at` (<= now): into the bucket
 // of their time, or not at all when they are older than the window.

@@ -1,9 +1,14 @@
 package policy
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"relay/config"
 )
@@ -187,5 +192,85 @@ func TestSignalsConfigCompiles(t *testing.T) {
 	cfg.Policy.Allow = []config.AllowRule{{Match: "sender:*@lists.example.com", NewRcpts: rates(t, "5000/24h")}}
 	if c, _ := compileConf(cfg); !c.anyNewRcpts {
 		t.Error("new_rcpts in an allow entry not seen")
+	}
+}
+
+// testPart is a FlushPart as package signals is one: it counts
+// deliveries under its lock and hands a record of how many it counted.
+type testPart struct {
+	sync.Mutex
+	e       *Engine
+	owed    int // deliveries to count at the next TakeChanges
+	counted int
+	done    []bool
+}
+
+func (p *testPart) TakeChanges(put func(k, v []byte)) func(bool) {
+	for ; p.owed > 0; p.owed-- {
+		p.e.RecordDelivery([]string{"user:bob"}, DeliveryFailure, time.Time{})
+		p.counted++
+	}
+	put([]byte("counted"), []byte{byte(p.counted)})
+	put([]byte("gone"), nil)
+	return func(ok bool) {
+		p.Lock()
+		defer p.Unlock()
+		p.done = append(p.done, ok)
+	}
+}
+
+// An attached part's records are written in the same transaction as the
+// counts made under its lock, also those it makes in TakeChanges; a
+// failed flush tells it so, and the next one writes them.
+func TestFlushPart(t *testing.T) {
+	cfg := bounceConfig(t, config.Limits{Bounces: rates(t, "20/1h")})
+	clk := newClock()
+	dir := t.TempDir()
+	te := openTest(t, dir, cfg, clk, Options{})
+	p := &testPart{e: te.Engine}
+	if err := te.AttachFlushPart("test.part", p, func(k, v []byte) error { t.Errorf("a new bucket holds %q", k); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	p.Lock()
+	te.RecordDelivery([]string{"user:bob"}, DeliveryFailure, clk.Now())
+	p.counted++
+	p.owed = 2
+	p.Unlock()
+
+	path := filepath.Join(dir, DBFile)
+	fd := dbFD(t, path)
+	swap := func(flag int) {
+		f, err := os.OpenFile(path, flag, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if err := unix.Dup3(int(f.Fd()), fd, unix.O_CLOEXEC); err != nil {
+			t.Fatal(err)
+		}
+	}
+	swap(os.O_RDONLY)
+	if err := te.flush(); err == nil {
+		t.Fatal("flush succeeded on a read-only descriptor")
+	}
+	swap(os.O_RDWR)
+	if err := te.flush(); err != nil {
+		t.Fatal(err)
+	}
+	if len(p.done) != 2 || p.done[0] || !p.done[1] {
+		t.Fatalf("done %v, want [false true]", p.done)
+	}
+	te.close()
+	te2 := openTest(t, dir, cfg, clk, Options{})
+	var stored []string
+	p2 := &testPart{e: te2.Engine}
+	if err := te2.AttachFlushPart("test.part", p2, func(k, v []byte) error {
+		stored = append(stored, string(k)+"="+string(rune('0'+v[0])))
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if got := usage(t, te2.Engine, "user:bob", "bounces", "1h"); got != 3 || len(stored) != 1 || stored[0] != "counted=3" {
+		t.Fatalf("stored: %d bounces, part %v; want 3 and counted=3", got, stored)
 	}
 }

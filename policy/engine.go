@@ -79,8 +79,9 @@ type Engine struct {
 	damaged    atomic.Pointer[storeFault]
 
 	flushEvery time.Duration
-	flushMu    sync.Mutex // one flush (or Reset) at a time
-	suspMu     sync.Mutex // one suspension write at a time
+	flushMu    sync.Mutex  // one flush (or Reset) at a time
+	parts      []flushPart // written by every flush (AttachFlushPart); flushMu
+	suspMu     sync.Mutex  // one suspension write at a time
 	stop       chan struct{}
 	stopped    chan struct{}
 	closeOnce  sync.Once

@@ -169,8 +169,9 @@ func (e *Engine) stateLocked(id string) *idState {
 	return st
 }
 
-// flush writes changed identities and new events in one transaction. It
-// is the only writer of counters, so counting never waits for a disk sync.
+// flush writes changed identities, new events and the attached parts'
+// changes (AttachFlushPart) in one transaction. It is the only writer of
+// counters, so counting never waits for a disk sync.
 func (e *Engine) flush() error {
 	e.flushMu.Lock()
 	defer e.flushMu.Unlock()
@@ -183,6 +184,7 @@ func (e *Engine) flush() error {
 	var mems []putMemory
 	now := e.now().UnixNano()
 	keepDays := e.conf.Load().memoryKeepDays()
+	parts := e.lockParts() // until the counters they produced are taken
 	for i := range e.shards {
 		sh := &e.shards[i]
 		sh.mu.Lock()
@@ -201,8 +203,10 @@ func (e *Engine) flush() error {
 		sh.dirty = sh.dirty[:0]
 		sh.mu.Unlock()
 	}
+	e.unlockParts()
 	evs := e.events.takePending()
-	if len(puts) == 0 && len(dels) == 0 && len(evs) == 0 {
+	if len(puts) == 0 && len(dels) == 0 && len(evs) == 0 && !partsChanged(parts) {
+		partsDone(parts, true)
 		return nil
 	}
 	slices.SortFunc(mems, func(a, b putMemory) int { return strings.Compare(a.key, b.key) })
@@ -228,8 +232,12 @@ func (e *Engine) flush() error {
 				return err
 			}
 		}
+		if err := writeParts(btx, parts); err != nil {
+			return err
+		}
 		return putEvents(btx, evs)
 	})
+	partsDone(parts, err == nil)
 	if err != nil {
 		// Keep the work for the next flush: mark the states dirty again.
 		for _, p := range puts {

@@ -45,10 +45,11 @@ type filePos struct {
 	Offset int64  `json:"offset"`
 }
 
-// tail follows one log path. It is used by one goroutine.
+// tail follows one log path. It is used under the follower's lock.
 type tail struct {
-	path string
-	log  *slog.Logger
+	path    string
+	log     *slog.Logger
+	metrics *metrics
 
 	f       *os.File
 	pos     filePos // pos.Offset: start of buf's first line
@@ -56,11 +57,13 @@ type tail struct {
 	buf     []byte  // bytes read but not handled: an incomplete line
 	skip    bool    // in a line longer than maxLine: drop through its end
 	skipped int64   // lines skipped for their length
-	missing bool    // the path was missing at the last look (warned once)
+	missing bool    // the path could not be opened at the last look (warned once)
+	// lastStamp is the stamp of the last stamped line read (unix ns).
+	lastStamp int64
 }
 
-func newTail(path string, log *slog.Logger) *tail {
-	return &tail{path: path, log: log, buf: make([]byte, 0, readSize+maxLine)}
+func newTail(path string, log *slog.Logger, m *metrics) *tail {
+	return &tail{path: path, log: log, metrics: m, buf: make([]byte, 0, readSize+maxLine)}
 }
 
 // start opens the log: at the saved place when there is one, else at the
@@ -107,29 +110,31 @@ func (t *tail) open(name string, off int64) bool {
 	t.close()
 	f, err := os.Open(name)
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
-			if !t.missing {
+		if !t.missing {
+			if errors.Is(err, fs.ErrNotExist) {
 				t.log.Warn("signals: qmail_send_log does not exist (yet); relay keeps looking for it", "path", name)
+			} else {
+				t.metrics.error(errOpen)
+				t.log.Warn("signals: cannot open qmail_send_log; relay keeps trying", "path", name, "err", err)
 			}
-		} else {
-			t.log.Warn("signals: cannot open qmail_send_log; relay keeps trying", "path", name, "err", err)
 		}
-		t.missing = true
+		t.setMissing(true)
 		return false
 	}
 	st, err := f.Stat()
 	if err != nil || !st.Mode().IsRegular() {
 		f.Close()
 		if !t.missing {
+			t.metrics.error(errOpen)
 			t.log.Warn("signals: qmail_send_log is not a regular file", "path", name)
 		}
-		t.missing = true
+		t.setMissing(true)
 		return false
 	}
 	if t.missing {
 		t.log.Info("signals: qmail_send_log is there now", "path", name)
 	}
-	t.missing = false
+	t.setMissing(false)
 	if off > st.Size() || off < 0 {
 		off = 0
 	}
@@ -140,6 +145,35 @@ func (t *tail) open(name string, off int64) bool {
 	t.buf = t.buf[:0]
 	t.skip = false
 	return true
+}
+
+// skipLong counts a line skipped for its length.
+func (t *tail) skipLong() {
+	t.skipped++
+	t.metrics.long.Inc()
+	t.metrics.lines.Inc()
+}
+
+func (t *tail) setMissing(v bool) {
+	t.missing = v
+	if v {
+		t.metrics.missing.Set(1)
+	} else {
+		t.metrics.missing.Set(0)
+	}
+}
+
+// report sets the gauges of the place in the log.
+func (t *tail) report() {
+	t.metrics.position.Set(float64(t.pos.Offset))
+	if t.f != nil {
+		if st, err := t.f.Stat(); err == nil {
+			t.metrics.behind.Set(float64(max(st.Size()-t.pos.Offset, 0)))
+		}
+	}
+	if t.lastStamp != 0 {
+		t.metrics.lastStamp.Set(float64(t.lastStamp) / 1e9)
+	}
 }
 
 func (t *tail) close() {
@@ -162,6 +196,7 @@ func (t *tail) step(handle func([]byte)) bool {
 		return true
 	}
 	if err != nil && err != io.EOF {
+		t.metrics.error(errRead)
 		t.log.Warn("signals: reading qmail_send_log", "path", t.pos.Name, "err", err)
 	}
 	return t.rotated(handle)
@@ -186,7 +221,11 @@ func (t *tail) lines(handle func([]byte)) {
 		if i < 0 {
 			break
 		}
-		if !t.skip {
+		switch {
+		case t.skip:
+		case i > maxLine:
+			t.skipLong()
+		default:
 			handle(b[:i])
 		}
 		t.skip = false
@@ -197,7 +236,7 @@ func (t *tail) lines(handle func([]byte)) {
 		// Too long to be qmail-send's: drop it through its end. The place
 		// stays at its start, so a restart skips it again.
 		if !t.skip {
-			t.skipped++
+			t.skipLong()
 		}
 		t.skip = true
 		b = b[:0]

@@ -49,51 +49,60 @@ const (
 
 // handoff is one message relay handed off: to whom it counts.
 type handoff struct {
-	QP   int      `json:"qp"`
-	From string   `json:"from"`
-	IDs  []string `json:"ids"`
-	At   int64    `json:"at"` // unix ns, when the hand-off began
+	Seq  uint64 // numbers the follower's hand-offs, from 1 (persist.go)
+	QP   int
+	From string
+	IDs  []string
+	At   int64 // unix ns, when the hand-off began
 }
 
 // message is one message in qmail's queue that the join follows.
 type message struct {
-	N   uint64   `json:"n"`
-	IDs []string `json:"ids,omitempty"` // nil while tentative
+	N   uint64
+	IDs []string // nil while tentative
 	// Seen is when the info line was read (unix ns): the age of a
 	// joined message, and the deadline of a tentative one.
-	Seen int64 `json:"seen"`
+	Seen int64
 	// Tentative messages: what a late hand-off must match, and the
 	// outcomes seen meanwhile.
-	QP      int       `json:"qp,omitempty"`
-	From    string    `json:"from,omitempty"`
-	Stamp   int64     `json:"stamp,omitempty"`
-	Pending []outcome `json:"pending,omitempty"`
+	QP      int
+	From    string
+	Stamp   int64
+	Pending []outcome
 	// Deliveries under way (D numbers).
-	Open []uint64 `json:"open,omitempty"`
+	Open []uint64
 }
 
 // outcome is one delivery result.
 type outcome struct {
-	What  string `json:"what"`
-	Stamp int64  `json:"stamp"`
+	What  string
+	Stamp int64
 }
 
-// joinState is everything the join remembers; the follower saves it with
-// its place in the log.
+// joinState is everything the join remembers; the follower writes it
+// with its place in the log (persist.go): what changed since the last
+// write is in dirtyH and dirtyM.
 type joinState struct {
 	handoffs   map[int][]handoff   // by qp
 	msgs       map[uint64]*message // by qmail msg number
 	tentative  map[int]uint64      // qp -> msg number of a tentative message
 	deliveries map[uint64]uint64   // D -> msg number
 	nHandoffs  int
+
+	dirtyH map[uint64]*handoff // hand-offs (by Seq) added (a copy) or gone (nil) since the last write
+	dirtyM map[uint64]struct{} // messages (by N) changed, added or gone
+	m      *metrics
 }
 
-func newJoinState() *joinState {
+func newJoinState(m *metrics) *joinState {
 	return &joinState{
 		handoffs:   make(map[int][]handoff),
 		msgs:       make(map[uint64]*message),
 		tentative:  make(map[int]uint64),
 		deliveries: make(map[uint64]uint64),
+		dirtyH:     make(map[uint64]*handoff),
+		dirtyM:     make(map[uint64]struct{}),
+		m:          m,
 	}
 }
 
@@ -112,6 +121,8 @@ func (j *joinState) handedOff(h handoff, now int64) []record {
 		if m := j.msgs[n]; m != nil && m.IDs == nil && m.QP == h.QP && logsafeEqual(h.From, []byte(m.From)) &&
 			(m.Stamp == 0 || m.Stamp >= h.At-int64(stampSlack)) && now-m.Seen <= int64(tentativeSpan) {
 			delete(j.tentative, h.QP)
+			j.dirtyM[n] = struct{}{}
+			j.m.joined.Inc()
 			m.IDs, m.QP, m.From, m.Stamp = h.IDs, 0, "", 0
 			var out []record
 			for _, o := range m.Pending {
@@ -126,6 +137,7 @@ func (j *joinState) handedOff(h handoff, now int64) []record {
 	}
 	j.handoffs[h.QP] = append(j.handoffs[h.QP], h)
 	j.nHandoffs++
+	j.dirtyH[h.Seq] = &h
 	return nil
 }
 
@@ -139,6 +151,7 @@ func (j *joinState) dropOldestHandoff() {
 		}
 	}
 	j.takeHandoff(oldQP, 0)
+	j.m.handoffsUnjoined.Inc()
 }
 
 func (j *joinState) takeHandoff(qp, i int) handoff {
@@ -150,6 +163,7 @@ func (j *joinState) takeHandoff(qp, i int) handoff {
 		j.handoffs[qp] = append(hs[:i:i], hs[i+1:]...)
 	}
 	j.nHandoffs--
+	j.dirtyH[h.Seq] = nil
 	return h
 }
 
@@ -172,6 +186,7 @@ func (j *joinState) line(l *line, now int64) (record, bool) {
 		if m := j.msgs[l.msg]; m != nil {
 			j.deliveries[l.delivery] = l.msg
 			m.Open = append(m.Open, l.delivery)
+			j.dirtyM[l.msg] = struct{}{}
 		}
 	case lineDelivery:
 		n, ok := j.deliveries[l.delivery]
@@ -188,6 +203,7 @@ func (j *joinState) line(l *line, now int64) (record, bool) {
 		}
 		if len(m.Pending) < maxPending {
 			m.Pending = append(m.Pending, outcome{l.outcome, l.stamp})
+			j.dirtyM[n] = struct{}{}
 		}
 	}
 	return record{}, false
@@ -197,6 +213,7 @@ func (j *joinState) line(l *line, now int64) (record, bool) {
 func (j *joinState) info(l *line, now int64) {
 	j.forget(l.msg)
 	if l.qp > math.MaxInt64 {
+		j.m.unjoined.Inc()
 		return
 	}
 	qp := int(l.qp)
@@ -204,6 +221,7 @@ func (j *joinState) info(l *line, now int64) {
 		if logsafeEqual(h.From, l.sender) && (l.stamp == 0 || l.stamp >= h.At-int64(stampSlack)) {
 			h = j.takeHandoff(qp, i)
 			j.addMessage(&message{N: l.msg, IDs: h.IDs, Seen: now})
+			j.m.joined.Inc()
 			return
 		}
 	}
@@ -211,6 +229,7 @@ func (j *joinState) info(l *line, now int64) {
 		j.expire(now, true)
 	}
 	if len(j.tentative) >= maxTentatives {
+		j.m.unjoined.Inc()
 		return
 	}
 	if old, ok := j.tentative[qp]; ok {
@@ -225,6 +244,7 @@ func (j *joinState) addMessage(m *message) {
 		j.dropOldestMessage()
 	}
 	j.msgs[m.N] = m
+	j.dirtyM[m.N] = struct{}{}
 }
 
 func (j *joinState) dropOldestMessage() {
@@ -253,7 +273,11 @@ func (j *joinState) forget(n uint64) {
 	if m.IDs == nil && j.tentative[m.QP] == n {
 		delete(j.tentative, m.QP)
 	}
+	if m.IDs == nil {
+		j.m.unjoined.Inc() // no hand-off of relay's claimed it
+	}
 	delete(j.msgs, n)
+	j.dirtyM[n] = struct{}{}
 }
 
 // closeDelivery ends delivery d of message n.
@@ -265,6 +289,7 @@ func (j *joinState) closeDelivery(n, d uint64) {
 		for i, x := range m.Open {
 			if x == d {
 				m.Open = append(m.Open[:i], m.Open[i+1:]...)
+				j.dirtyM[n] = struct{}{}
 				break
 			}
 		}
@@ -294,6 +319,8 @@ func (j *joinState) expire(now int64, tentativeOnly bool) {
 				keep = append(keep, h)
 			} else {
 				j.nHandoffs--
+				j.dirtyH[h.Seq] = nil
+				j.m.handoffsUnjoined.Inc()
 			}
 		}
 		if len(keep) == 0 {

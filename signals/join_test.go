@@ -35,7 +35,7 @@ func msgLines(at time.Time, n, qp int, from string, d0 int, outcome string, rcpt
 }
 
 func TestJoinByQP(t *testing.T) {
-	j := newJoinState()
+	j := newJoinState(testMetrics())
 	at := testTime
 	ids := []string{"user:bob", "sender:bob@example.com"}
 	j.handedOff(handoff{QP: 4242, From: "bob@example.com", IDs: ids, At: at.UnixNano()}, at.UnixNano())
@@ -59,7 +59,7 @@ func TestJoinByQP(t *testing.T) {
 // A reused pid: a hand-off joins neither an older line nor one with
 // another sender.
 func TestJoinPidReuse(t *testing.T) {
-	j := newJoinState()
+	j := newJoinState(testMetrics())
 	at := testTime
 	j.handedOff(handoff{QP: 99, From: "bob@example.com", IDs: []string{"user:bob"}, At: at.UnixNano()}, at.UnixNano())
 	if out := feed(j, at, msgLines(at.Add(-time.Hour), 1, 99, "bob@example.com", 1, "failure", 1)...); len(out) != 0 {
@@ -75,7 +75,7 @@ func TestJoinPidReuse(t *testing.T) {
 
 // qmail-send may log the message before relay has recorded its hand-off.
 func TestJoinInfoBeforeHandoff(t *testing.T) {
-	j := newJoinState()
+	j := newJoinState(testMetrics())
 	at := testTime
 	ls := msgLines(at, 5, 321, "bob@example.com", 1, "failure", 2)
 	if out := feed(j, at, ls[:5]...); len(out) != 0 { // new, info, 2 starts, 1st failure
@@ -99,7 +99,7 @@ func TestJoinInfoBeforeHandoff(t *testing.T) {
 // qmail-send restarts number deliveries from 1 again; a message whose
 // number is reused (inode) starts afresh.
 func TestJoinReuse(t *testing.T) {
-	j := newJoinState()
+	j := newJoinState(testMetrics())
 	at := testTime
 	j.handedOff(handoff{QP: 1, From: "a@x", IDs: []string{"user:a"}, At: at.UnixNano()}, at.UnixNano())
 	feed(j, at, multilogLine(at, "info msg 7: bytes 1 from <a@x> qp 1 uid 1"),
@@ -117,7 +117,7 @@ func TestJoinReuse(t *testing.T) {
 }
 
 func TestJoinBounded(t *testing.T) {
-	j := newJoinState()
+	j := newJoinState(testMetrics())
 	now := testTime.UnixNano()
 	for i := range maxHandoffs + 10 {
 		j.handedOff(handoff{QP: i + 1, From: "a@x", IDs: []string{"user:a"}, At: now + int64(i)}, now)
@@ -134,10 +134,19 @@ func TestJoinBounded(t *testing.T) {
 // The queue writer of qmail-direct numbers its messages with a microsecond
 // clock, far above any pid: such a qp joins too.
 func TestJoinWriterQP(t *testing.T) {
-	j := newJoinState()
+	j := newJoinState(testMetrics())
 	qp := 1772445600250000
 	j.handedOff(handoff{QP: qp, From: "a@x", IDs: []string{"user:a"}, At: testTime.UnixNano()}, testTime.UnixNano())
 	if out := feed(j, testTime, msgLines(testTime, 1, qp, "a@x", 1, "failure", 1)...); len(out) != 1 {
 		t.Fatalf("outcomes %+v", out)
 	}
+}
+
+// testMetrics are metrics registered nowhere.
+func testMetrics() *metrics {
+	m, err := newMetrics(nil)
+	if err != nil {
+		panic(err)
+	}
+	return m
 }

@@ -34,6 +34,7 @@ const (
 	lineEnd                      // end msg N
 	lineCont                     // a splogger continuation of the previous line
 	lineCut                      // an info line cut short (splogger continues it)
+	lineBad                      // begins as one of the above but does not parse: skipped
 )
 
 // Delivery outcomes as the sink gets them (policy's DeliverySuccess, ...).
@@ -159,7 +160,9 @@ func parseMessage(l *line, b []byte) {
 		l.kind = lineEnd
 		l.msg, ok = wholeNumber(b[len("end msg "):])
 	}
-	if !ok {
+	if !ok && hasKeyword(b) {
+		*l = line{kind: lineBad}
+	} else if !ok {
 		*l = line{}
 	}
 }

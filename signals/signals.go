@@ -8,88 +8,105 @@
 package signals
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"relay/config"
 )
 
-// Sink receives the outcomes; *policy.Engine implements it.
+// Sink receives the outcomes and keeps the follower's state; *policy.Engine
+// implements it.
 type Sink interface {
 	// RecordDelivery counts one delivery of a message handed off for ids:
 	// outcome is "success", "failure" or "deferral", at when qmail-send
 	// logged it (zero when the log has no stamps).
 	RecordDelivery(ids []string, outcome string, at time.Time)
-	// Flush makes what RecordDelivery counted durable. The follower calls
-	// it before it saves its place in the log, so that a crash re-reads
-	// lines rather than losing them, and re-reads only lines whose counts
-	// were lost with it.
-	Flush() error
+	// AttachFlushPart calls load with each record stored in bucket, then
+	// writes part's changes in every flush of the counts, in the same
+	// transaction (persist.go).
+	AttachFlushPart(bucket string, part FlushPart, load func(key, val []byte) error) error
 }
 
-// StateFile is the follower's state in data_dir: its place in the log and
-// the join.
-const StateFile = "signals.state"
+// FlushPart is what a Sink writes with its counts: policy.FlushPart, the
+// same unnamed interface type.
+type FlushPart = interface {
+	Lock()
+	Unlock()
+	TakeChanges(put func(key, val []byte)) (done func(committed bool))
+}
 
 // Defaults of Options.
 const (
-	defaultPoll      = 500 * time.Millisecond
-	defaultSaveEvery = 2 * time.Second
-	expireEvery      = time.Minute
+	defaultPoll = 500 * time.Millisecond
+	expireEvery = time.Minute
 )
 
 // Options are a Follower's dependencies; all optional.
 type Options struct {
-	Logger    *slog.Logger     // nil: discard
-	Now       func() time.Time // nil: time.Now
-	Poll      time.Duration    // how often the log is looked at (500ms)
-	SaveEvery time.Duration    // how often the state is saved when changed (2s)
+	Logger     *slog.Logger          // nil: discard
+	Now        func() time.Time      // nil: time.Now
+	Poll       time.Duration         // how often the log is looked at (500ms)
+	Registerer prometheus.Registerer // nil: metrics are kept but not registered
 }
 
 // Follower follows qmail-send's log and joins it with relay's hand-offs.
 // HandedOff may be called from any goroutine.
 type Follower struct {
-	path      string
-	statePath string
-	sink      Sink
-	log       *slog.Logger
-	now       func() time.Time
-	poll      time.Duration
-	saveEvery time.Duration
+	path    string
+	sink    Sink
+	log     *slog.Logger
+	now     func() time.Time
+	poll    time.Duration
+	metrics *metrics
 
-	mu    sync.Mutex // guards join and dirty
-	join  *joinState
-	dirty bool
+	// Hand-offs come in here (HandedOff): journalled, then queued for the
+	// loop (or a flush) to take into the join.
+	inMu    sync.Mutex
+	queue   []handoff
+	lastSeq uint64 // the last hand-off's number
+	journal *journal
+	wake    chan struct{}
 
-	tail  *tail // the loop goroutine's
-	saved *filePos
-
-	// The loop goroutine's: an info line splogger cut, waiting for its
-	// continuation; outcomes to hand to the sink; counts for the log.
-	cut            []byte
-	cutStamp       int64
-	recs, recBuf   []record
-	lines, counted int64
+	// mu guards what follows. The loop holds it while it reads lines and
+	// counts their outcomes; a flush holds it from TakeChanges until it
+	// has taken the counters (persist.go).
+	mu        sync.Mutex
+	join      *joinState
+	tail      *tail
+	saved     *filePos // where the previous run was (nil: the log's end)
+	cut       []byte   // an info line splogger cut, waiting for its continuation
+	cutStamp  int64
+	takenSeq  uint64 // the last hand-off taken into the join
+	lastState []byte // the state record as last committed (nil: write it)
+	recs      []record
+	lines     int64 // for the log at Close
+	counted   int64
+	// linesReported is what the lines metric has of lines.
+	linesReported int64
+	// placeStored: relay.db has a place in the log (a state record with
+	// a file); until then the start file keeps where the follower began.
+	placeStored bool
+	startNoted  bool // the start file exists (written by noteStart or a previous run)
 
 	startOnce sync.Once
 	stop      chan struct{}
 	done      chan struct{}
 	closeOnce sync.Once
-	closeErr  error
 }
 
 // New prepares a Follower of cfg.Signals.QmailSendLog (a multilog
-// directory stands for its "current") that saves its state in
-// cfg.DataDir, reading the state a previous run saved. A state file that
-// cannot be read is an error that names it: relay stops rather than
-// count twice or lose its place silently.
+// directory stands for its "current"), its state kept in sink's flushes
+// and its hand-off journal in cfg.DataDir. It loads the state a previous
+// run left: where it was in the log, the join, and the hand-offs
+// recorded after the last flush.
 func New(cfg *config.Config, sink Sink, opts Options) (*Follower, error) {
 	path := cfg.Signals.QmailSendLog
 	if path == "" {
@@ -98,17 +115,21 @@ func New(cfg *config.Config, sink Sink, opts Options) (*Follower, error) {
 	if st, err := os.Stat(path); err == nil && st.IsDir() {
 		path = filepath.Join(path, "current")
 	}
+	m, err := newMetrics(opts.Registerer)
+	if err != nil {
+		return nil, err
+	}
 	f := &Follower{
-		path:      path,
-		statePath: filepath.Join(cfg.DataDir, StateFile),
-		sink:      sink,
-		log:       opts.Logger,
-		now:       opts.Now,
-		poll:      opts.Poll,
-		saveEvery: opts.SaveEvery,
-		join:      newJoinState(),
-		stop:      make(chan struct{}),
-		done:      make(chan struct{}),
+		path:    path,
+		sink:    sink,
+		log:     opts.Logger,
+		now:     opts.Now,
+		poll:    opts.Poll,
+		metrics: m,
+		join:    newJoinState(m),
+		wake:    make(chan struct{}, 1),
+		stop:    make(chan struct{}),
+		done:    make(chan struct{}),
 	}
 	if f.log == nil {
 		f.log = slog.New(slog.DiscardHandler)
@@ -119,52 +140,194 @@ func New(cfg *config.Config, sink Sink, opts Options) (*Follower, error) {
 	if f.poll <= 0 {
 		f.poll = defaultPoll
 	}
-	if f.saveEvery <= 0 {
-		f.saveEvery = defaultSaveEvery
-	}
-	if err := f.load(); err != nil {
+	j, hs, err := openJournal(filepath.Join(cfg.DataDir, JournalDir), func(path string, read int, err error) {
+		f.metrics.error(errLoad)
+		f.log.Warn("signals: the hand-off journal ends early (the system crashed while it was written?); the hand-offs after it are lost",
+			"file", path, "records_read", read, "err", err)
+	})
+	if err != nil {
 		return nil, err
 	}
-	f.tail = newTail(path, f.log)
+	f.journal = j
+	f.tail = newTail(path, f.log, m)
+	// Where a previous run that never flushed began (a stored state
+	// replaces it), and the journal's hand-offs (those the stored state
+	// has taken are dropped when it is read).
+	if b, err := os.ReadFile(f.startPath()); err == nil {
+		if s, err := decodeState(b); err == nil {
+			f.saved = s.File
+		}
+		f.startNoted = true // removed once relay.db has a place
+	}
+	for _, h := range hs {
+		f.queue = append(f.queue, h)
+		f.lastSeq = max(f.lastSeq, h.Seq)
+	}
+	// Last: from here on every flush of the sink takes the follower's
+	// changes.
+	if err := sink.AttachFlushPart(Bucket, (*part)(f), f.loadRecord); err != nil {
+		return nil, fmt.Errorf("signals: reading the follower's state from relay.db: %w", err)
+	}
+	f.inMu.Lock()
+	n := len(f.queue)
+	f.inMu.Unlock()
+	if n > 0 {
+		f.log.Info("signals: hand-offs recorded after the last flush before relay stopped are taken from the journal", "handoffs", n)
+	}
 	return f, nil
+}
+
+// loadRecord takes one stored record (AttachFlushPart's load). A record
+// that cannot be read is logged and dropped: it costs the join one
+// message (or its place in the log), never relay's start.
+func (f *Follower) loadRecord(k, v []byte) error {
+	var err error
+	switch {
+	case string(k) == keyState:
+		var s savedState
+		if s, err = decodeState(v); err == nil {
+			if s.File != nil {
+				f.saved, f.placeStored = s.File, true
+			}
+			f.cut, f.cutStamp, f.takenSeq = s.Cut, s.CutStamp, s.LastSeq
+			f.lastSeq = max(f.lastSeq, s.LastSeq) // a number taken is never given again
+			f.lastState = slices.Clone(v)
+			// The journal's hand-offs up to LastSeq are in the stored join.
+			f.queue = slices.DeleteFunc(f.queue, func(h handoff) bool { return h.Seq <= s.LastSeq })
+		}
+	case len(k) == 9 && k[0] == prefixHandoff:
+		var h handoff
+		if h, err = decodeHandoff(v); err == nil {
+			f.join.handoffs[h.QP] = append(f.join.handoffs[h.QP], h)
+			f.join.nHandoffs++
+			f.lastSeq = max(f.lastSeq, h.Seq)
+		}
+	case len(k) == 9 && k[0] == prefixMessage:
+		var m *message
+		if m, err = decodeMessage(v); err == nil {
+			j := f.join
+			j.msgs[m.N] = m
+			if m.IDs == nil {
+				j.tentative[m.QP] = m.N
+			}
+			for _, d := range m.Open {
+				j.deliveries[d] = m.N
+			}
+		}
+	default:
+		err = errors.New("unknown key")
+	}
+	if err != nil {
+		f.metrics.error(errLoad)
+		f.log.Error("signals: a record of the follower's state in relay.db cannot be read; dropped", "key", fmt.Sprintf("%q", k), "err", err)
+	}
+	return nil
 }
 
 // Start opens the log and starts following it.
 func (f *Follower) Start() {
 	f.startOnce.Do(func() {
+		f.mu.Lock()
 		f.tail.start(f.saved)
+		f.noteStart()
+		f.mu.Unlock()
 		go f.loop()
 	})
 }
 
-// Close stops following and saves the state. The sink must still take
-// Flush.
+// startPath is where a follower that has no state in relay.db yet (its
+// very first run) keeps the place it began at, until its first flush: a
+// kill -9 before that flush must not move it to the log's end, past the
+// lines it has not counted. Written with write(2), like the journal.
+func (f *Follower) startPath() string { return filepath.Join(f.journal.dir, "start") }
+
+// noteStart writes the start file when the log was just opened and
+// relay.db has no place in it yet; f.mu is held.
+func (f *Follower) noteStart() {
+	if f.placeStored || f.tail.f == nil || f.startNoted {
+		return
+	}
+	pos := f.tail.pos
+	b := appendState(nil, &savedState{File: &pos})
+	if err := os.WriteFile(f.startPath(), b, 0o600); err != nil {
+		f.metrics.error(errJournal)
+		f.log.Error("signals: writing where the follower begins", "path", f.startPath(), "err", err)
+		return
+	}
+	f.startNoted = true
+}
+
+// Close stops following. What the follower changed since the last flush
+// is written by the sink's next flush (policy's Close).
 func (f *Follower) Close() error {
 	f.closeOnce.Do(func() {
-		f.Start() // a Follower never started still saves its hand-offs
+		f.Start()
 		close(f.stop)
 		<-f.done
+		f.mu.Lock()
 		f.tail.close()
-		f.closeErr = f.save()
+		f.mu.Unlock()
+		f.inMu.Lock()
+		f.journal.close()
+		f.inMu.Unlock()
 		f.log.Info("signals: stopped", "lines", f.lines, "deliveries_counted", f.counted, "long_lines_skipped", f.tail.skipped)
 	})
-	return f.closeErr
+	return nil
 }
 
 // HandedOff records that qmail-queue process qp took a message from the
-// envelope sender from for ids, the hand-off having begun at `at`.
+// envelope sender from for ids, the hand-off having begun at `at`. It
+// returns once the record is in the journal (one write(2)), so that a
+// kill -9 after the 250 that follows loses nothing.
 func (f *Follower) HandedOff(qp int, from string, ids []string, at time.Time) {
 	if qp <= 0 || len(ids) == 0 {
 		return
 	}
-	h := handoff{QP: qp, From: from, IDs: append([]string(nil), ids...), At: at.UnixNano()}
-	f.mu.Lock()
-	recs := f.join.handedOff(h, f.now().UnixNano())
-	f.dirty = true
-	f.mu.Unlock()
-	for _, r := range recs {
-		f.sink.RecordDelivery(r.ids, r.outcome, r.at)
+	h := handoff{QP: qp, From: from, IDs: slices.Clone(ids), At: at.UnixNano()}
+	f.inMu.Lock()
+	f.lastSeq++
+	h.Seq = f.lastSeq
+	err := f.journal.append(&h)
+	f.queue = append(f.queue, h)
+	f.inMu.Unlock()
+	f.metrics.handoffs.Inc()
+	if err != nil {
+		f.metrics.error(errJournal)
+		f.log.Error("signals: writing the hand-off journal failed; the hand-off is kept in memory and written to relay.db by the next flush",
+			"dir", f.journal.dir, "qp", qp, "err", err)
 	}
+	select {
+	case f.wake <- struct{}{}:
+	default:
+	}
+}
+
+// takeHandoffs moves the queued hand-offs into the join; f.mu is held.
+// Outcomes that become known collect in f.recs.
+func (f *Follower) takeHandoffs(rotate bool) {
+	f.inMu.Lock()
+	q := f.queue
+	f.queue = nil
+	f.takenSeq = f.lastSeq
+	if rotate {
+		f.journal.rotate(false)
+	}
+	f.inMu.Unlock()
+	now := f.now().UnixNano()
+	for _, h := range q {
+		f.recs = append(f.recs, f.join.handedOff(h, now)...)
+	}
+}
+
+// count hands the collected outcomes to the sink; f.mu is held.
+func (f *Follower) count() {
+	for _, r := range f.recs {
+		f.sink.RecordDelivery(r.ids, r.outcome, r.at)
+		f.metrics.delivery(r.outcome)
+	}
+	f.counted += int64(len(f.recs))
+	clear(f.recs)
+	f.recs = f.recs[:0]
 }
 
 // handle applies one log line; f.mu is held. Outcomes to count collect
@@ -172,9 +335,16 @@ func (f *Follower) HandedOff(qp int, from string, ids []string, at time.Time) {
 func (f *Follower) handle(b []byte) {
 	f.lines++
 	l := parseLine(b)
+	if l.stamp != 0 {
+		f.tail.lastStamp = l.stamp
+	}
 	switch l.kind {
 	case lineOther:
 		f.cut = f.cut[:0]
+		return
+	case lineBad:
+		f.cut = f.cut[:0]
+		f.metrics.malformed.Inc()
 		return
 	case lineCut:
 		f.cut, f.cutStamp = append(f.cut[:0], l.rest...), l.stamp
@@ -201,34 +371,26 @@ func (f *Follower) handle(b []byte) {
 
 func (f *Follower) loop() {
 	defer close(f.done)
-	lastSave, lastExpire := f.now(), f.now()
+	lastExpire := f.now()
 	for {
 		f.mu.Lock()
+		f.takeHandoffs(false)
+		wasOpen := f.tail.f != nil
 		progressed := f.tail.step(f.handle)
-		if progressed {
-			f.dirty = true
+		if !wasOpen {
+			f.noteStart() // opened at its start (it was missing)
 		}
-		recs := f.recs
-		f.recs = f.recBuf[:0]
-		f.mu.Unlock()
-		for _, r := range recs {
-			f.sink.RecordDelivery(r.ids, r.outcome, r.at)
-		}
-		f.counted += int64(len(recs))
-		f.recBuf = recs[:0]
+		f.count()
 		now := f.now()
 		if now.Sub(lastExpire) >= expireEvery {
-			f.mu.Lock()
 			f.join.expire(now.UnixNano(), false)
-			f.mu.Unlock()
 			lastExpire = now
 		}
-		if now.Sub(lastSave) >= f.saveEvery {
-			if err := f.save(); err != nil {
-				f.log.Error("signals: saving the follower's state", "path", f.statePath, "err", err)
-			}
-			lastSave = now
-		}
+		f.metrics.joinSizes(f.join)
+		f.metrics.lines.Add(float64(f.lines - f.linesReported))
+		f.linesReported = f.lines
+		f.tail.report()
+		f.mu.Unlock()
 		if progressed {
 			select {
 			case <-f.stop:
@@ -240,129 +402,96 @@ func (f *Follower) loop() {
 		select {
 		case <-f.stop:
 			return
+		case <-f.wake:
 		case <-time.After(f.poll):
 		}
 	}
 }
 
-// savedState is the state file: the place in the log and the join.
-type savedState struct {
-	Version    int         `json:"version"`
-	File       *filePos    `json:"file,omitempty"`
-	Handoffs   []handoff   `json:"handoffs"`
-	Messages   []*message  `json:"messages"`
-	Deliveries [][2]uint64 `json:"deliveries"` // D, msg number
-}
+// part is the Follower as the sink's FlushPart.
+type part Follower
 
-const stateVersion = 1
+func (p *part) Lock()   { p.mu.Lock() }
+func (p *part) Unlock() { p.mu.Unlock() }
 
-// save makes the sink's counts durable, then writes the state (when it
-// changed) atomically.
-func (f *Follower) save() error {
-	f.mu.Lock()
-	dirty := f.dirty
-	f.mu.Unlock()
-	if !dirty {
-		return nil
+// TakeChanges takes the queued hand-offs into the join (counting what
+// they claim), then hands the records changed since the last call: the
+// hand-offs and messages, and the state (place in the log, cut line,
+// last hand-off taken) when it changed. f.mu is held.
+func (p *part) TakeChanges(put func(key, val []byte)) func(committed bool) {
+	f := (*Follower)(p)
+	f.takeHandoffs(true)
+	f.count()
+	j := f.join
+	hs, ms := j.dirtyH, j.dirtyM
+	j.dirtyH, j.dirtyM = make(map[uint64]*handoff), make(map[uint64]struct{})
+	// In key order: h..., m..., s.
+	seqs := make([]uint64, 0, len(hs))
+	for seq := range hs {
+		seqs = append(seqs, seq)
 	}
-	if err := f.sink.Flush(); err != nil {
-		return fmt.Errorf("flushing the counts first: %w", err)
+	slices.Sort(seqs)
+	for _, seq := range seqs {
+		var v []byte
+		if h := hs[seq]; h != nil {
+			v = appendHandoff(nil, h)
+		}
+		put(recordKey(prefixHandoff, seq), v)
 	}
-	f.mu.Lock()
-	s := savedState{Version: stateVersion}
+	for _, n := range sortedKeys(ms) {
+		var v []byte
+		if m := j.msgs[n]; m != nil {
+			v = appendMessage(nil, m)
+		}
+		put(recordKey(prefixMessage, n), v)
+	}
+	s := savedState{File: f.saved, Cut: f.cut, CutStamp: f.cutStamp, LastSeq: f.takenSeq}
 	if f.tail.pos.Ino != 0 {
 		pos := f.tail.pos
 		s.File = &pos
-	} else {
-		s.File = f.saved // the log was never opened in this run
 	}
-	for _, hs := range f.join.handoffs {
-		s.Handoffs = append(s.Handoffs, hs...)
+	state := appendState(nil, &s)
+	wrote := !slices.Equal(state, f.lastState)
+	if wrote {
+		put([]byte(keyState), state)
 	}
-	for _, m := range f.join.msgs {
-		s.Messages = append(s.Messages, m)
-	}
-	for d, n := range f.join.deliveries {
-		s.Deliveries = append(s.Deliveries, [2]uint64{d, n})
-	}
-	b, err := json.Marshal(s)
-	f.dirty = false
-	f.mu.Unlock()
-	if err == nil {
-		err = writeAtomic(f.statePath, b)
-	}
-	if err != nil {
+	taken := f.takenSeq
+	return func(committed bool) {
 		f.mu.Lock()
-		f.dirty = true
-		f.mu.Unlock()
+		defer f.mu.Unlock()
+		if !committed {
+			for k, h := range hs {
+				if _, newer := j.dirtyH[k]; !newer {
+					j.dirtyH[k] = h
+				}
+			}
+			for k := range ms {
+				j.dirtyM[k] = struct{}{}
+			}
+			f.lastState = nil
+			return
+		}
+		if wrote {
+			if s.File != nil {
+				f.placeStored = true
+				if f.startNoted && os.Remove(f.startPath()) == nil { // relay.db has the place now
+					f.startNoted = false
+				}
+			}
+			f.lastState = state
+		}
+		f.inMu.Lock()
+		f.journal.committed(taken)
+		f.inMu.Unlock()
 	}
-	return err
 }
 
-// load reads the state a previous run saved, if any.
-func (f *Follower) load() error {
-	b, err := os.ReadFile(f.statePath)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil
+// sortedKeys returns m's keys in order.
+func sortedKeys(m map[uint64]struct{}) []uint64 {
+	ks := make([]uint64, 0, len(m))
+	for k := range m {
+		ks = append(ks, k)
 	}
-	if err != nil {
-		return fmt.Errorf("signals: reading %s: %w", f.statePath, err)
-	}
-	var s savedState
-	if err := json.Unmarshal(b, &s); err != nil || s.Version != stateVersion {
-		if err == nil {
-			err = fmt.Errorf("version %d", s.Version)
-		}
-		return fmt.Errorf("signals: %s is damaged (%v); move it aside to follow qmail_send_log from its end", f.statePath, err)
-	}
-	j := f.join
-	for _, h := range s.Handoffs {
-		j.handoffs[h.QP] = append(j.handoffs[h.QP], h)
-		j.nHandoffs++
-	}
-	for _, m := range s.Messages {
-		if m == nil {
-			continue
-		}
-		j.msgs[m.N] = m
-		if m.IDs == nil {
-			j.tentative[m.QP] = m.N
-		}
-	}
-	for _, d := range s.Deliveries {
-		if _, ok := j.msgs[d[1]]; ok {
-			j.deliveries[d[0]] = d[1]
-		}
-	}
-	f.saved = s.File
-	return nil
-}
-
-// writeAtomic replaces path with b: a temporary file, fsynced, renamed
-// over it, and the directory fsynced.
-func writeAtomic(path string, b []byte) error {
-	tmp := path + ".tmp"
-	fh, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	_, err = fh.Write(b)
-	if err == nil {
-		err = fh.Sync()
-	}
-	if cerr := fh.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	if d, err := os.Open(filepath.Dir(path)); err == nil {
-		d.Sync()
-		d.Close()
-	}
-	return nil
+	slices.Sort(ks)
+	return ks
 }

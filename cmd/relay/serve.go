@@ -160,7 +160,7 @@ func startDaemon(cfg *config.Config, log *slog.Logger, writers <-chan net.Conn) 
 	}
 	var handoffs relay.HandoffRecorder
 	if cfg.Signals.QmailSendLog != "" {
-		if d.signals, err = signals.New(cfg, d.policy, signals.Options{Logger: log}); err != nil {
+		if d.signals, err = signals.New(cfg, d.policy, signals.Options{Logger: log, Registerer: reg}); err != nil {
 			d.policy.Close()
 			return fail(err)
 		}
@@ -359,9 +359,9 @@ func restartOnly(old, cur *config.Config) []string {
 
 // shutdown stops the admin API first (a release in flight finishes), then
 // the SMTP front end (transactions in flight finish within ctx), then the
-// releaser (hand-offs in flight finish within ctx), then the log follower
-// (which saves its place once policy has its counts), and only then
-// flushes policy and closes the database they all write to.
+// releaser (hand-offs in flight finish within ctx), then the log follower,
+// and only then flushes policy (the counts with the follower's place in
+// the log and its join) and closes the database they all write to.
 func (d *daemon) shutdown(ctx context.Context) error {
 	errAdmin := d.admin.Shutdown(ctx)
 	errSMTP := d.smtp.Shutdown(ctx)

@@ -390,3 +390,188 @@ func TestBouncesFromRealQmailSend(t *testing.T) {
 		t.Fatalf("RCPT over the bounce cap: %q", r)
 	}
 }
+
+// TestSignalsExactAcrossKill9: kill -9 at the worst moments loses no
+// hand-off and counts no delivery line twice. First, right after the 250s
+// of a batch of messages (their hand-offs are not yet in relay.db); then,
+// round after round, while qmail-send's lines are being read: right after
+// a flush carried counts of lines just read, and right after lines were
+// written, before relay read them. In the end every delivery is counted
+// exactly once.
+func TestSignalsExactAcrossKill9(t *testing.T) {
+	logDir := filepath.Join(t.TempDir(), "log")
+	os.MkdirAll(logDir, 0o755)
+	current := filepath.Join(logDir, "current")
+	os.WriteFile(current, nil, 0o644)
+	d := newDaemon(t, daemonOpts{
+		policy:    policyWith("defer", 0, "[policy.limits.sender]\nrcpts = [\"100000/1h\"]\nbounces = [\"100000/1h\"]\n"),
+		extraTOML: fmt.Sprintf("[signals]\nqmail_send_log = %q\n", logDir),
+	})
+	lg := &qmailLog{t: t, path: current}
+	bob := "sender:bob@example.com"
+	db := filepath.Join(d.dir, "data", "relay.db")
+	send := func(n int) []int {
+		s := dialSMTP(t, d.smtp)
+		s.expect("EHLO client.example.test", "250")
+		qps := make([]int, n)
+		for i := range qps {
+			qps[i] = qpOf(t, s.send("bob@example.com", []string{fmt.Sprintf("r%d@remote.example", i)}, "Subject: x\r\n\r\nx\r\n"))
+		}
+		return qps
+	}
+	var failures, successes int64
+	logDeliveries := func(qps []int) {
+		for i, qp := range qps {
+			outcome := "failure"
+			if i%2 == 1 {
+				outcome = "success"
+			}
+			q, dl := lg.message(qp, "bob@example.com", outcome, outcome)
+			lg.write(append(q, dl...)...)
+			if outcome == "failure" {
+				failures += 2
+			} else {
+				successes += 2
+			}
+		}
+	}
+	counted := func(s admin.Sender) bool {
+		dv := deliveries(s)
+		return dv.Failures == failures && dv.Successes == successes
+	}
+
+	// 1. kill -9 at once after the last 250.
+	qps := send(6)
+	d.kill9()
+	d.start()
+	logDeliveries(qps)
+	waitSender(t, d, bob, "the deliveries of the messages sent just before kill -9", counted)
+
+	// 2. Rounds of lines read, each ended by a kill -9.
+	for round := range 6 {
+		qps := send(5)
+		if round%2 == 0 {
+			// Around the flush that carries the counts of lines just read
+			// (relay.db starts to change once they are counted: the kill
+			// may come before, during or after its commit).
+			logDeliveries(qps)
+			waitSender(t, d, bob, fmt.Sprintf("round %d's deliveries", round), counted)
+			st, _ := os.Stat(db)
+			waitChange(t, db, st.ModTime())
+		} else {
+			// Lines written, maybe read, maybe counted, not flushed.
+			logDeliveries(qps)
+		}
+		d.kill9()
+		d.start()
+	}
+	waitSender(t, d, bob, "every delivery", counted)
+	// Nothing counted twice: the counts stay put.
+	st, _ := os.Stat(db)
+	waitChange(t, db, st.ModTime())
+	if got := getSender(t, d, bob); !counted(got) || usedOf(got, "bounces", "1h") != failures {
+		t.Fatalf("deliveries %+v, bounces %d; want %d failures and %d successes, each once", deliveries(got), usedOf(got, "bounces", "1h"), failures, successes)
+	}
+	// A clean stop leaves no hand-off journal behind.
+	d.stop()
+	if ents, _ := os.ReadDir(filepath.Join(d.dir, "data", "signals")); len(ents) != 0 {
+		t.Errorf("data_dir/signals after a clean stop: %v", ents)
+	}
+}
+
+// waitChange waits (bounded) until path's mtime is no longer old: the
+// daemon flushed.
+func waitChange(t *testing.T, path string, old time.Time) {
+	t.Helper()
+	deadline := time.Now().Add(25 * time.Second)
+	for time.Now().Before(deadline) {
+		if st, err := os.Stat(path); err == nil && !st.ModTime().Equal(old) {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+	t.Fatalf("%s never changed", path)
+}
+
+// TestSignalsMetrics: /metrics has the follower's series after real
+// traffic: hand-offs, joined and unjoined messages, deliveries by result,
+// garbage skipped, the place in the log, and first-time recipients.
+func TestSignalsMetrics(t *testing.T) {
+	logDir := filepath.Join(t.TempDir(), "log")
+	current := filepath.Join(logDir, "current")
+	d := newDaemon(t, daemonOpts{
+		policy:    policyWith("defer", 0, "[policy.limits.sender]\nnew_rcpts = [\"100/1h\"]\n"),
+		extraTOML: fmt.Sprintf("[signals]\nqmail_send_log = %q\n", current),
+	})
+	if v, _ := sum(scrape(t, d), "relay_signals_log_missing", nil); v != 1 {
+		t.Errorf("relay_signals_log_missing = %v while the log is missing", v)
+	}
+	os.MkdirAll(logDir, 0o755)
+	lg := &qmailLog{t: t, path: current}
+	lg.write("status: local 0/10 remote 0/20")
+	bob := "sender:bob@example.com"
+	s := dialSMTP(t, d.smtp)
+	s.expect("EHLO client.example.test", "250")
+	qp1 := qpOf(t, s.send("bob@example.com", []string{"a@remote.example"}, "Subject: 1\r\n\r\nx\r\n"))
+	qp2 := qpOf(t, s.send("bob@example.com", []string{"b@remote.example", "a@remote.example"}, "Subject: 2\r\n\r\nx\r\n"))
+	start := time.Now()
+	q, dl := lg.message(qp1, "bob@example.com", "failure", "success")
+	lg.write(append(q, dl...)...)
+	q, dl = lg.message(qp2+100000, "bob@example.com", "failure") // not relay's
+	lg.write(append(q, dl...)...)
+	lg.write("delivery 77: victory: nothing of the sort", strings.Repeat("x", 20<<10))
+	q, dl = lg.message(qp2, "bob@example.com", "deferral")
+	lg.write(append(q, dl...)...)
+	waitSender(t, d, bob, "the deliveries", func(s admin.Sender) bool { return deliveries(s).Deferrals == 1 })
+
+	st, err := os.Stat(current)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Count(string(must(os.ReadFile(current))), "\n")
+	var series []metricSeries
+	deadline := time.Now().Add(25 * time.Second)
+	for { // the gauges follow the follower's next look
+		series = scrape(t, d)
+		if v, _ := sum(series, "relay_signals_position_bytes", nil); v == float64(st.Size()) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	for _, c := range []struct {
+		name   string
+		labels map[string]string
+		want   float64
+	}{
+		{"relay_signals_lines_total", nil, float64(lines)},
+		{"relay_signals_lines_skipped_total", map[string]string{"reason": "malformed"}, 1},
+		{"relay_signals_lines_skipped_total", map[string]string{"reason": "long"}, 1},
+		{"relay_signals_handoffs_total", nil, 2},
+		{"relay_signals_messages_joined_total", nil, 2},
+		{"relay_signals_messages_unjoined_total", nil, 1},
+		{"relay_signals_deliveries_total", map[string]string{"result": "failure"}, 1},
+		{"relay_signals_deliveries_total", map[string]string{"result": "success"}, 1},
+		{"relay_signals_deliveries_total", map[string]string{"result": "deferral"}, 1},
+		{"relay_signals_errors_total", nil, 0},
+		{"relay_signals_position_bytes", nil, float64(st.Size())},
+		{"relay_signals_behind_bytes", nil, 0},
+		{"relay_signals_log_missing", nil, 0},
+		{"relay_signals_pending", map[string]string{"what": "handoffs"}, 0},
+		{"relay_signals_pending", map[string]string{"what": "messages"}, 0},
+		{"relay_signals_new_recipients_total", map[string]string{"kind": "sender"}, 2},
+	} {
+		if v, ok := sum(series, c.name, c.labels); !ok || v != c.want {
+			t.Errorf("%s%v = %v (present %v), want %v", c.name, c.labels, v, ok, c.want)
+		}
+	}
+	if v, _ := sum(series, "relay_signals_last_line_timestamp_seconds", nil); v < float64(start.Unix()-1) || v > float64(time.Now().Unix()+1) {
+		t.Errorf("relay_signals_last_line_timestamp_seconds = %v, want about now", v)
+	}
+}
+
+func must[T any](v T, err error) T {
+	if err != nil {
+		panic(err)
+	}
+	return v
+}

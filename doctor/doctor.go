@@ -2,7 +2,8 @@
 // line per check, what it found and, for anything not ok, the exact
 // command or config line that fixes it (`relay doctor`): the config, the
 // running daemon and its sockets, qmail-queue and relay qq in their
-// places with their modes, /usr/sbin/sendmail, qmail-send, the SMTP
+// places with their modes, /usr/sbin/sendmail, qmail-send and its log
+// ([signals] qmail_send_log), the SMTP
 // ports, qmail's control files, certificates and DKIM keys.
 //
 // It never changes anything. It reads files, /proc, and talks to the
@@ -107,6 +108,7 @@ func Run(ctx context.Context, o Options) []Result {
 	r.checkSendmail()
 	r.checkQmailSend()
 	if r.cfg != nil {
+		r.checkSignalsLog()
 		r.checkControl()
 		r.checkTLS()
 		r.checkDKIM()

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -356,5 +357,90 @@ func TestCheckDKIM(t *testing.T) {
 	r.checkDKIM()
 	if len(r.results) != 1 || r.results[0].Status != OK {
 		t.Errorf("%+v", r.results)
+	}
+}
+
+// qmail_send_log: unset (a warning only with bounce caps), missing,
+// unreadable by the daemon, not qmail-send's, and a good multilog and
+// syslog file, classified by the follower's own parser.
+func TestCheckSignalsLog(t *testing.T) {
+	dir := t.TempDir()
+	now := time.Unix(1772445600, 0)
+	tai := func(t time.Time, s string) string {
+		return fmt.Sprintf("@%016x%08x %s", uint64(1<<62+10+t.Unix()), 0, s)
+	}
+	check := func(cfg *config.Config, daemonUID int) Result {
+		t.Helper()
+		r := &run{o: Options{Now: now, Config: "/etc/relay/relay.toml"}, ctx: context.Background(), euid: os.Geteuid(), cfg: cfg, procs: newProcTable("/proc")}
+		r.daemon = &proc{pid: os.Getpid(), uid: daemonUID, gid: daemonUID}
+		r.checkSignalsLog()
+		if len(r.results) != 1 || r.results[0].Check != "qmail_send_log" {
+			t.Fatalf("%+v", r.results)
+		}
+		return r.results[0]
+	}
+	me := os.Geteuid()
+	cfg := config.Default()
+	if r := check(cfg, me); r.Status != OK || !strings.Contains(r.Detail, "not set") {
+		t.Errorf("unset: %+v", r)
+	}
+	cfg.Policy.Limits.User = &config.Limits{Bounces: []config.Rate{{N: 20, Window: time.Hour}}}
+	if r := check(cfg, me); r.Status != Warn || !strings.Contains(r.Detail, "[policy.limits.user] has bounce caps") || !strings.Contains(r.Fix, "qmail_send_log = ") {
+		t.Errorf("unset with bounce caps: %+v", r)
+	}
+
+	logDir := filepath.Join(dir, "log")
+	os.Mkdir(logDir, 0o755)
+	cfg.Signals.QmailSendLog = logDir // a multilog directory: its current
+	if r := check(cfg, me); r.Status != Warn || !strings.Contains(r.Detail, filepath.Join(logDir, "current")+" does not exist") {
+		t.Errorf("missing: %+v", r)
+	}
+	current := filepath.Join(logDir, "current")
+	os.WriteFile(current, nil, 0o644)
+	if r := check(cfg, me); r.Status != OK || !strings.Contains(r.Detail, "is empty") {
+		t.Errorf("empty: %+v", r)
+	}
+	os.WriteFile(current, []byte(strings.Join([]string{
+		"cut off by the sample? no: the file is small",
+		tai(now.Add(-time.Hour), "status: local 0/10 remote 0/20"),
+		tai(now.Add(-time.Hour), "new msg 12345"),
+		tai(now.Add(-time.Hour), "info msg 12345: bytes 300 from <bob@example.com> qp 4242 uid 1000"),
+		tai(now.Add(-time.Hour), "starting delivery 7: msg 12345 to remote a@example.net"),
+		tai(now.Add(-time.Minute), "delivery 7: failure: 550_no_such_user/"),
+		tai(now.Add(-time.Minute), "delivery 8: victory: nonsense"),
+		tai(now.Add(-time.Minute), "end msg 12345"),
+		"an incomplete last line",
+	}, "\n")), 0o644)
+	r := check(cfg, me)
+	if r.Status != OK || !strings.Contains(r.Detail, "5 of the last 8 lines are qmail-send's (multilog") ||
+		!strings.Contains(r.Detail, "(1m0s ago)") || !strings.Contains(r.Detail, "1 malformed") {
+		t.Errorf("multilog: %+v", r)
+	}
+	if me == 0 { // a daemon user that may not read it
+		os.Chmod(current, 0o600)
+		if r := check(cfg, 65534); r.Status != Fail || !strings.Contains(r.Detail, "cannot read "+current) || !strings.Contains(r.Fix, "chmod o+r") {
+			t.Errorf("unreadable: %+v", r)
+		}
+		os.Chmod(current, 0o644)
+	}
+
+	os.WriteFile(current, []byte("status: local 0/10 remote 0/20\n"), 0o644) // qmail-send just started, as cat logs it
+	if r := check(cfg, me); r.Status != OK || !strings.Contains(r.Detail, "qmail-send's (1 status lines), no message logged") {
+		t.Errorf("status only: %+v", r)
+	}
+
+	other := filepath.Join(dir, "smtpd.log")
+	os.WriteFile(other, []byte(tai(now, "tcpserver: status: 1/40\n")+tai(now, "tcpserver: end 123 status 0\n")), 0o644)
+	cfg.Signals.QmailSendLog = other
+	if r := check(cfg, me); r.Status != Warn || !strings.Contains(r.Detail, "none of the last 2 lines") {
+		t.Errorf("not qmail-send's: %+v", r)
+	}
+
+	syslog := filepath.Join(dir, "mail.log")
+	os.WriteFile(syslog, []byte("Mar  2 10:00:00 mail qmail: 1772445540.250000 delivery 5: success: did_0+0+1/\n"+
+		"Mar  2 10:00:00 mail qmail: delivery 6: deferral: x/\n"), 0o644)
+	cfg.Signals.QmailSendLog = syslog
+	if r := check(cfg, me); r.Status != OK || !strings.Contains(r.Detail, "2 of the last 2 lines are qmail-send's (syslog") || !strings.Contains(r.Detail, "1 carry no stamp") {
+		t.Errorf("syslog: %+v", r)
 	}
 }

@@ -187,9 +187,12 @@ listen = %q
 [dkim]
 keys_dir = %q
 dns = %q
+
+[signals]
+qmail_send_log = %q
 `, in.data, in.smtp, freePort(in.t), filepath.Join(in.root, "run", "relay", "submit.sock"), in.cert, in.key,
 		filepath.Join(in.qmail, "control"), filepath.Join(in.root, "etc", "tcp.smtp"), delivery,
-		filepath.Join(in.qmail, "bin", "qmail-queue.orig"), freePort(in.t), in.dkimDir, in.dns.Addr)
+		filepath.Join(in.qmail, "bin", "qmail-queue.orig"), freePort(in.t), in.dkimDir, in.dns.Addr, filepath.Join(in.root, "qmail-send.log"))
 	if err := os.WriteFile(in.config, []byte(cfg), 0o644); err != nil {
 		in.t.Fatal(err)
 	}
@@ -544,6 +547,18 @@ func TestDoctorOnAnInstallation(t *testing.T) {
 		in.svc.stop()
 		in.svc.opts.wrap = nil
 		in.svc.start()
+		in.expectAllOK("restored")
+	}
+
+	{
+		t.Log("break and restore: qmail-send's log unreadable by the daemon")
+		log := filepath.Join(in.root, "qmail-send.log")
+		if rs, _, _ := in.doctor(nil); !strings.Contains(rs["qmail_send_log"].Detail, "qmail-send's (") {
+			t.Errorf("%+v", rs["qmail_send_log"])
+		}
+		run(t, "chmod", "0600", log)
+		in.expectFail("qmail_send_log", "the daemon (qmaild) cannot read "+log, "chmod o+r "+log)
+		run(t, "chmod", "0644", log)
 		in.expectAllOK("restored")
 	}
 

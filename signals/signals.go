@@ -108,13 +108,10 @@ type Follower struct {
 // run left: where it was in the log, the join, and the hand-offs
 // recorded after the last flush.
 func New(cfg *config.Config, sink Sink, opts Options) (*Follower, error) {
-	path := cfg.Signals.QmailSendLog
-	if path == "" {
+	if cfg.Signals.QmailSendLog == "" {
 		return nil, errors.New("signals: no qmail_send_log")
 	}
-	if st, err := os.Stat(path); err == nil && st.IsDir() {
-		path = filepath.Join(path, "current")
-	}
+	path := LogPath(cfg.Signals.QmailSendLog)
 	m, err := newMetrics(opts.Registerer)
 	if err != nil {
 		return nil, err

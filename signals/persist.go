@@ -235,8 +235,8 @@ func decodeMessage(b []byte) (*message, error) {
 func decodeState(b []byte) (savedState, error) {
 	var s savedState
 	r := &recReader{b: b}
-	if r.byte() != stateVersion {
-		return s, fmt.Errorf("version %d", b[0])
+	if v := r.byte(); r.err != nil || v != stateVersion {
+		return s, fmt.Errorf("not a state record of version %d", stateVersion)
 	}
 	s.LastSeq = r.uvarint()
 	if r.byte() == 1 {

@@ -690,3 +690,36 @@ func TestFirstRunPlaceSurvivesCrash(t *testing.T) {
 		t.Error("the start file outlived the first stored place")
 	}
 }
+
+// An earlier relay's data_dir/signals.state: the follower resumes at its
+// place (not at the log's end), and removes it once relay.db has one.
+func TestLegacyStateFile(t *testing.T) {
+	dir := t.TempDir()
+	current := filepath.Join(dir, "current")
+	appendFile(t, current, msgLines(testTime, 1, 710, "bob@example.com", 1, "failure", 1)...) // read by the earlier relay
+	st, err := os.Stat(current)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev, ino := fileID(st)
+	// While relay was being upgraded: a message whose info line came
+	// before relay recorded its hand-off (it waits for it).
+	appendFile(t, current, msgLines(testTime, 2, 711, "bob@example.com", 2, "failure", 1)...)
+	h := &harness{t: t, dataDir: t.TempDir(), path: current, sink: newFakeSink(), logs: &logBuffer{}}
+	legacy := filepath.Join(h.dataDir, "signals.state")
+	os.WriteFile(legacy, fmt.Appendf(nil, `{"version":1,"file":{"dev":%d,"ino":%d,"name":%q,"offset":%d},"handoffs":[],"messages":[],"deliveries":[]}`,
+		dev, ino, current, st.Size()), 0o600)
+	h.start()
+	if !strings.Contains(h.logs.String(), "resuming at the place an earlier relay saved") {
+		t.Fatalf("log: %s", h.logs.String())
+	}
+	h.f.HandedOff(711, "bob@example.com", bobIDs, testTime)
+	h.f.HandedOff(712, "bob@example.com", bobIDs, testTime)
+	appendFile(t, current, msgLines(testTime, 3, 712, "bob@example.com", 3, "failure", 1)...)
+	waitFor(t, "the failures during and after the upgrade", func() bool { return h.sink.counts("user:bob")["failure"] == 2 })
+	waitFor(t, "the old file removed", func() bool { _, err := os.Stat(legacy); return err != nil })
+	h.stop()
+	if n := h.sink.counts("user:bob")["failure"]; n != 2 {
+		t.Fatalf("%d failures, want 2", n)
+	}
+}

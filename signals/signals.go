@@ -8,6 +8,7 @@
 package signals
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -94,7 +95,8 @@ type Follower struct {
 	// placeStored: relay.db has a place in the log (a state record with
 	// a file); until then the start file keeps where the follower began.
 	placeStored bool
-	startNoted  bool // the start file exists (written by noteStart or a previous run)
+	startNoted  bool   // the start file exists (written by noteStart or a previous run)
+	legacyState string // an earlier relay's data_dir/signals.state, removed once relay.db has a place
 
 	startOnce sync.Once
 	stop      chan struct{}
@@ -165,6 +167,7 @@ func New(cfg *config.Config, sink Sink, opts Options) (*Follower, error) {
 	if err := sink.AttachFlushPart(Bucket, (*part)(f), f.loadRecord); err != nil {
 		return nil, fmt.Errorf("signals: reading the follower's state from relay.db: %w", err)
 	}
+	f.takeLegacyState(filepath.Join(cfg.DataDir, legacyStateFile))
 	f.inMu.Lock()
 	n := len(f.queue)
 	f.inMu.Unlock()
@@ -172,6 +175,34 @@ func New(cfg *config.Config, sink Sink, opts Options) (*Follower, error) {
 		f.log.Info("signals: hand-offs recorded after the last flush before relay stopped are taken from the journal", "handoffs", n)
 	}
 	return f, nil
+}
+
+// legacyStateFile is where relay kept the follower's place before it
+// went into relay.db (a JSON object with the place under "file").
+const legacyStateFile = "signals.state"
+
+// takeLegacyState resumes at the place an earlier relay saved in
+// data_dir/signals.state when relay.db has none yet; the file is removed
+// once it has. The earlier join is not taken: the messages in flight at
+// the upgrade are not joined.
+func (f *Follower) takeLegacyState(path string) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return
+	}
+	f.legacyState = path
+	if f.placeStored || f.startNoted {
+		return
+	}
+	var old struct {
+		File *filePos `json:"file"`
+	}
+	if err := json.Unmarshal(b, &old); err != nil || old.File == nil {
+		f.log.Warn("signals: an earlier relay's state file has no place in the log; the follower begins at the log's end", "path", path)
+		return
+	}
+	f.saved = old.File
+	f.log.Info("signals: resuming at the place an earlier relay saved; relay.db keeps it from now on and the file is removed", "path", path, "offset", old.File.Offset)
 }
 
 // loadRecord takes one stored record (AttachFlushPart's load). A record
@@ -473,6 +504,9 @@ func (p *part) TakeChanges(put func(key, val []byte)) func(committed bool) {
 				f.placeStored = true
 				if f.startNoted && os.Remove(f.startPath()) == nil { // relay.db has the place now
 					f.startNoted = false
+				}
+				if f.legacyState != "" && os.Remove(f.legacyState) == nil {
+					f.legacyState = ""
 				}
 			}
 			f.lastState = state

@@ -723,3 +723,36 @@ func TestLegacyStateFile(t *testing.T) {
 		t.Fatalf("%d failures, want 2", n)
 	}
 }
+
+// A journal that cannot be written: the hand-offs stay in memory and go
+// to relay.db with the next flush (they survive a crash after it); the
+// failure is logged once a streak, and counted each time.
+func TestJournalWriteFails(t *testing.T) {
+	dir := t.TempDir()
+	current := filepath.Join(dir, "current")
+	appendFile(t, current)
+	h := newHarness(t, current)
+	h.stopFlusher()
+	jdir := filepath.Join(h.dataDir, JournalDir)
+	if err := os.RemoveAll(jdir); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(jdir, nil, 0o600) // not a directory: even root cannot write in it
+	h.f.HandedOff(1201, "bob@example.com", bobIDs, testTime)
+	h.f.HandedOff(1202, "bob@example.com", bobIDs, testTime)
+	if n := strings.Count(h.logs.String(), "writing the hand-off journal fails"); n != 1 {
+		t.Errorf("logged %d times:\n%s", n, h.logs.String())
+	}
+	if got := testutil.ToFloat64(h.f.metrics.errors.WithLabelValues(errJournal)); got != 2 {
+		t.Errorf("journal errors %v, want 2", got)
+	}
+	if err := h.sink.flush(); err != nil {
+		t.Fatal(err)
+	}
+	h.crash()
+	os.Remove(jdir)
+	h.start()
+	appendFile(t, current, msgLines(testTime, 1, 1201, "bob@example.com", 1, "failure", 1)...)
+	appendFile(t, current, msgLines(testTime, 2, 1202, "bob@example.com", 2, "success", 1)...)
+	waitFor(t, "both outcomes", func() bool { c := h.sink.counts("user:bob"); return c["failure"] == 1 && c["success"] == 1 })
+}

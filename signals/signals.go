@@ -74,7 +74,9 @@ type Follower struct {
 	queue   []handoff
 	lastSeq uint64 // the last hand-off's number
 	journal *journal
-	wake    chan struct{}
+	// journalFailing: the last journal write failed (logged once a streak)
+	journalFailing bool
+	wake           chan struct{}
 
 	// mu guards what follows. The loop holds it while it reads lines and
 	// counts their outcomes; a flush holds it from TakeChanges until it
@@ -317,12 +319,19 @@ func (f *Follower) HandedOff(qp int, from string, ids []string, at time.Time) {
 	h.Seq = f.lastSeq
 	err := f.journal.append(&h)
 	f.queue = append(f.queue, h)
+	first, recovered := err != nil && !f.journalFailing, err == nil && f.journalFailing
+	f.journalFailing = err != nil
 	f.inMu.Unlock()
 	f.metrics.handoffs.Inc()
 	if err != nil {
-		f.metrics.error(errJournal)
-		f.log.Error("signals: writing the hand-off journal failed; the hand-off is kept in memory and written to relay.db by the next flush",
+		f.metrics.error(errJournal) // every failure; the log says when it starts and ends
+	}
+	if first {
+		f.log.Error("signals: writing the hand-off journal fails; hand-offs are kept in memory and written to relay.db by the next flush (a kill -9 before it loses them)",
 			"dir", f.journal.dir, "qp", qp, "err", err)
+	}
+	if recovered {
+		f.log.Info("signals: writing the hand-off journal works again", "dir", f.journal.dir)
 	}
 	select {
 	case f.wake <- struct{}{}:

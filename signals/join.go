@@ -69,6 +69,9 @@ type message struct {
 	From    string
 	Stamp   int64
 	Pending []outcome
+	// Ended: a tentative message whose "end msg" came before its
+	// hand-off; it goes once joined (or expired).
+	Ended bool
 	// Deliveries under way (D numbers).
 	Open []uint64
 }
@@ -129,6 +132,9 @@ func (j *joinState) handedOff(h handoff, now int64) []record {
 				out = append(out, record{m.IDs, o.What, stampTime(o.Stamp)})
 			}
 			m.Pending = nil
+			if m.Ended {
+				delete(j.msgs, n)
+			}
 			return out
 		}
 	}
@@ -174,6 +180,13 @@ func (j *joinState) line(l *line, now int64) (record, bool) {
 	case lineNew:
 		j.forget(l.msg)
 	case lineEnd:
+		// A tentative message still waits for its hand-off (a local
+		// delivery can end before relay has learnt qmail-queue's pid).
+		if m := j.msgs[l.msg]; m != nil && m.IDs == nil && j.tentative[m.QP] == l.msg {
+			m.Ended = true
+			j.dirtyM[l.msg] = struct{}{}
+			break
+		}
 		j.forget(l.msg)
 	case lineInfo:
 		j.info(l, now)

@@ -51,6 +51,12 @@ func TestJoinByQP(t *testing.T) {
 	if out := feed(j, at, msgLines(at.Add(2*time.Second), 79, 4242, "bob@example.com", 20, "failure", 1)...); len(out) != 0 {
 		t.Fatalf("a hand-off joined twice: %+v", out)
 	}
+	// Other programs' ended messages wait for a hand-off as long as a
+	// tentative line may, then go.
+	if len(j.msgs) != 2 || len(j.tentative) != 2 {
+		t.Fatalf("%d msgs, %d tentative; want the two unjoined ones", len(j.msgs), len(j.tentative))
+	}
+	j.expire(at.Add(tentativeSpan+time.Second).UnixNano(), true)
 	if len(j.msgs) != 0 || len(j.deliveries) != 0 || j.nHandoffs != 0 {
 		t.Fatalf("state left: %d msgs, %d deliveries, %d hand-offs", len(j.msgs), len(j.deliveries), j.nHandoffs)
 	}
@@ -87,6 +93,15 @@ func TestJoinInfoBeforeHandoff(t *testing.T) {
 	}
 	if out := feed(j, at, ls[5:]...); len(out) != 1 {
 		t.Fatalf("the rest: %+v", out)
+	}
+	// The whole message, end and all, logged before the hand-off.
+	ls = msgLines(at, 7, 323, "bob@example.com", 20, "success", 1)
+	if out := feed(j, at, ls...); len(out) != 0 {
+		t.Fatal(out)
+	}
+	out = j.handedOff(handoff{QP: 323, From: "bob@example.com", IDs: []string{"user:bob"}, At: at.UnixNano()}, at.UnixNano())
+	if len(out) != 1 || out[0].outcome != "success" || j.msgs[7] != nil || j.nHandoffs != 0 {
+		t.Fatalf("an ended message's late hand-off: %+v, msg %+v, %d hand-offs waiting", out, j.msgs[7], j.nHandoffs)
 	}
 	// Too late: after tentativeSpan the line no longer waits.
 	feed(j, at, msgLines(at, 6, 322, "bob@example.com", 10, "failure", 1)[:2]...)

@@ -57,7 +57,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 		unjoined: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "relay_signals_messages_unjoined_total",
-			Help: "qmail-send info lines no hand-off of relay's claimed (other programs' mail, bounces).",
+			Help: "qmail-send info lines no hand-off of relay's claimed (other programs' mail, bounces), counted when given up: 2 minutes after the line, or when the message number comes back.",
 		}),
 		handoffsUnjoined: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "relay_signals_handoffs_unjoined_total",

@@ -93,7 +93,10 @@ func appendMessage(b []byte, m *message) []byte {
 	for _, d := range m.Open {
 		b = binary.AppendUvarint(b, d)
 	}
-	return b
+	if m.Ended {
+		return append(b, 1)
+	}
+	return append(b, 0)
 }
 
 var outcomes = [...]string{outcomeSuccess, outcomeFailure, outcomeDeferral}
@@ -228,6 +231,13 @@ func decodeMessage(b []byte) (*message, error) {
 	}
 	for n := r.count(); n > 0 && r.err == nil; n-- {
 		m.Open = append(m.Open, r.uvarint())
+	}
+	switch r.byte() {
+	case 0:
+	case 1:
+		m.Ended = true
+	default:
+		r.err = errRecord
 	}
 	return m, r.end()
 }

@@ -227,7 +227,6 @@ const (
 	ReasonDMARCQuarantine = "dmarc_quarantine" // foreign From: with p=quarantine
 	ReasonSeveralFrom     = "several_from"     // more than one From: field or domain: not signed
 	ReasonLongHeader      = "long_header"      // header past what relay reads: not signed
-	ReasonLocalQQ         = "relay_qq"         // relay qq runs qmail-queue itself: not signed
 	ReasonError           = "error"            // signing failed: handed off unsigned
 )
 

@@ -227,6 +227,7 @@ const (
 	ReasonDMARCQuarantine = "dmarc_quarantine" // foreign From: with p=quarantine
 	ReasonSeveralFrom     = "several_from"     // more than one From: field or domain: not signed
 	ReasonLongHeader      = "long_header"      // header past what relay reads: not signed
+	ReasonBareCR          = "bare_cr"          // a CR in the message (ErrBareCR): not signed
 	ReasonError           = "error"            // signing failed: handed off unsigned
 )
 

@@ -32,7 +32,8 @@ const (
 // Signing signs one message while it is written. The bytes written are the
 // message exactly as it will be handed to qmail (stored form: LF line
 // ends); go-msgauth reads them as DKIM's canonical form, LF as CRLF
-// (RFC 6376 §5.3: what qmail-remote will send), 8-bit bytes unchanged.
+// (RFC 6376 §5.3: what qmail-remote will send), 8-bit bytes unchanged. A
+// message with a CR in it is not signed (ErrBareCR).
 //
 // A Signing from NewSigning keeps the message, to be handed off afterwards
 // with the signatures on top (Finish); one from NewDetachedSigning only
@@ -118,9 +119,26 @@ func (g *Signing) startSigners() {
 	}
 }
 
-// feed gives p to every signer; a failure is noted, not returned.
+// ErrBareCR is why a message with a CR in it is not signed. Stored line
+// ends are LF, so every CR is a bare one on the wire (qmail-remote sends a
+// CR stored before an LF as CR CR LF), which RFC 5322 forbids and on which
+// DKIM implementations disagree: go-msgauth takes CRs at the end of a line
+// for part of the line end and for whitespace in a header, python3-dkim
+// (and RFC 6376's relaxed rules) for ordinary characters, so a signature
+// over such a message verifies at some receivers and fails at others. PHP
+// 8's mail() writes CRLF header lines (php.ini mail.mixed_lf_and_crlf = On
+// makes them LF), and qmail-inject keeps the CRs of the lines it does not
+// rewrite.
+var ErrBareCR = errors.New("a CR in the message, which goes out as a bare CR: not signed (DKIM verifiers disagree on bare CRs)")
+
+// feed gives p to every signer; a failure is noted, not returned, and so
+// is a CR (ErrBareCR).
 func (g *Signing) feed(p []byte) {
 	if g.signErr != nil {
+		return
+	}
+	if bytes.IndexByte(p, '\r') >= 0 {
+		g.signErr = ErrBareCR
 		return
 	}
 	for i, sg := range g.signers {
@@ -243,7 +261,10 @@ func (g *Signing) spill() error {
 // signatures ends the message for the signers and returns their
 // DKIM-Signature fields, one per key in selector order, LF line ends.
 func (g *Signing) signatures() []byte {
-	if !g.spilled {
+	if !g.spilled && bytes.IndexByte(g.mem, '\r') >= 0 {
+		g.signErr = ErrBareCR // no signer started for nothing
+	}
+	if !g.spilled && g.signErr == nil {
 		g.startSigners()
 		g.feed(g.mem)
 	}

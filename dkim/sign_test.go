@@ -3,6 +3,7 @@ package dkim
 import (
 	"bytes"
 	"crypto"
+	"errors"
 	"io"
 	"regexp"
 	"strings"
@@ -166,6 +167,43 @@ func TestSignFoldedHeadersAndEightBit(t *testing.T) {
 	}
 	if sigs := dkimtest.Verify(t, out, records(s)); len(sigs) != 2 {
 		t.Fatalf("%d signatures", len(sigs))
+	}
+}
+
+// TestSignBareCRGoesUnsigned: a CR in the stored message goes out as a
+// bare CR, on which verifiers disagree (what PHP 8's mail() hands
+// qmail-inject: CRLF header lines, of which qmail-inject keeps the CR of
+// the Subject and the body's): such a message is handed back unsigned and
+// whole, ErrBareCR, kept or detached, in memory or streamed; signed anyway
+// it would verify with go-msgauth and fail with python3-dkim.
+func TestSignBareCRGoesUnsigned(t *testing.T) {
+	s := testSet(t, config.DKIM{}, map[string]crypto.Signer{"ed1@example.com": ed25519Key()})
+	msg := "Message-ID: <1@example.com>\nTo: customer@example.net\nSubject: your order\r\n" +
+		"From: Shop <shop@example.com>\n\n\r\nthank you\n\r\n"
+	big := "From: Shop <shop@example.com>\n\n" + strings.Repeat("a line\n", 40000) + "thank you\r\n"
+	for _, m := range []string{msg, big} {
+		g, err := s.NewSigning(s.DomainKeys("example.com"), t.TempDir(), 64<<10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.WriteString(g, m)
+		r, signErr, err := g.Finish()
+		if err != nil || !errors.Is(signErr, ErrBareCR) {
+			t.Fatalf("err %v, signErr %v", err, signErr)
+		}
+		if b, _ := io.ReadAll(r); string(b) != m {
+			t.Fatalf("not handed back whole")
+		}
+		g.Close()
+		g, err = s.NewDetachedSigning(s.DomainKeys("example.com"), 64<<10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.WriteString(g, m)
+		if fields, signErr := g.Fields(); fields != "" || !errors.Is(signErr, ErrBareCR) {
+			t.Fatalf("detached: %q, %v", fields, signErr)
+		}
+		g.Close()
 	}
 }
 

@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"errors"
 	"io"
 	"strings"
 
@@ -134,10 +135,17 @@ func (s *session) signatures(tx *transaction, msg io.Reader) (fields string, err
 }
 
 // signingFailed logs why a message to be signed goes unsigned, and
-// counts it so (dkim.ReasonError).
+// counts it so: dkim.ReasonBareCR for a message with a CR in it (its
+// sender can fix that), dkim.ReasonError for anything else.
 func (s *session) signingFailed(tx *transaction, what string, err error) {
-	s.log.Warn(what, "err", err)
-	tx.fromVerdict = dkim.Verdict{Action: dkim.Unsigned, Domain: tx.fromVerdict.Domain, Reason: dkim.ReasonError}
+	reason := dkim.ReasonError
+	if errors.Is(err, dkim.ErrBareCR) {
+		reason = dkim.ReasonBareCR
+		s.log.Info("DKIM: not signed", "domain", tx.fromVerdict.Domain, "reason", reason, "why", err)
+	} else {
+		s.log.Warn(what, "err", err)
+	}
+	tx.fromVerdict = dkim.Verdict{Action: dkim.Unsigned, Domain: tx.fromVerdict.Domain, Reason: reason}
 }
 
 // recordFrom counts what became of the message in the DKIM tally, once

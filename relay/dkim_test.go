@@ -463,6 +463,23 @@ func TestDKIMCheck(t *testing.T) {
 		t.Fatal("a check handed the message off")
 	}
 
+	// A CR goes out as a bare CR, on which verifiers disagree: A is empty,
+	// the message goes unsigned, counted as bare_cr.
+	bareCR := strings.Replace(owned, "Subject: hi\n", "Subject: hi\r\n", 1)
+	c = dialCheck(t, f.sock)
+	c.request("www@example.test", []string{"x@far.test"}, bareCR)
+	if typ, _ := c.verdict(); typ != frameSign {
+		t.Fatalf("owned, with a CR: %q", typ)
+	}
+	c.message(bareCR)
+	if typ, fields := c.frame(); typ != frameAccepted || fields != "" {
+		t.Fatalf("with a CR: %q %q", typ, fields)
+	}
+	c.write(appendFrame(nil, frameCommit, ""))
+	if typ, _ := c.frame(); typ != frameOK {
+		t.Fatalf("commit answered %q", typ)
+	}
+
 	held := lf(message("x@bank.example", ""))
 	c = dialCheck(t, f.sock)
 	c.request("www@example.test", []string{"x@far.test"}, held)
@@ -508,7 +525,7 @@ func TestDKIMCheck(t *testing.T) {
 		for _, d := range f.srv.DKIMReport().Domains {
 			rows[d.Domain] = d
 		}
-		return rows["shop.example"].Signed == 2 && len(rows["shop.example"].Unsigned) == 0 &&
+		return rows["shop.example"].Signed == 2 && rows["shop.example"].Unsigned[dkim.ReasonBareCR] == 1 &&
 			rows["example.com"].Refused[dkim.ReasonUnownedFrom] == 1 && rows["bank.example"].Held[dkim.ReasonDMARCReject] == 1
 	})
 	if !strings.Contains(f.log.String(), "dkim=sign:shop.example") {

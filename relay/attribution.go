@@ -32,14 +32,17 @@ const maxScriptPath = 512
 //     script:<name>:<uid>:<path> from an X-PHP-Originating-Script of that
 //     same uid. Without that line, require_uid refuses the message (550
 //     5.7.1) unless the session logged in (then the login is who sent
-//     it); require_uid = false takes the uid from
+//     it), or the message is the web server's own qmail-send's bounce
+//     (first line "invoked for bounce" and MAIL FROM:<>; counted on the
+//     web server's ip: alone);
+//     require_uid = false takes the uid from
 //     X-PHP-Originating-Script alone, as relay did before it existed.
 //   - on the local socket: script:local:<uid>:<path> from an
 //     X-PHP-Originating-Script whose uid is the peer's own (and the script
 //     is recorded on uid:local:<uid>).
 //
 // Headers anywhere else change nothing.
-func (s *session) headerIdentities(head []byte) ([]policy.Identity, *smtp.SMTPError) {
+func (s *session) headerIdentities(from string, head []byte) ([]policy.Identity, *smtp.SMTPError) {
 	switch {
 	case s.webserver != nil:
 		ws := s.webserver
@@ -47,6 +50,8 @@ func (s *session) headerIdentities(head []byte) ([]policy.Identity, *smtp.SMTPEr
 		uid, ok := firstReceivedUID(head)
 		if !ok {
 			switch {
+			case ws.requireUID && s.user == "" && from == "" && firstReceivedBounce(head):
+				return nil, nil
 			case ws.requireUID && s.user == "":
 				s.refuseUnattributed()
 				return nil, replyNoUID

@@ -20,7 +20,7 @@ func TestRequireUID(t *testing.T) {
 	h := &fakeHandoff{}
 	s := testServer(t, cfg, Deps{Policy: ck, Handoff: h, Auth: fakeAuth{"bob", "pw"}}, nil)
 	const invoked = "Received: (qmail 5 invoked by uid 1001); 28 Nov 2026 02:41:53 -0000\r\n"
-	send := func(data string, login bool) (string, string) {
+	sendFrom := func(from, data string, login bool) (string, string) {
 		ck.mu.Lock()
 		ck.calls = nil
 		ck.mu.Unlock()
@@ -29,10 +29,11 @@ func TestRequireUID(t *testing.T) {
 		if login {
 			c.expect("AUTH PLAIN "+base64.StdEncoding.EncodeToString([]byte("\x00bob\x00pw")), "235")
 		}
-		got := c.mail("www@example.test", []string{"x@far.test"}, data)
+		got := c.mail(from, []string{"x@far.test"}, data)
 		c.cmd("QUIT")
 		return got, ck.log()
 	}
+	send := func(data string, login bool) (string, string) { return sendFrom("www@example.test", data, login) }
 	delivered := len(h.deliveries())
 
 	// qmail's line first, the PHP header of the same uid: the uid and the
@@ -59,6 +60,25 @@ func TestRequireUID(t *testing.T) {
 		got, calls = send(data, false)
 		if !strings.HasPrefix(got, "550 5.7.1 ") || strings.Contains(calls, "ids ") || strings.Contains(calls, "commit") || !strings.HasSuffix(calls, "abort") {
 			t.Fatalf("forged %d: %q; calls %q", i, got, calls)
+		}
+	}
+	// The web server's own qmail-send bounces: "invoked for bounce" first
+	// and a bounce's envelope sender pass, counted on the address alone;
+	// the same line with any other sender is refused.
+	const bounce = "Received: (qmail 8 invoked for bounce); 28 Nov 2026 02:41:53 -0000\r\nFrom: MAILER-DAEMON@web1.test\r\n\r\nb\r\n.\r\n"
+	got, calls = sendFrom("", bounce, false)
+	if !strings.HasPrefix(got, "250 ok") || !strings.HasPrefix(calls, "begin ip:127.0.0.7") || strings.Contains(calls, "uid:") {
+		t.Fatalf("bounce: %q; calls %q", got, calls)
+	}
+	delivered++
+	for i, c := range []struct{ from, data string }{
+		{"www@example.test", bounce},
+		{"", "Received: (qmail 8 invoked for bounce) no date\r\n\r\nb\r\n.\r\n"},
+		{"", "Received: from x by y; 1 Jan 2026 00:00:00 -0000\r\n" + bounce},
+	} {
+		got, calls = sendFrom(c.from, c.data, false)
+		if !strings.HasPrefix(got, "550 5.7.1 ") || strings.Contains(calls, "commit") {
+			t.Fatalf("not a bounce %d: %q; calls %q", i, got, calls)
 		}
 	}
 	if n := len(h.deliveries()); n != delivered {

@@ -95,12 +95,14 @@ func TestLimiterTableBounded(t *testing.T) {
 }
 
 // TestConnRatePerIP: beyond conn_rate_per_ip a client address gets
-// 421 4.7.0 instead of the greeting; other addresses, and the local
-// socket, are unaffected; a reload that changes the rate starts afresh.
+// 421 4.7.0 instead of the greeting; other addresses, a [[webserver]]'s
+// and the local socket, are unaffected; a reload that changes the rate
+// starts afresh.
 func TestConnRatePerIP(t *testing.T) {
 	path := sockPath(t)
 	cfg := testConfig(config.Listener{Addr: "127.0.0.1:0", Mode: config.ModeSMTP}, config.Listener{Addr: path, Mode: config.ModeLocal})
 	cfg.Relay.ConnRatePerIP = optRate(t, "2/1m")
+	cfg.Webservers = []config.Webserver{{Name: "web1", Addr: "127.0.0.7", Accounts: map[uint32]string{}}}
 	s := testServer(t, cfg, Deps{}, nil)
 	greet := func(from string) string {
 		c := dialRawFrom(t, "tcp", tcpAddr(s, 0), from)
@@ -117,6 +119,11 @@ func TestConnRatePerIP(t *testing.T) {
 	}
 	if got := greet("127.0.0.3"); !strings.HasPrefix(got, "220 ") {
 		t.Fatalf("another address: %q", got)
+	}
+	for i := range 5 {
+		if got := greet("127.0.0.7"); !strings.HasPrefix(got, "220 ") {
+			t.Fatalf("web server, connection %d: %q", i+1, got)
+		}
 	}
 	for range 5 {
 		c := dialRaw(t, "unix", path)

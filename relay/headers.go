@@ -76,6 +76,25 @@ func firstReceivedUID(head []byte) (uid uint32, ok bool) {
 	return uid, ok
 }
 
+// firstReceivedBounce reports whether the first Received header field is
+// the one qmail-queue writes for qmail-send's own bounces:
+// "(qmail N invoked for bounce); <date>".
+func firstReceivedBounce(head []byte) (bounce bool) {
+	headerFields(head, func(name, value string) bool {
+		if !strings.EqualFold(name, "Received") {
+			return true
+		}
+		rest, ok := strings.CutPrefix(strings.TrimLeft(value, " \t"), "(qmail ")
+		if !ok {
+			return false
+		}
+		pid, rest, ok := strings.Cut(rest, " ")
+		bounce = ok && allDigits(pid) && strings.HasPrefix(rest, "invoked for bounce);")
+		return false
+	})
+	return bounce
+}
+
 // parseInvokedByUID parses qmail-queue's Received value
 // " (qmail 1234 invoked by uid 1001); 28 Nov 2026 02:41:53 -0000".
 func parseInvokedByUID(value string) (uint32, bool) {

@@ -174,7 +174,10 @@ func (s *Server) admit(c net.Conn, local, isTLS bool) *trackedConn {
 			}
 		}
 	}
-	if !local && !s.connAllowed(info.remote) {
+	// A [[webserver]]'s qmail-remote opens a connection per message; its
+	// mail is counted per uid and script, so its address is not rate
+	// limited as a whole.
+	if !local && st.webserverAt(info.remote) == nil && !s.connAllowed(info.remote) {
 		s.log.Info("too many connections from the address", "remote", info.remote.String())
 		s.metrics.connRefused.WithLabelValues(refusedConnRate).Inc()
 		refuse(c, isTLS, tooManyFromAddress)

@@ -440,7 +440,7 @@ func (s *session) data(tx *transaction, msg *storeReader, headBuf []byte) *smtp.
 // for notifications) to the transaction and asks policy about the
 // message. A refusal aborts the policy transaction and is returned.
 func (s *session) attribute(tx *transaction, head []byte) *smtp.SMTPError {
-	extra, refusal := s.headerIdentities(head)
+	extra, refusal := s.headerIdentities(tx.from, head)
 	if refusal != nil {
 		tx.abort()
 		return refusal

@@ -4,19 +4,26 @@ import (
 	"context"
 	"slices"
 	"strings"
+	"sync"
+
+	msgdkim "github.com/emersion/go-msgauth/dkim"
 
 	"relay/config"
 )
 
 // Set is one loaded [dkim] section: the keys, who owns which domain, the
 // header fields to sign and the From: control actions. Load builds it on
-// every start and reload; it never changes afterwards.
+// every start and reload; it never changes afterwards (but for its pool
+// of message buffers).
 type Set struct {
 	keys    map[string][]*Key   // signing domain -> keys, by selector
 	owners  map[string][]string // [[dkim.domain]] name -> owner patterns, lower case
 	headers []string            // h=, From at least twice
 	unowned string              // config.FromAccept | FromHold | FromReject
 	foreign string
+
+	opts map[*Key]*msgdkim.SignOptions // go-msgauth's options per key, made once
+	bufs sync.Pool                     // *[]byte: Signing's message buffers
 }
 
 // Load reads the keys of c.KeysDir and prepares c for signing. Every bad
@@ -34,6 +41,12 @@ func Load(c config.DKIM) (*Set, error) {
 		}
 	}
 	s.headers = signedHeaders(c.Headers)
+	s.opts = map[*Key]*msgdkim.SignOptions{}
+	for _, ks := range keys {
+		for _, k := range ks {
+			s.opts[k] = signOptions(k, s.headers)
+		}
+	}
 	return s, nil
 }
 
@@ -214,7 +227,7 @@ const (
 	ReasonDMARCQuarantine = "dmarc_quarantine" // foreign From: with p=quarantine
 	ReasonSeveralFrom     = "several_from"     // more than one From: field or domain: not signed
 	ReasonLongHeader      = "long_header"      // header past what relay reads: not signed
-	ReasonLocalQQ         = "relay_qq"         // relay qq runs qmail-queue itself: not signed
+	ReasonBareCR          = "bare_cr"          // a CR in the message (ErrBareCR): not signed
 	ReasonError           = "error"            // signing failed: handed off unsigned
 )
 

@@ -3,6 +3,7 @@ package dkim
 import (
 	"bytes"
 	"crypto"
+	"errors"
 	"io"
 	"regexp"
 	"strings"
@@ -169,6 +170,43 @@ func TestSignFoldedHeadersAndEightBit(t *testing.T) {
 	}
 }
 
+// TestSignBareCRGoesUnsigned: a CR in the stored message goes out as a
+// bare CR, on which verifiers disagree (what PHP 8's mail() hands
+// qmail-inject: CRLF header lines, of which qmail-inject keeps the CR of
+// the Subject and the body's): such a message is handed back unsigned and
+// whole, ErrBareCR, kept or detached, in memory or streamed; signed anyway
+// it would verify with go-msgauth and fail with python3-dkim.
+func TestSignBareCRGoesUnsigned(t *testing.T) {
+	s := testSet(t, config.DKIM{}, map[string]crypto.Signer{"ed1@example.com": ed25519Key()})
+	msg := "Message-ID: <1@example.com>\nTo: customer@example.net\nSubject: your order\r\n" +
+		"From: Shop <shop@example.com>\n\n\r\nthank you\n\r\n"
+	big := "From: Shop <shop@example.com>\n\n" + strings.Repeat("a line\n", 40000) + "thank you\r\n"
+	for _, m := range []string{msg, big} {
+		g, err := s.NewSigning(s.DomainKeys("example.com"), t.TempDir(), 64<<10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.WriteString(g, m)
+		r, signErr, err := g.Finish()
+		if err != nil || !errors.Is(signErr, ErrBareCR) {
+			t.Fatalf("err %v, signErr %v", err, signErr)
+		}
+		if b, _ := io.ReadAll(r); string(b) != m {
+			t.Fatalf("not handed back whole")
+		}
+		g.Close()
+		g, err = s.NewDetachedSigning(s.DomainKeys("example.com"), 64<<10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.WriteString(g, m)
+		if fields, signErr := g.Fields(); fields != "" || !errors.Is(signErr, ErrBareCR) {
+			t.Fatalf("detached: %q, %v", fields, signErr)
+		}
+		g.Close()
+	}
+}
+
 // TestSignOverClientSignature: a message that already carries a
 // DKIM-Signature (the client's own, or an earlier hop's) gets ours on top;
 // ours verifies.
@@ -222,6 +260,81 @@ func TestSpoolFailureIsAnError(t *testing.T) {
 	}
 	if _, _, err := g.Finish(); err == nil {
 		t.Fatal("Finish after a spool failure succeeded")
+	}
+}
+
+// TestDetachedSigning: a detached signing gives only the fields, which
+// verify once put on top of the message; past memory it keeps nothing
+// (no file, no buffer) and still signs all of it.
+func TestDetachedSigning(t *testing.T) {
+	s := testSet(t, config.DKIM{}, map[string]crypto.Signer{"rsa1@example.com": rsaKey(), "ed1@example.com": ed25519Key()})
+	big := "From: alice@example.com\nSubject: big\n\n" + strings.Repeat("a line of a large message, signed as it streams  \n", 40000)
+	for _, tc := range []struct {
+		name    string
+		msg     string
+		spilled bool
+	}{{"small", plainMsg, false}, {"2 MB", big, true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			g, err := s.NewDetachedSigning(s.DomainKeys("example.com"), 64<<10)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer g.Close()
+			if _, err := g.ReadFrom(iotest.HalfReader(strings.NewReader(tc.msg))); err != nil {
+				t.Fatal(err)
+			}
+			if g.Spilled() != tc.spilled || g.file != nil || (tc.spilled && g.mem != nil) {
+				t.Fatalf("spilled %v, file %v, %d bytes in memory", g.Spilled(), g.file, len(g.mem))
+			}
+			fields, signErr := g.Fields()
+			if signErr != nil {
+				t.Fatal(signErr)
+			}
+			if strings.Count(fields, "DKIM-Signature: ") != 2 || !strings.HasSuffix(fields, "\n") || strings.Contains(fields, "\r") {
+				t.Fatalf("fields %q", fields)
+			}
+			if sigs := dkimtest.Verify(t, []byte(fields+tc.msg), records(s)); len(sigs) != 2 {
+				t.Fatalf("%d signatures", len(sigs))
+			}
+			if _, _, err := g.Finish(); err == nil {
+				t.Fatal("Finish of a detached signing gave a message")
+			}
+		})
+	}
+}
+
+// TestSigningBuffersAreNotShared: message buffers come from a pool, but
+// only once their Signing closed: two signings open together keep their
+// own messages, and a buffer used again holds nothing of its last message.
+func TestSigningBuffersAreNotShared(t *testing.T) {
+	s := testSet(t, config.DKIM{}, map[string]crypto.Signer{"ed1@example.com": ed25519Key()})
+	keys := s.DomainKeys("example.com")
+	open := func(msg string) (*Signing, io.Reader) {
+		g, err := s.NewSigning(keys, "", 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.WriteString(g, msg)
+		r, signErr, err := g.Finish()
+		if err != nil || signErr != nil {
+			t.Fatal(err, signErr)
+		}
+		return g, r
+	}
+	a, b := "From: a@example.com\n\n"+strings.Repeat("a", 3000)+"\n", "From: b@example.com\n\nb\n"
+	for range 3 {
+		ga, ra := open(a)
+		gb, rb := open(b)
+		outA, _ := io.ReadAll(ra)
+		outB, _ := io.ReadAll(rb)
+		if !bytes.HasSuffix(outA, []byte(a)) || !bytes.HasSuffix(outB, []byte(b)) {
+			t.Fatalf("messages mixed:\n%s\n%s", outA, outB)
+		}
+		if len(dkimtest.Verify(t, outA, records(s))) != 1 || len(dkimtest.Verify(t, outB, records(s))) != 1 {
+			t.Fatal("not signed")
+		}
+		ga.Close()
+		gb.Close()
 	}
 }
 

@@ -52,7 +52,7 @@ func BenchmarkQQOverhead(b *testing.B) {
 		sp := &spool{head: msg, size: int64(len(msg))}
 		env, _ := ReadEnvelope(bytes.NewReader(testEnvelope))
 		cpu(b, func() {
-			if code := q.runReal(sp, env); code != 0 {
+			if code := q.runReal(sp, env, ""); code != 0 {
 				b.Fatalf("exit %d", code)
 			}
 		})

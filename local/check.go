@@ -35,6 +35,7 @@ const (
 // Frame types, daemon to client.
 const (
 	frameAccepted = 'A'
+	frameSign     = 'G'
 	frameExempt   = 'X'
 	frameHold     = 'Q'
 	frameDefer    = 'D'
@@ -47,6 +48,10 @@ const (
 	maxMessageFrame = 64 << 10 // each M frame
 	maxReplyFrame   = 8 << 10  // what relay qq reads of a daemon's frame
 	maxGreetingLine = 4 << 10
+	// maxSignatureFrame bounds the A that follows G: the DKIM-Signature
+	// fields to put on top of the message. A spool file keeps this much
+	// room in front of the message for them.
+	maxSignatureFrame = 64 << 10
 )
 
 // errNotCheck is a listener that answers, but not in the check protocol.
@@ -120,18 +125,18 @@ func (c *checkConn) verdict() (byte, string, error) {
 	if string(magic) != checkMagic {
 		return 0, "", errNotCheck
 	}
-	return c.frame()
+	return c.frame(maxReplyFrame)
 }
 
-// frame reads one frame from the daemon.
-func (c *checkConn) frame() (byte, string, error) {
+// frame reads one frame from the daemon, of at most max bytes.
+func (c *checkConn) frame(max uint32) (byte, string, error) {
 	c.conn.SetReadDeadline(time.Now().Add(c.timeout))
 	var h [5]byte
 	if _, err := io.ReadFull(c.r, h[:]); err != nil {
 		return 0, "", err
 	}
 	n := binary.BigEndian.Uint32(h[1:])
-	if n > maxReplyFrame {
+	if n > max {
 		return 0, "", fmt.Errorf("frame %q of %d bytes: %w", h[0], n, errNotCheck)
 	}
 	p := make([]byte, n)
@@ -149,7 +154,7 @@ func (c *checkConn) commit() error {
 	if err := c.write(appendFrame(nil, frameCommit, strconv.Itoa(os.Getpid()))); err != nil {
 		return err
 	}
-	typ, text, err := c.frame()
+	typ, text, err := c.frame(maxReplyFrame)
 	switch {
 	case err != nil:
 		return err
@@ -159,9 +164,9 @@ func (c *checkConn) commit() error {
 	return nil
 }
 
-// sendMessage sends the whole message as M frames and an E, for the hold
-// spool, and reads the daemon's answer.
-func (c *checkConn) sendMessage(sp *spool) (byte, string, error) {
+// sendMessage sends the whole message as M frames and an E, to be held or
+// signed, and reads the daemon's answer, of at most max bytes.
+func (c *checkConn) sendMessage(sp *spool, max uint32) (byte, string, error) {
 	r := sp.reader()
 	buf := make([]byte, maxMessageFrame)
 	var b []byte
@@ -183,7 +188,16 @@ func (c *checkConn) sendMessage(sp *spool) (byte, string, error) {
 	if err := c.write(appendFrame(nil, frameEnd, "")); err != nil {
 		return 0, "", err
 	}
-	return c.frame()
+	return c.frame(max)
+}
+
+// signatureFields reports whether the payload of the A after G is what
+// relay qq may put on top of a message: nothing, or DKIM-Signature header
+// fields, each line ended by LF, no empty line (which would end the
+// header). Anything else is no answer of this protocol.
+func signatureFields(p string) bool {
+	return p == "" || (strings.HasPrefix(p, "DKIM-Signature:") && strings.HasSuffix(p, "\n") && !strings.Contains(p, "\n\n") &&
+		!strings.ContainsAny(p, "\r\x00"))
 }
 
 func (c *checkConn) write(b []byte) error {

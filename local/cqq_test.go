@@ -173,8 +173,8 @@ func TestQQBuildsDecideAlike(t *testing.T) {
 						t.Fatalf("real qmail-queue ran %d times, want queued=%v", len(got), tc.wantQueued)
 					}
 					if tc.wantQueued {
-						if !bytes.Equal(got[0].Message, testMessage) || !bytes.Equal(got[0].Envelope, envelope) {
-							t.Error("not passed through unchanged")
+						if !bytes.Equal(got[0].Message, wantQueued(tc.wantSigned)) || !bytes.Equal(got[0].Envelope, envelope) {
+							t.Errorf("not passed through unchanged: %q", got[0].Message)
 						}
 						if want := fmt.Sprintf("pid=%d", pid); !strings.HasSuffix(got[0].Info, want) {
 							t.Errorf("real qmail-queue ran as %q, not exec'd in place (%s)", got[0].Info, want)
@@ -201,8 +201,8 @@ func TestQQBuildsDecideAlike(t *testing.T) {
 					if string(s.head) != string(headerOf(testMessage)) || s.size != int64(len(testMessage)) {
 						t.Errorf("daemon got header %q, size %d", s.head, s.size)
 					}
-					if held := bytes.Equal(s.data, testMessage); held != tc.wantHeld {
-						t.Errorf("daemon got the message whole: %v, want %v", held, tc.wantHeld)
+					if whole := bytes.Equal(s.data, testMessage); whole != tc.wantWhole {
+						t.Errorf("daemon got the message whole: %v, want %v", whole, tc.wantWhole)
 					}
 				})
 			}
@@ -286,6 +286,38 @@ func TestQQBuildsPassUncountedAlike(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// A message past memory (relay-qq's test build spools from 4 KiB on,
+// relay-local from 1 MiB) goes to the daemon whole from the spool file and
+// to the real qmail-queue from there too, the signatures written into the
+// room in front of it; nothing is left behind.
+func TestQQBuildsSignLargeMessagesAlike(t *testing.T) {
+	var msg bytes.Buffer
+	msg.WriteString("From: a@example.com\nSubject: big\n\n")
+	for i := 0; msg.Len() < DefaultSpoolMemory+100<<10; i++ {
+		fmt.Fprintf(&msg, ".line %d of a large message to sign\n", i)
+	}
+	for name, bin := range qqBinaries(t) {
+		t.Run(name, func(t *testing.T) {
+			d := startDaemon(t, daemonScript{verdict: 'G'})
+			calls, tmp := worldDir(t), worldDir(t)
+			code, _, stderr := runProcess(t, qqCmd(bin, writeConfig(t, d.socket, "defer", nil), calls, "TMPDIR="+tmp), msg.Bytes(), testEnvelope)
+			if code != 0 {
+				t.Fatalf("exit %d; stderr %s", code, stderr)
+			}
+			got := fakeqq.Calls(t, calls)
+			if len(got) != 1 || !bytes.Equal(got[0].Message, append([]byte(testSignatures), msg.Bytes()...)) {
+				t.Fatalf("the real qmail-queue did not get the signatures and the message (%d calls)", len(got))
+			}
+			if s := d.session(t); !bytes.Equal(s.data, msg.Bytes()) || string(s.head) != "From: a@example.com\nSubject: big\n\n" || !s.committed {
+				t.Errorf("daemon got %d bytes (want %d), header %q, committed %v", len(s.data), msg.Len(), s.head, s.committed)
+			}
+			if left, _ := os.ReadDir(tmp); len(left) != 0 {
+				t.Errorf("spool left %d files behind", len(left))
+			}
+		})
 	}
 }
 

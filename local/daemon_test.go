@@ -33,12 +33,14 @@ type fakeDaemon struct {
 type daemonScript struct {
 	// A check: the verdict frame (0: 'A') and its text; commitFail
 	// answers the commit with D; held is the answer to a held message
-	// (nil: K "held 1795833709.42"); notCheck makes the socket plain SMTP
-	// that knows nothing of checks.
+	// (nil: K "held 1795833709.42"); signed the answer to a message to
+	// sign (G; nil: A with testSignatures); notCheck makes the socket
+	// plain SMTP that knows nothing of checks.
 	verdict    byte
 	text       string
 	commitFail bool
 	held       *frameReply
+	signed     *frameReply
 	notCheck   bool
 
 	// SMTP (relay sendmail); a nil error is 250.
@@ -171,22 +173,7 @@ func (d *fakeDaemon) serveCheck(conn net.Conn, first []byte) {
 		verdict = frameAccepted
 	}
 	conn.Write(appendFrame([]byte(checkMagic), verdict, d.script.text))
-	switch verdict {
-	case frameAccepted:
-		typ, pid, err := readTestFrame(r)
-		if err != nil || typ != frameCommit {
-			return
-		}
-		if d.script.commitFail {
-			conn.Write(appendFrame(nil, frameDefer, "451 4.3.0 no reservation to commit"))
-			return
-		}
-		d.mu.Lock()
-		s.committed = true
-		s.commitPID = string(pid)
-		d.mu.Unlock()
-		conn.Write(appendFrame(nil, frameOK, "committed"))
-	case frameHold:
+	if verdict == frameHold || verdict == frameSign {
 		var msg []byte
 		for {
 			typ, p, err := readTestFrame(r)
@@ -201,13 +188,42 @@ func (d *fakeDaemon) serveCheck(conn net.Conn, first []byte) {
 		d.mu.Lock()
 		s.data = msg
 		d.mu.Unlock()
-		held := frameReply{frameOK, "held 1795833709.42"}
-		if d.script.held != nil {
-			held = *d.script.held
+		answer := frameReply{frameOK, "held 1795833709.42"}
+		switch {
+		case verdict == frameHold && d.script.held != nil:
+			answer = *d.script.held
+		case verdict == frameSign && d.script.signed != nil:
+			answer = *d.script.signed
+		case verdict == frameSign:
+			answer = frameReply{frameAccepted, testSignatures}
 		}
-		conn.Write(appendFrame(nil, held.typ, held.text))
+		conn.Write(appendFrame(nil, answer.typ, answer.text))
+		if verdict == frameHold || answer.typ != frameAccepted {
+			return
+		}
+		verdict = frameAccepted // the commit follows as for A
+	}
+	if verdict == frameAccepted {
+		typ, pid, err := readTestFrame(r)
+		if err != nil || typ != frameCommit {
+			return
+		}
+		if d.script.commitFail {
+			conn.Write(appendFrame(nil, frameDefer, "451 4.3.0 no reservation to commit"))
+			return
+		}
+		d.mu.Lock()
+		s.committed = true
+		s.commitPID = string(pid)
+		d.mu.Unlock()
+		conn.Write(appendFrame(nil, frameOK, "committed"))
 	}
 }
+
+// testSignatures is what the fake daemon answers to a message it signs: two
+// fields, the second folded.
+const testSignatures = "DKIM-Signature: v=1; a=ed25519-sha256; d=example.com; s=ed1; b=AAAA\n" +
+	"DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=rsa1;\n b=BBBB\n"
 
 func readTestFrame(r *bufio.Reader) (byte, []byte, error) {
 	var h [5]byte

@@ -26,12 +26,16 @@ type realDaemon struct {
 
 // startRealDaemon builds relay and runs `relay serve`; it skips the test
 // while relay does not build or serve is not wired up yet (the socket
-// never appears).
-func startRealDaemon(t *testing.T) *realDaemon {
+// never appears). dkimBlock replaces the config's [dkim] section ("": no
+// keys, no DMARC lookups).
+func startRealDaemon(t *testing.T, dkimBlock string) *realDaemon {
 	t.Helper()
 	bin, err := tryBuildRelay(t)
 	if err != nil {
 		t.Skipf("the relay daemon cannot be built yet: %v", err)
+	}
+	if dkimBlock == "" {
+		dkimBlock = "[dkim]\nforeign_dmarc = \"accept\" # no DNS lookups outside loopback\n"
 	}
 	d := &realDaemon{bin: bin, dir: worldDir(t), token: "e2e-test-token-0123456789abcdef"}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -65,9 +69,8 @@ token_file = %q
 [policy.limits.uid]
 msgs = ["100/1h"]
 
-[dkim]
-foreign_dmarc = "accept" # no DNS lookups outside loopback
-`, filepath.Join(d.dir, "data"), d.socket, filepath.Join(d.dir, "maildir"), fakeQQ, d.admin, tokenFile)), 0o644)
+%s
+`, filepath.Join(d.dir, "data"), d.socket, filepath.Join(d.dir, "maildir"), fakeQQ, d.admin, tokenFile, dkimBlock)), 0o644)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	serve := exec.CommandContext(ctx, d.bin, "serve", "--config", d.config)
@@ -88,7 +91,13 @@ foreign_dmarc = "accept" # no DNS lookups outside loopback
 // sender fetches GET /api/senders/{id} from the admin API.
 func (d *realDaemon) sender(t *testing.T, id string) (int, string) {
 	t.Helper()
-	req, _ := http.NewRequest("GET", "http://"+d.admin+"/api/senders/"+url.PathEscape(id), nil)
+	return d.get(t, "/api/senders/"+url.PathEscape(id))
+}
+
+// get fetches path from the admin API.
+func (d *realDaemon) get(t *testing.T, path string) (int, string) {
+	t.Helper()
+	req, _ := http.NewRequest("GET", "http://"+d.admin+path, nil)
 	req.Header.Set("Authorization", "Bearer "+d.token)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -108,7 +117,7 @@ func TestPHPMailCountedAgainstUIDAndScript(t *testing.T) {
 	if err != nil {
 		t.Skip("php-cli not installed")
 	}
-	d := startRealDaemon(t)
+	d := startRealDaemon(t, "")
 	script := filepath.Join(d.dir, "contact-form.php")
 	os.WriteFile(script, []byte(`<?php
 exit(mail("customer@example.com", "order", "thank you\n", "From: shop@example.test") ? 0 : 1);
@@ -130,7 +139,7 @@ exit(mail("customer@example.com", "order", "thank you\n", "From: shop@example.te
 // message. relay-qq takes everything from the qq.settings the daemon wrote
 // (its relay-local fallback would find no config: RELAY_CONFIG is empty).
 func TestQQAgainstRealDaemon(t *testing.T) {
-	d := startRealDaemon(t)
+	d := startRealDaemon(t, "")
 	id := fmt.Sprintf("uid:local:%d", os.Getuid())
 	settings := filepath.Join(d.dir, "data", SettingsFile)
 	for i, bin := range []string{d.bin, testCQQ(t).bin} {

@@ -97,7 +97,7 @@ func (q *QQ) Main() int {
 	// fds 0 and 1 are set up before the commit, so that only the exec
 	// itself can fail once the message is charged; if they cannot be, the
 	// session ends without a commit and the daemon releases the charge.
-	if err := q.handOverFDs(d.spool, d.envelope); err != nil {
+	if err := q.handOverFDs(d.spool, d.envelope, d.signatures); err != nil {
 		q.logf("cannot hand the message to the real qmail-queue: %v", err)
 		return ExitDeferred
 	}
@@ -143,18 +143,20 @@ func (q *QQ) Filter(msg, env io.Reader) int {
 	if q.commit(&d) != nil {
 		return ExitDeferred
 	}
-	return q.runReal(d.spool, d.envelope)
+	return q.runReal(d.spool, d.envelope, d.signatures)
 }
 
 // decision is what relay qq does with a message: exit with code, or (run)
 // hand spool and envelope to the real qmail-queue, after committing the
-// charge when the daemon reserved one.
+// charge when the daemon reserved one, with the daemon's DKIM-Signature
+// fields on top.
 type decision struct {
-	code     int
-	run      bool
-	spool    *spool
-	envelope *Envelope
-	reserved *checkConn // the check whose charge awaits the commit
+	code       int
+	run        bool
+	spool      *spool
+	envelope   *Envelope
+	signatures string     // to put on top of the message
+	reserved   *checkConn // the check whose charge awaits the commit
 }
 
 // commit charges the reserved message and ends the check. When the daemon
@@ -223,6 +225,7 @@ func (q *QQ) decide(msg, env io.Reader, exempt bool) decision {
 	check := q.check(sp, envelope)
 	if check.verdict == verdictReserved {
 		run.reserved = check.conn // open until the commit
+		run.signatures = check.signatures
 		return run
 	}
 	if check.conn != nil {
@@ -264,13 +267,14 @@ const (
 )
 
 type checkResult struct {
-	verdict verdict
-	reply   string     // the daemon's reply, or why it is considered down
-	conn    *checkConn // open while reserved
+	verdict    verdict
+	reply      string     // the daemon's reply, or why it is considered down
+	conn       *checkConn // open while reserved
+	signatures string     // reserved after G: the DKIM-Signature fields
 }
 
 // check asks the daemon (docs/local-check.md): the request, the verdict,
-// and for a hold the message itself.
+// and for a hold or a signature the message itself.
 func (q *QQ) check(sp *spool, env *Envelope) checkResult {
 	c, err := dialCheck(q.Socket, q.timeout())
 	var connect *connectError
@@ -305,13 +309,31 @@ func (q *QQ) check(sp *spool, env *Envelope) checkResult {
 		}
 		return fail(err)
 	}
-	if typ == frameHold {
-		if typ, text, err = c.sendMessage(sp); err != nil {
+	switch typ {
+	case frameHold:
+		// The daemon keeps the message: K, or a refusal.
+		if typ, text, err = c.sendMessage(sp, maxReplyFrame); err != nil {
 			return fail(err)
 		}
 		if typ == frameOK {
 			c.Close()
 			return checkResult{verdict: verdictHeld, reply: text}
+		}
+		if typ == frameAccepted {
+			typ = 0 // not an answer to a hold
+		}
+	case frameSign:
+		// The daemon signs the message: A with the signatures, or a
+		// refusal.
+		if typ, text, err = c.sendMessage(sp, maxSignatureFrame); err != nil {
+			return fail(err)
+		}
+		if typ == frameAccepted {
+			if !signatureFields(text) {
+				c.Close()
+				return checkResult{verdict: verdictUnknown, reply: fmt.Sprintf("%q: not DKIM-Signature fields: %q", typ, text[:min(len(text), 200)])}
+			}
+			return checkResult{verdict: verdictReserved, conn: c, signatures: text}
 		}
 	}
 	res := checkResult{verdict: verdictUnknown, reply: fmt.Sprintf("%q %q", typ, text)}
@@ -330,10 +352,10 @@ func (q *QQ) check(sp *spool, env *Envelope) checkResult {
 }
 
 // runReal (for Filter) runs the real qmail-queue as a child of the same uid: fd 0 a pipe
-// with the message exactly as received, closed before fd 1, a pipe with the
-// envelope exactly as received (qmail.c's order). It returns the child's
-// exit code.
-func (q *QQ) runReal(sp *spool, env *Envelope) int {
+// with the signatures and then the message exactly as received, closed
+// before fd 1, a pipe with the envelope exactly as received (qmail.c's
+// order). It returns the child's exit code.
+func (q *QQ) runReal(sp *spool, env *Envelope, signatures string) int {
 	msgR, msgW, err := os.Pipe()
 	if err != nil {
 		q.logf("cannot make a pipe: %v", err)
@@ -361,7 +383,7 @@ func (q *QQ) runReal(sp *spool, env *Envelope) int {
 		return ExitDeferred
 	}
 	// Write errors (the child exited early) are judged by its exit code.
-	_, werr := io.Copy(msgW, sp.reader())
+	_, werr := io.Copy(msgW, io.MultiReader(strings.NewReader(signatures), sp.reader()))
 	msgW.Close()
 	if werr == nil {
 		_, werr = envW.Write(env.Raw)
@@ -381,23 +403,23 @@ func (q *QQ) runReal(sp *spool, env *Envelope) int {
 	return code
 }
 
-// handOverFDs makes fd 0 and fd 1 files holding the message and the
-// envelope from their start, for the real qmail-queue that Main execs: the
-// spool file, or a memfd (an unlinked temporary file where memfd_create is
-// not allowed).
-func (q *QQ) handOverFDs(sp *spool, env *Envelope) error {
+// handOverFDs makes fd 0 and fd 1 files holding the signatures and the
+// message, and the envelope, read from their start, for the real
+// qmail-queue that Main execs: the spool file (the signatures written into
+// the room in front of the message), or a memfd (an unlinked temporary
+// file where memfd_create is not allowed).
+func (q *QQ) handOverFDs(sp *spool, env *Envelope, signatures string) error {
 	msg := sp.file
 	if msg == nil {
 		var err error
-		if msg, err = q.memFile("relay-qq-message", sp.head); err != nil {
+		if msg, err = q.memFile("relay-qq-message", []byte(signatures), sp.head); err != nil {
 			return err
 		}
+	} else if err := sp.fd0(signatures); err != nil {
+		return err
 	}
 	envf, err := q.memFile("relay-qq-envelope", env.Raw)
 	if err != nil {
-		return err
-	}
-	if _, err := msg.Seek(0, io.SeekStart); err != nil {
 		return err
 	}
 	if err := unix.Dup3(int(msg.Fd()), 0, 0); err != nil {
@@ -409,18 +431,21 @@ func (q *QQ) handOverFDs(sp *spool, env *Envelope) error {
 	return nil
 }
 
-// memFile returns a file holding b, positioned at its start: a memfd, or
-// a nameless file in TempDir where memfd_create is not allowed.
-func (q *QQ) memFile(name string, b []byte) (*os.File, error) {
+// memFile returns a file holding the parts one after the other,
+// positioned at its start: a memfd, or a nameless file in TempDir where
+// memfd_create is not allowed.
+func (q *QQ) memFile(name string, parts ...[]byte) (*os.File, error) {
 	var f *os.File
 	if fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC); err == nil {
 		f = os.NewFile(uintptr(fd), name)
 	} else if f, err = namelessFile(q.TempDir); err != nil {
 		return nil, err
 	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return nil, err
+	for _, b := range parts {
+		if _, err := f.Write(b); err != nil {
+			f.Close()
+			return nil, err
+		}
 	}
 	if _, err := f.Seek(0, io.SeekStart); err != nil {
 		f.Close()

@@ -91,7 +91,8 @@ var qqDecisions = []struct {
 	wantCode   int
 	wantQueued bool // the real qmail-queue ran
 	wantCommit bool
-	wantHeld   bool // the daemon got the message for its hold spool
+	wantWhole  bool // the daemon got the message whole (to hold or to sign)
+	wantSigned bool // the real qmail-queue got testSignatures on top
 	wantStderr string
 }{
 	{name: "reserved and queued", wantCode: 0, wantQueued: true, wantCommit: true},
@@ -100,8 +101,17 @@ var qqDecisions = []struct {
 	{name: "real qmail-queue fails temporarily", realExit: "53", wantCode: 53, wantQueued: true, wantCommit: true},
 	{name: "real qmail-queue fails permanently", realExit: "31", wantCode: 31, wantQueued: true, wantCommit: true},
 	{name: "exempt on the daemon", script: daemonScript{verdict: 'X'}, wantCode: 0, wantQueued: true},
-	{name: "held", script: daemonScript{verdict: 'Q'}, wantCode: 0, wantHeld: true},
-	{name: "hold spool fails", script: daemonScript{verdict: 'Q', held: &frameReply{'D', "451 4.3.0 temporary local problem, try again later (#4.3.0)"}}, wantCode: 71, wantHeld: true, wantStderr: "deferred: 451 4.3.0"},
+	{name: "held", script: daemonScript{verdict: 'Q'}, wantCode: 0, wantWhole: true},
+	{name: "hold spool fails", script: daemonScript{verdict: 'Q', held: &frameReply{'D', "451 4.3.0 temporary local problem, try again later (#4.3.0)"}}, wantCode: 71, wantWhole: true, wantStderr: "deferred: 451 4.3.0"},
+	{name: "A after a hold", script: daemonScript{verdict: 'Q', held: &frameReply{'A', ""}}, wantCode: 71, wantWhole: true, wantStderr: "not understood"},
+	// Signing: the message goes to the daemon, its signatures on top of
+	// what the real qmail-queue gets.
+	{name: "signed", script: daemonScript{verdict: 'G'}, wantCode: 0, wantQueued: true, wantCommit: true, wantWhole: true, wantSigned: true},
+	{name: "signing failed", script: daemonScript{verdict: 'G', signed: &frameReply{'A', ""}}, wantCode: 0, wantQueued: true, wantCommit: true, wantWhole: true},
+	{name: "signed, commit refused", script: daemonScript{verdict: 'G', commitFail: true}, wantCode: 71, wantWhole: true, wantStderr: "deferred: the daemon did not take the commit"},
+	{name: "deferred after the message", script: daemonScript{verdict: 'G', signed: &frameReply{'D', "451 4.3.0 temporary local problem"}}, wantCode: 71, wantWhole: true, wantStderr: "deferred: 451 4.3.0"},
+	{name: "signatures that are not fields", script: daemonScript{verdict: 'G', signed: &frameReply{'A', "DKIM-Signature: v=1\n\nX-Injected: 1\n"}}, wantCode: 71, wantWhole: true, wantStderr: "not understood"},
+	{name: "K after a message to sign", script: daemonScript{verdict: 'G', signed: &frameReply{'K', "committed"}}, wantCode: 71, wantWhole: true, wantStderr: "not understood"},
 	{name: "suspended", script: daemonScript{verdict: 'R', text: "550 5.7.1 uid:local:1001 is suspended"}, wantCode: 31, wantStderr: "rejected: 550 5.7.1 uid:local:1001 is suspended"},
 	{name: "over a rate", script: daemonScript{verdict: 'D', text: "451 4.7.1 uid:local:1001 is over 100 recipients/1m"}, wantCode: 71, wantStderr: "deferred: 451 4.7.1"},
 	{name: "too many recipients", script: daemonScript{verdict: 'D', text: "452 4.5.3 too many recipients"}, wantCode: 71},
@@ -109,6 +119,15 @@ var qqDecisions = []struct {
 	// Without the commit the message would go out uncounted.
 	{name: "commit refused", script: daemonScript{commitFail: true}, wantCode: 71, wantStderr: "deferred: the daemon did not take the commit"},
 	{name: "not a check listener", script: daemonScript{notCheck: true}, wantCode: 71, wantStderr: "does not speak the check protocol"},
+}
+
+// wantQueued is what the real qmail-queue gets of testMessage: with the
+// fake daemon's signatures on top when it signed.
+func wantQueued(signed bool) []byte {
+	if signed {
+		return append([]byte(testSignatures), testMessage...)
+	}
+	return testMessage
 }
 
 func TestQQDecisions(t *testing.T) {
@@ -121,8 +140,12 @@ func TestQQDecisions(t *testing.T) {
 			if code != tc.wantCode {
 				t.Errorf("exit %d, want %d; stderr: %s", code, tc.wantCode, stderr)
 			}
-			if n := len(fakeqq.Calls(t, calls)); (n == 1) != tc.wantQueued || n > 1 {
-				t.Errorf("real qmail-queue ran %d times, want queued=%v", n, tc.wantQueued)
+			got := fakeqq.Calls(t, calls)
+			if n := len(got); (n == 1) != tc.wantQueued || n > 1 {
+				t.Fatalf("real qmail-queue ran %d times, want queued=%v", n, tc.wantQueued)
+			}
+			if tc.wantQueued && !bytes.Equal(got[0].Message, wantQueued(tc.wantSigned)) {
+				t.Errorf("real qmail-queue got\n%q\nwant\n%q", got[0].Message, wantQueued(tc.wantSigned))
 			}
 			if tc.script.notCheck {
 				return // an SMTP server: no check session to look at
@@ -131,8 +154,8 @@ func TestQQDecisions(t *testing.T) {
 			if s.committed != tc.wantCommit {
 				t.Errorf("committed = %v, want %v", s.committed, tc.wantCommit)
 			}
-			if held := bytes.Equal(s.data, testMessage); held != tc.wantHeld {
-				t.Errorf("daemon got the message whole: %v, want %v", held, tc.wantHeld)
+			if whole := bytes.Equal(s.data, testMessage); whole != tc.wantWhole {
+				t.Errorf("daemon got the message whole: %v, want %v", whole, tc.wantWhole)
 			}
 			if !strings.Contains(stderr.String(), tc.wantStderr) {
 				t.Errorf("stderr %q does not contain %q", stderr, tc.wantStderr)

@@ -2,6 +2,7 @@ package local
 
 import (
 	"bytes"
+	"fmt"
 	"io"
 	"os"
 
@@ -15,11 +16,18 @@ const DefaultSpoolMemory = 1 << 20
 // spool holds a message read once and replayed twice (to the daemon and to
 // the real qmail-queue): in memory, or, past the memory limit, whole in an
 // unlinked temporary file (which then becomes the real qmail-queue's fd 0).
+// In the file the message starts at spoolRoom: in front of it is a hole
+// where the DKIM-Signature fields go when the daemon signs the message, so
+// that fd 0 can start right at them without copying the message.
 type spool struct {
 	head []byte   // the message, when file is nil
-	file *os.File // the whole message, when it outgrew memory
+	file *os.File // the whole message from spoolRoom, when it outgrew memory
 	size int64
 }
+
+// spoolRoom is where the message starts in a spool file: room for the
+// largest signatures the daemon sends (a hole in the file until used).
+const spoolRoom = maxSignatureFrame
 
 // readSpool reads r to EOF. Past memLimit bytes it continues into a
 // nameless file in tmpDir ("" = os.TempDir(); see namelessFile). A read error is returned as
@@ -37,6 +45,10 @@ func readSpool(r io.Reader, memLimit int64, tmpDir string) (*spool, error) {
 	// Exactly memLimit bytes so far: there may be more.
 	f, err := namelessFile(tmpDir)
 	if err != nil {
+		return nil, spoolWriteError{err}
+	}
+	if _, err := f.Seek(spoolRoom, io.SeekStart); err != nil {
+		f.Close()
 		return nil, spoolWriteError{err}
 	}
 	m, err := io.Copy(onlyWriter{f}, io.MultiReader(bytes.NewReader(s.head), r))
@@ -94,7 +106,7 @@ func (s *spool) reader() io.Reader {
 	if s.file == nil {
 		return bytes.NewReader(s.head)
 	}
-	return io.NewSectionReader(s.file, 0, s.size)
+	return io.NewSectionReader(s.file, spoolRoom, s.size)
 }
 
 // close releases the temporary file.
@@ -110,8 +122,23 @@ func (s *spool) prefix(n int) ([]byte, error) {
 		return s.head[:min(len(s.head), n)], nil
 	}
 	b := make([]byte, min(int64(n), s.size))
-	if _, err := s.file.ReadAt(b, 0); err != nil {
+	if _, err := s.file.ReadAt(b, spoolRoom); err != nil {
 		return nil, err
 	}
 	return b, nil
+}
+
+// fd0 positions the spool file for the real qmail-queue's fd 0: the
+// signatures written into the room in front of the message, the offset
+// at their start (or at the message's, without any).
+func (s *spool) fd0(signatures string) error {
+	off := int64(spoolRoom - len(signatures))
+	if off < 0 {
+		return fmt.Errorf("%d bytes of signatures, room for %d", len(signatures), spoolRoom)
+	}
+	if _, err := s.file.WriteAt([]byte(signatures), off); err != nil {
+		return err
+	}
+	_, err := s.file.Seek(off, io.SeekStart)
+	return err
 }

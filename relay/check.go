@@ -14,6 +14,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"relay/config"
+	"relay/dkim"
 )
 
 // The daemon's side of `relay qq`'s local check (docs/local-check.md): a
@@ -92,7 +93,9 @@ func (s *Server) serveCheck(conn *trackedConn, first []byte) {
 	}
 	switch typ, rep := c.decide(req); typ {
 	case frameAccepted:
-		c.reserve()
+		c.reserve("")
+	case frameSign:
+		c.sign(req)
 	case frameHold:
 		c.hold(req)
 	case frameExempt:
@@ -132,13 +135,16 @@ func (c *check) decide(req *checkRequest) (byte, *smtp.SMTPError) {
 		tx.result = txAccepted
 		return frameExempt, nil
 	}
-	// From: control as for SMTP (relay/dkim.go), never signed here.
-	if r := ss.fromControl(tx, req.head, false, false); r != nil {
+	// From: control and signing as for SMTP (relay/dkim.go).
+	if r := ss.fromControl(tx, req.head, headComplete(req.head)); r != nil {
 		tx.code, tx.result = r.Code, txRejected
 		return refusal(r)
 	}
-	if tx.hold {
-		return frameHold, nil
+	switch {
+	case tx.hold:
+		return frameHold, nil // signed too, when it is to be, as over SMTP
+	case tx.fromVerdict.Action == dkim.Sign:
+		return frameSign, nil
 	}
 	return frameAccepted, nil
 }
@@ -155,6 +161,9 @@ func refusal(err error) (byte, *smtp.SMTPError) {
 // refuse answers D or R with the reply relay would give over SMTP.
 func (c *check) refuse(typ byte, rep *smtp.SMTPError) {
 	text := replyText(rep)
+	if len(text) > maxCheckReplyLen {
+		text = text[:maxCheckReplyLen]
+	}
 	c.verdict = text
 	if c.ss.tx != nil {
 		c.ss.tx.code = rep.Code
@@ -162,13 +171,52 @@ func (c *check) refuse(typ byte, rep *smtp.SMTPError) {
 	c.write(typ, text)
 }
 
-// reserve answers A and waits for the commit: C charges the reservation;
-// anything else, or nothing in time, releases it (Logout).
-func (c *check) reserve() {
+// sign answers G, reads the message relay qq sends (which must start with
+// the header it was judged by), signs it, and answers A with the
+// DKIM-Signature fields for relay qq to put on top of the message it hands
+// to the real qmail-queue; then it waits for the commit as reserve does.
+// When signing fails, A carries nothing and the message goes unsigned, as
+// over SMTP.
+func (c *check) sign(req *checkRequest) {
+	tx := c.ss.tx
+	tx.result = txFailed // until the commit comes
+	c.verdict = "to sign, message not received"
+	if !c.write(frameSign, "") {
+		return
+	}
+	fields, err := c.ss.signatures(tx, c.message(req))
+	if err != nil {
+		// The client broke off or broke the protocol: no answer.
+		c.verdict += ": " + err.Error()
+		return
+	}
+	if len(fields) > maxSignatureFields {
+		c.ss.signingFailed(tx, "DKIM-Signature fields too long for relay qq; it hands off unsigned",
+			fmt.Errorf("%d bytes, at most %d", len(fields), maxSignatureFields))
+		fields = ""
+	}
+	c.reserve(fields)
+}
+
+// message reads the message that follows G or Q as M frames and an E:
+// exactly the size the request announced, starting with its header.
+func (c *check) message(req *checkRequest) *checkMessageReader {
+	return &checkMessageReader{
+		r:      c.r,
+		size:   req.size,
+		head:   req.head,
+		before: func() { c.conn.SetReadDeadline(time.Now().Add(c.timeout)) },
+	}
+}
+
+// reserve answers A, with the DKIM-Signature fields when the message was
+// signed, and waits for the commit: C charges the reservation; anything
+// else, or nothing in time, releases it (Logout).
+func (c *check) reserve(fields string) {
 	tx := c.ss.tx
 	tx.result = txFailed // until the commit comes
 	c.verdict = "reserved, no commit"
-	if !c.write(frameAccepted, "") {
+	if !c.write(frameAccepted, fields) {
 		return
 	}
 	c.conn.SetReadDeadline(time.Now().Add(min(c.timeout, checkCommitWait)))
@@ -215,18 +263,27 @@ func (c *check) hold(req *checkRequest) {
 	if !c.write(frameHold, "") {
 		return
 	}
-	msg := &checkMessageReader{
-		r:      c.r,
-		size:   req.size,
-		before: func() { c.conn.SetReadDeadline(time.Now().Add(c.timeout)) },
-	}
-	body := io.MultiReader(strings.NewReader(ss.traceHeaders(tx)), msg)
-	rep := ss.holdMessage(tx, req.head, body, func() *smtp.SMTPError {
+	msg := c.message(req)
+	readFailure := func() *smtp.SMTPError {
 		if msg.err == nil || msg.err == io.EOF { // read whole, or the spool stopped reading
 			return nil
 		}
 		return replyInternal
-	})
+	}
+	var body io.Reader = io.MultiReader(strings.NewReader(ss.traceHeaders(tx)), msg)
+	var rep *smtp.SMTPError
+	if tx.fromVerdict.Action == dkim.Sign {
+		// Held signed, as over SMTP: the releaser hands it off as it is.
+		signed, done, r := ss.signed(tx, body, readFailure)
+		if r == nil {
+			defer done.Close()
+			body = signed
+		}
+		rep = r
+	}
+	if rep == nil {
+		rep = ss.holdMessage(tx, req.head, body, readFailure)
+	}
 	tx.code = rep.Code
 	switch {
 	case msg.err != nil && msg.err != io.EOF:
@@ -244,9 +301,6 @@ func (c *check) hold(req *checkRequest) {
 // write writes one frame, after the magic when it is the first. It
 // reports whether the write went through.
 func (c *check) write(typ byte, text string) bool {
-	if len(text) > maxCheckReplyLen {
-		text = text[:maxCheckReplyLen]
-	}
 	var b []byte
 	if !c.answered {
 		b = append(b, checkMagic...)

@@ -53,6 +53,18 @@ func (c *checkClient) request(from string, rcpts []string, msg string) {
 	c.write(b)
 }
 
+// message sends msg as M frames and an E, after G or Q.
+func (c *checkClient) message(msg string) {
+	c.t.Helper()
+	var b []byte
+	for rest := msg; len(rest) > 0; {
+		n := min(len(rest), maxMessageFrame)
+		b = appendFrame(b, frameMessage, rest[:n])
+		rest = rest[n:]
+	}
+	c.write(appendFrame(b, frameEnd, ""))
+}
+
 func (c *checkClient) write(b []byte) {
 	c.t.Helper()
 	if _, err := c.conn.Write(b); err != nil {
@@ -400,18 +412,19 @@ func TestCheckProtocolErrors(t *testing.T) {
 		return b
 	}
 	for name, in := range map[string][]byte{
-		"other version":       append([]byte("\x00RQ2"), frames("Fa@b", "Tc@far.test", "S1", "Hx", "E")[4:]...),
-		"recipient first":     frames("Tc@far.test", "Fa@b", "S1", "Hx", "E"),
-		"no recipient":        frames("Fa@b", "S1", "Hx", "E"),
-		"empty recipient":     frames("Fa@b", "T", "S1", "Hx", "E"),
-		"size not a number":   frames("Fa@b", "Tc@far.test", "S-1", "Hx", "E"),
-		"size too long":       frames("Fa@b", "Tc@far.test", "S"+strings.Repeat("9", 20), "Hx", "E"),
-		"no header frame":     frames("Fa@b", "Tc@far.test", "S1", "E"),
-		"end with a payload":  frames("Fa@b", "Tc@far.test", "S1", "Hx", "Ex"),
-		"header too long":     frames("Fa@b", "Tc@far.test", "S1", "H"+strings.Repeat("x", maxCheckHeader+1), "E"),
-		"address too long":    frames("F"+strings.Repeat("a", maxCheckAddress+1), "Tc@far.test", "S1", "Hx", "E"),
-		"cut short":           frames("Fa@b", "Tc@far.test", "S1")[:20],
-		"huge length, no end": append([]byte(checkMagic), 'F', 0xff, 0xff, 0xff, 0xff),
+		"other version":        append([]byte("\x00RQ2"), frames("Fa@b", "Tc@far.test", "S1", "Hx", "E")[4:]...),
+		"recipient first":      frames("Tc@far.test", "Fa@b", "S1", "Hx", "E"),
+		"no recipient":         frames("Fa@b", "S1", "Hx", "E"),
+		"empty recipient":      frames("Fa@b", "T", "S1", "Hx", "E"),
+		"size not a number":    frames("Fa@b", "Tc@far.test", "S-1", "Hx", "E"),
+		"size too long":        frames("Fa@b", "Tc@far.test", "S"+strings.Repeat("9", 20), "Hx", "E"),
+		"no header frame":      frames("Fa@b", "Tc@far.test", "S1", "E"),
+		"end with a payload":   frames("Fa@b", "Tc@far.test", "S1", "Hx", "Ex"),
+		"header too long":      frames("Fa@b", "Tc@far.test", "S1", "H"+strings.Repeat("x", maxCheckHeader+1), "E"),
+		"header past the size": frames("Fa@b", "Tc@far.test", "S1", "Hxx", "E"),
+		"address too long":     frames("F"+strings.Repeat("a", maxCheckAddress+1), "Tc@far.test", "S1", "Hx", "E"),
+		"cut short":            frames("Fa@b", "Tc@far.test", "S1")[:20],
+		"huge length, no end":  append([]byte(checkMagic), 'F', 0xff, 0xff, 0xff, 0xff),
 	} {
 		t.Run(name, func(t *testing.T) {
 			c := dialCheck(t, path)

@@ -2,6 +2,7 @@ package relay
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -34,6 +35,7 @@ const (
 const (
 	frameAccepted = 'A' // reserved; a commit is expected
 	frameExempt   = 'X' // nothing counted, nothing to commit
+	frameSign     = 'G' // reserved like A, and to be signed: send the message
 	frameHold     = 'Q' // send the message for the hold spool
 	frameDefer    = 'D' // the payload is the SMTP reply (4xx)
 	frameReject   = 'R' // the payload is the SMTP reply (5xx)
@@ -48,6 +50,9 @@ const (
 	maxCheckSize     = 19 // digits
 	maxMessageFrame  = 64 << 10
 	maxCheckReplyLen = 4096
+	// maxSignatureFields bounds A's payload after G: the DKIM-Signature
+	// fields relay qq puts on top of the message (about 1 KiB a key).
+	maxSignatureFields = 64 << 10
 )
 
 // errCheckProtocol is a request that breaks the protocol's rules.
@@ -108,6 +113,9 @@ func readCheckRequest(r *bufio.Reader) (*checkRequest, error) {
 	}
 	if typ != frameHeader {
 		return nil, fmt.Errorf("%w: frame %q after the size, want H", errCheckProtocol, typ)
+	}
+	if int64(len(p)) > req.size {
+		return nil, fmt.Errorf("%w: header of %d bytes in a message of %d", errCheckProtocol, len(p), req.size)
 	}
 	req.head = p
 	if err := expectFrame(r, frameEnd); err != nil {
@@ -222,16 +230,30 @@ func appendFrame(b []byte, typ byte, payload string) []byte {
 	return append(b, payload...)
 }
 
-// checkMessageReader reads the M frames that follow a hold verdict, up to
-// the E, as the message: exactly size bytes, or an error. before is
-// called ahead of every frame (to set a read deadline).
+// headComplete reports whether an H payload holds the whole header: it
+// ends with the empty line that ends a header (the message starts with it,
+// checkMessageReader sees to that when the message follows).
+func headComplete(head []byte) bool {
+	b, ok := bytes.CutSuffix(head, []byte("\n"))
+	if !ok {
+		return false
+	}
+	b = bytes.TrimSuffix(b, []byte("\r"))
+	return len(b) == 0 || b[len(b)-1] == '\n'
+}
+
+// checkMessageReader reads the M frames that follow a sign or hold
+// verdict, up to the E, as the message: exactly size bytes starting with
+// head (the header it was judged by), or an error. before is called ahead
+// of every frame (to set a read deadline).
 type checkMessageReader struct {
 	r      *bufio.Reader
 	before func()
-	size   int64 // announced in the request
-	read   int64 // payload bytes returned so far
-	left   int   // payload bytes of the current frame not yet returned
-	err    error // sticky
+	size   int64  // announced in the request
+	head   []byte // the H frame: the message must start with it
+	read   int64  // payload bytes returned so far
+	left   int    // payload bytes of the current frame not yet returned
+	err    error  // sticky
 }
 
 func (m *checkMessageReader) Read(p []byte) (int, error) {
@@ -245,6 +267,13 @@ func (m *checkMessageReader) Read(p []byte) (int, error) {
 		p = p[:m.left]
 	}
 	n, err := io.ReadFull(m.r, p)
+	if m.read < int64(len(m.head)) {
+		k := min(n, len(m.head)-int(m.read))
+		if !bytes.Equal(p[:k], m.head[m.read:m.read+int64(k)]) {
+			m.err = fmt.Errorf("%w: the message does not start with the header sent", errCheckProtocol)
+			return 0, m.err
+		}
+	}
 	m.left -= n
 	m.read += int64(n)
 	if err != nil {

@@ -52,18 +52,22 @@ func TestCheckMessageReader(t *testing.T) {
 		r    *bufio.Reader
 		size int64
 		want string // "" with an error
+		head string
 	}{
-		{"two pieces", frames("Mhello ", "Mworld", "E"), 11, "hello world"},
-		{"empty message", frames("E"), 0, ""},
-		{"short", frames("Mhello", "E"), 11, ""},
-		{"long", frames("Mhello", "M world", "E"), 5, ""},
-		{"empty piece", frames("M", "Mhello", "E"), 5, ""},
-		{"other frame", frames("Mhello", "C", "E"), 5, ""},
-		{"no end", frames("Mhello"), 5, ""},
-		{"end with payload", frames("Mhello", "Ex"), 5, ""},
+		{"two pieces", frames("Mhello ", "Mworld", "E"), 11, "hello world", ""},
+		{"starts with the header", frames("Mhel", "Mlo world", "E"), 11, "hello world", "hello w"},
+		{"another header", frames("Mhel", "Mlo world", "E"), 11, "", "hello W"},
+		{"another header at once", frames("Mjello world", "E"), 11, "", "h"},
+		{"empty message", frames("E"), 0, "", ""},
+		{"short", frames("Mhello", "E"), 11, "", ""},
+		{"long", frames("Mhello", "M world", "E"), 5, "", ""},
+		{"empty piece", frames("M", "Mhello", "E"), 5, "", ""},
+		{"other frame", frames("Mhello", "C", "E"), 5, "", ""},
+		{"no end", frames("Mhello"), 5, "", ""},
+		{"end with payload", frames("Mhello", "Ex"), 5, "", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got, err := io.ReadAll(&checkMessageReader{r: tc.r, size: tc.size})
+			got, err := io.ReadAll(&checkMessageReader{r: tc.r, size: tc.size, head: []byte(tc.head)})
 			switch {
 			case tc.want != "" && (err != nil || string(got) != tc.want):
 				t.Fatalf("got %q, %v; want %q", got, err, tc.want)
@@ -74,11 +78,44 @@ func TestCheckMessageReader(t *testing.T) {
 	}
 }
 
-// FuzzReadCheckRequest: no input makes the daemon's request reader panic
-// or break its limits, and what it accepts is exactly what it read.
+func TestHeadComplete(t *testing.T) {
+	for head, want := range map[string]bool{
+		"Subject: s\n\n":        true,
+		"Subject: s\r\n\r\n":    true,
+		"Subject: s\n\r\n":      true,
+		"\n":                    true,
+		"\r\n":                  true,
+		"Subject: s\n":          false, // a message that is all header
+		"Subject: s\n folded\n": false,
+		"Subject: s":            false, // cut at 64 KiB
+		"":                      false,
+		"Subject: s\r\n\rx\n":   false,
+	} {
+		if got := headComplete([]byte(head)); got != want {
+			t.Errorf("headComplete(%q) = %v", head, got)
+		}
+	}
+}
+
+// FuzzReadCheckRequest: no input makes the daemon's readers of what relay
+// qq sends (the request; for G or Q the message; the commit) panic or break
+// their limits. What the request reader accepts is exactly what it read; a
+// message read whole is exactly the size announced and starts with the
+// header it was judged by.
 func FuzzReadCheckRequest(f *testing.F) {
+	signed := func(msg string) []byte {
+		head := msg[:strings.Index(msg, "\n\n")+2]
+		b := encodeCheckRequest(&checkRequest{from: "a@b", rcpts: []string{"c@d"}, size: int64(len(msg)), head: []byte(head)})
+		b = appendFrame(b, frameMessage, msg[:len(msg)/2])
+		b = appendFrame(b, frameMessage, msg[len(msg)/2:])
+		b = appendFrame(b, frameEnd, "")
+		return appendFrame(b, frameCommit, "31337")
+	}
 	f.Add(encodeCheckRequest(&checkRequest{from: "a@b", rcpts: []string{"c@d"}, size: 3, head: []byte("x\n\n")}))
 	f.Add(encodeCheckRequest(&checkRequest{rcpts: []string{"c@d", "e@f", "g@h"}, size: 0}))
+	f.Add(signed("From: a@shop.example\nSubject: s\n\nbody\n"))
+	f.Add(signed("From: a@shop.example\r\n\r\n"))
+	f.Add(append(encodeCheckRequest(&checkRequest{from: "a@b", rcpts: []string{"c@d"}, size: 4, head: []byte("x\n\n")}), "M\x00\x00\x00\x04y\n\nzE\x00\x00\x00\x00"...))
 	f.Add([]byte(checkMagic + "F\x00\x00\x00\x00T\x00\x00\x00\x00"))
 	f.Add([]byte(checkMagic + "F\xff\xff\xff\xff"))
 	f.Add([]byte(checkMagic + "F\x00\x00\x00\x01aT\x00\x00\x00\x01bS\x00\x00\x00\x02-1"))
@@ -94,7 +131,7 @@ func FuzzReadCheckRequest(f *testing.F) {
 			}
 			return
 		}
-		if len(req.rcpts) == 0 || req.size < 0 || len(req.head) > maxCheckHeader || len(req.from) > maxCheckAddress {
+		if len(req.rcpts) == 0 || req.size < 0 || len(req.head) > maxCheckHeader || int64(len(req.head)) > req.size || len(req.from) > maxCheckAddress {
 			t.Fatalf("accepted %+v", req)
 		}
 		for _, to := range req.rcpts {
@@ -105,6 +142,28 @@ func FuzzReadCheckRequest(f *testing.F) {
 		enc := encodeCheckRequest(req)
 		if read := len(in) - src.Len() - r.Buffered(); !bytes.HasPrefix(in, enc) || read != len(enc) {
 			t.Fatalf("accepted %+v from %q, which is not what it read", req, in)
+		}
+
+		// What follows, as the message of a G or a Q, then the commit.
+		msg, err := io.ReadAll(&checkMessageReader{r: r, size: req.size, head: req.head})
+		if err != nil {
+			if !errors.Is(err, errCheckProtocol) && !errors.Is(err, io.ErrUnexpectedEOF) {
+				t.Fatalf("message: error %v is neither a protocol error nor a short read", err)
+			}
+			return
+		}
+		if int64(len(msg)) != req.size || !bytes.HasPrefix(msg, req.head) {
+			t.Fatalf("accepted a message of %d bytes (%d announced) starting %q, header %q", len(msg), req.size, msg[:min(len(msg), 64)], req.head)
+		}
+		pid, err := readCommit(r)
+		if err != nil {
+			if !errors.Is(err, errCheckProtocol) && !errors.Is(err, io.ErrUnexpectedEOF) {
+				t.Fatalf("commit: error %v is neither a protocol error nor a short read", err)
+			}
+			return
+		}
+		if pid < 0 || pid > 1<<31-1 {
+			t.Fatalf("commit with pid %d", pid)
 		}
 	})
 }

@@ -1,6 +1,7 @@
 package relay
 
 import (
+	"errors"
 	"io"
 	"strings"
 
@@ -17,10 +18,11 @@ import (
 // from the internet to our domains is never signed nor judged here, and
 // neither is mail of the exempt local users (qmail's own bounces and
 // forwards) or mail policy does not count. head is the start of the
-// message; complete says the whole header is in it. signable is false for
-// relay qq's checks: relay qq hands the message to qmail-queue itself, so
-// it cannot carry our signature.
-func (s *session) fromControl(tx *transaction, head []byte, complete, signable bool) *smtp.SMTPError {
+// message; complete says the whole header is in it. The SMTP path and relay
+// qq's check both decide here: over SMTP the daemon signs what it hands
+// off (signed), for relay qq it signs the message relay qq sends and
+// answers the fields for relay qq to put on top (signatures).
+func (s *session) fromControl(tx *transaction, head []byte, complete bool) *smtp.SMTPError {
 	if !s.trusted() || s.exempt {
 		return nil
 	}
@@ -37,9 +39,6 @@ func (s *session) fromControl(tx *transaction, head []byte, complete, signable b
 	}
 	v := s.st.dkim.Decide(s.srv.ctx, dkim.Message{From: from, IDs: ids, HeaderComplete: complete, Ours: s.st.rcptHostAllowed},
 		s.srv.dmarc.Policy)
-	if !signable && (v.Action == dkim.Sign || v.Reason == dkim.ReasonLongHeader) {
-		v = dkim.Verdict{Action: dkim.Unsigned, Domain: v.Domain, Reason: dkim.ReasonLocalQQ}
-	}
 	if v.Action == dkim.Hold || v.Action == dkim.Reject || v.Reason != "" {
 		s.log.Info("From: control", "action", actionName(v.Action), "domain", v.Domain, "reason", v.Reason)
 	}
@@ -79,20 +78,19 @@ func dkimLogValue(v dkim.Verdict) string {
 // signed reads the rest of the message through a dkim.Signing and returns
 // it to hand off with the signatures on top, and the Signing to Close once
 // the hand-off is done. When signing fails the message goes on unsigned
-// (logged, counted as dkim.ReasonError). A message that cannot be stored
-// (the client's bytes, or our spool file) is a reply.
-func (s *session) signed(tx *transaction, body io.Reader, msg *storeReader) (io.Reader, io.Closer, *smtp.SMTPError) {
+// (signingFailed). A message that cannot be stored is a reply: body's own
+// failure as readFailure says, or our spool file's.
+func (s *session) signed(tx *transaction, body io.Reader, readFailure func() *smtp.SMTPError) (io.Reader, io.Closer, *smtp.SMTPError) {
 	g, err := s.st.dkim.NewSigning(tx.fromVerdict.Keys, s.st.cfg.DataDir, 0)
 	if err != nil {
-		s.log.Error("DKIM signing cannot start; handing off unsigned", "err", err)
-		tx.fromVerdict = dkim.Verdict{Action: dkim.Unsigned, Domain: tx.fromVerdict.Domain, Reason: dkim.ReasonError}
+		s.signingFailed(tx, "DKIM signing cannot start; handing off unsigned", err)
 		return body, io.NopCloser(nil), nil
 	}
 	if _, err := g.ReadFrom(body); err != nil {
 		g.Close()
 		tx.abort()
-		if msg.Err() != nil {
-			return nil, nil, s.storeFailure(msg)
+		if r := readFailure(); r != nil {
+			return nil, nil, r
 		}
 		s.log.Error("DKIM spool", "err", err)
 		return nil, nil, replyInternal
@@ -105,10 +103,49 @@ func (s *session) signed(tx *transaction, body io.Reader, msg *storeReader) (io.
 		return nil, nil, replyInternal
 	}
 	if signErr != nil {
-		s.log.Warn("DKIM signing failed; handing off unsigned", "err", signErr)
-		tx.fromVerdict = dkim.Verdict{Action: dkim.Unsigned, Domain: tx.fromVerdict.Domain, Reason: dkim.ReasonError}
+		s.signingFailed(tx, "DKIM signing failed; handing off unsigned", signErr)
 	}
 	return out, g, nil
+}
+
+// signatures signs a message someone else hands off (relay qq's check:
+// relay qq puts the fields on top of its own bytes and gives them to the
+// real qmail-queue, which adds only its Received line, a field DKIM does
+// not sign, above them). It reads msg to its end and returns the
+// DKIM-Signature fields, LF line ends, or "" when signing failed
+// (signingFailed: the message goes unsigned, as over SMTP). Nothing of the
+// message is kept. err is msg's read error.
+func (s *session) signatures(tx *transaction, msg io.Reader) (fields string, err error) {
+	g, err := s.st.dkim.NewDetachedSigning(tx.fromVerdict.Keys, 0)
+	if err != nil {
+		s.signingFailed(tx, "DKIM signing cannot start; relay qq hands off unsigned", err)
+		_, err = io.Copy(io.Discard, msg)
+		return "", err
+	}
+	defer g.Close()
+	if _, err := g.ReadFrom(msg); err != nil {
+		return "", err
+	}
+	fields, signErr := g.Fields()
+	if signErr != nil {
+		s.signingFailed(tx, "DKIM signing failed; relay qq hands off unsigned", signErr)
+		return "", nil
+	}
+	return fields, nil
+}
+
+// signingFailed logs why a message to be signed goes unsigned, and
+// counts it so: dkim.ReasonBareCR for a message with a CR in it (its
+// sender can fix that), dkim.ReasonError for anything else.
+func (s *session) signingFailed(tx *transaction, what string, err error) {
+	reason := dkim.ReasonError
+	if errors.Is(err, dkim.ErrBareCR) {
+		reason = dkim.ReasonBareCR
+		s.log.Info("DKIM: not signed", "domain", tx.fromVerdict.Domain, "reason", reason, "why", err)
+	} else {
+		s.log.Warn(what, "err", err)
+	}
+	tx.fromVerdict = dkim.Verdict{Action: dkim.Unsigned, Domain: tx.fromVerdict.Domain, Reason: reason}
 }
 
 // recordFrom counts what became of the message in the DKIM tally, once

@@ -420,38 +420,100 @@ func TestDKIMLargeClientSignedEightBit(t *testing.T) {
 }
 
 // TestDKIMCheck: relay qq's local check gets From: control (a refusal is
-// R with the SMTP reply, a hold is Q) but cannot be signed: relay qq hands
-// the message to qmail-queue itself.
+// R with the SMTP reply, a hold is Q) and signing: a message to sign is
+// answered G, relay qq sends it, and A carries the DKIM-Signature fields,
+// which verify once on top of the message (both verifiers), and count as
+// signed once committed. A message held for policy is held signed (and
+// counted signed, as over SMTP).
 func TestDKIMCheck(t *testing.T) {
 	lf := func(s string) string { return strings.ReplaceAll(strings.TrimSuffix(s, ".\r\n"), "\r\n", "\n") }
-	f := newDKIMFixture(t, func(d *config.DKIM) { d.UnownedFrom = config.FromReject; d.ForeignDMARC = config.FromHold }, &fakeChecker{})
+	ck := &fakeChecker{}
+	f := newDKIMFixture(t, func(d *config.DKIM) { d.UnownedFrom = config.FromReject; d.ForeignDMARC = config.FromHold }, ck)
 	f.dns.SetTXT("_dmarc.bank.example", "v=DMARC1; p=reject")
 	c := dialCheck(t, f.sock)
 	c.request("www@example.test", []string{"x@far.test"}, lf(message("alice@example.com", "")))
 	if typ, text := c.verdict(); typ != frameReject || !strings.HasPrefix(text, "550 5.7.1 not allowed to send From: example.com") {
 		t.Fatalf("unowned: %q %q", typ, text)
 	}
+
+	owned := lf(message("Shop <orders@shop.example>", "Message-ID: <1@shop.example>\r\n")) + "8-bit: \xe9t\xe9\n"
 	c = dialCheck(t, f.sock)
-	c.request("www@example.test", []string{"x@far.test"}, lf(message("orders@shop.example", "")))
-	if typ, text := c.verdict(); typ != frameAccepted {
+	c.request("www@example.test", []string{"x@far.test"}, owned)
+	if typ, text := c.verdict(); typ != frameSign || text != "" {
 		t.Fatalf("owned: %q %q", typ, text)
+	}
+	c.message(owned)
+	typ, fields := c.frame()
+	if typ != frameAccepted || !strings.HasPrefix(fields, "DKIM-Signature: ") || !strings.HasSuffix(fields, "\n") || strings.Contains(fields, "\r") {
+		t.Fatalf("after the message: %q %q", typ, fields)
+	}
+	if sigs := dkimtest.Verify(t, []byte(fields+owned), f.records()); len(sigs) != 1 || sigs[0].Domain != "shop.example" {
+		t.Fatalf("%+v", sigs)
+	}
+	// What qmail-queue stores: its own Received line above ours.
+	stored := "Received: (qmail 4242 invoked by uid " + uidString() + "); 28 Nov 2026 02:41:53 -0000\n" + fields + owned
+	if sigs := dkimtest.Verify(t, []byte(stored), f.records()); len(sigs) != 1 {
+		t.Fatalf("under qmail-queue's Received line: %+v", sigs)
 	}
 	c.write(appendFrame(nil, frameCommit, ""))
 	if typ, _ := c.frame(); typ != frameOK {
 		t.Fatalf("commit answered %q", typ)
 	}
+	if len(f.h.deliveries()) != 0 {
+		t.Fatal("a check handed the message off")
+	}
+
+	// A CR goes out as a bare CR, on which verifiers disagree: A is empty,
+	// the message goes unsigned, counted as bare_cr.
+	bareCR := strings.Replace(owned, "Subject: hi\n", "Subject: hi\r\n", 1)
+	c = dialCheck(t, f.sock)
+	c.request("www@example.test", []string{"x@far.test"}, bareCR)
+	if typ, _ := c.verdict(); typ != frameSign {
+		t.Fatalf("owned, with a CR: %q", typ)
+	}
+	c.message(bareCR)
+	if typ, fields := c.frame(); typ != frameAccepted || fields != "" {
+		t.Fatalf("with a CR: %q %q", typ, fields)
+	}
+	c.write(appendFrame(nil, frameCommit, ""))
+	if typ, _ := c.frame(); typ != frameOK {
+		t.Fatalf("commit answered %q", typ)
+	}
+
 	held := lf(message("x@bank.example", ""))
 	c = dialCheck(t, f.sock)
 	c.request("www@example.test", []string{"x@far.test"}, held)
 	if typ, text := c.verdict(); typ != frameHold {
 		t.Fatalf("foreign p=reject: %q %q", typ, text)
 	}
-	c.write(append(appendFrame(nil, frameMessage, held), appendFrame(nil, frameEnd, "")...))
+	c.message(held)
 	if typ, text := c.frame(); typ != frameOK || !strings.HasPrefix(text, "held ") {
 		t.Fatalf("hold answered %q %q", typ, text)
 	}
 	if len(f.h.deliveries()) != 0 || !strings.Contains(f.hold.held[0].Reason, "p=reject") || signatures(f.hold.msgs[0]) != 0 {
 		t.Fatalf("held %+v", f.hold.held)
+	}
+
+	// Over a cap that holds: the owner's message is held signed, as over
+	// SMTP, with relay's own Received line under the signature.
+	ck.mu.Lock()
+	ck.msg = policy.Decision{Action: policy.Hold, Identity: "uid:local:" + uidString(), Limit: "1 message/1h"}
+	ck.mu.Unlock()
+	c = dialCheck(t, f.sock)
+	c.request("www@example.test", []string{"x@far.test"}, owned)
+	if typ, text := c.verdict(); typ != frameHold {
+		t.Fatalf("owned over a cap: %q %q", typ, text)
+	}
+	c.message(owned)
+	if typ, text := c.frame(); typ != frameOK || !strings.HasPrefix(text, "held ") {
+		t.Fatalf("hold answered %q %q", typ, text)
+	}
+	heldSigned := f.hold.msgs[1]
+	if !bytes.HasPrefix(heldSigned, []byte("DKIM-Signature: ")) || !bytes.Contains(heldSigned, []byte("\nReceived: (relay invoked by uid ")) {
+		t.Fatalf("held:\n%s", heldSigned)
+	}
+	if sigs := dkimtest.Verify(t, heldSigned, f.records()); len(sigs) != 1 {
+		t.Fatalf("held: %+v", sigs)
 	}
 	defer func() {
 		if t.Failed() {
@@ -463,9 +525,48 @@ func TestDKIMCheck(t *testing.T) {
 		for _, d := range f.srv.DKIMReport().Domains {
 			rows[d.Domain] = d
 		}
-		return rows["shop.example"].Unsigned[dkim.ReasonLocalQQ] == 1 && rows["shop.example"].Signed == 0 &&
+		return rows["shop.example"].Signed == 2 && rows["shop.example"].Unsigned[dkim.ReasonBareCR] == 1 &&
 			rows["example.com"].Refused[dkim.ReasonUnownedFrom] == 1 && rows["bank.example"].Held[dkim.ReasonDMARCReject] == 1
 	})
+	if !strings.Contains(f.log.String(), "dkim=sign:shop.example") {
+		t.Errorf("no transaction log line says signed:\n%s", f.log.String())
+	}
+}
+
+// TestDKIMCheckBrokenMessage: after G, a message that is not the one the
+// request described (another header, shorter, longer, another frame) ends
+// the check without an answer: nothing is signed nor charged.
+func TestDKIMCheckBrokenMessage(t *testing.T) {
+	ck := &fakeChecker{}
+	f := newDKIMFixture(t, nil, ck)
+	msg := "From: orders@shop.example\nSubject: s\n\nbody\n"
+	for name, frames := range map[string][]byte{
+		"another header":    append(appendFrame(nil, frameMessage, strings.Replace(msg, "orders@shop", "attack@shop", 1)), appendFrame(nil, frameEnd, "")...),
+		"short":             append(appendFrame(nil, frameMessage, msg[:len(msg)-1]), appendFrame(nil, frameEnd, "")...),
+		"long":              append(appendFrame(nil, frameMessage, msg+"x"), appendFrame(nil, frameEnd, "")...),
+		"commit in between": append(appendFrame(nil, frameMessage, msg[:10]), appendFrame(nil, frameCommit, "")...),
+	} {
+		t.Run(name, func(t *testing.T) {
+			c := dialCheck(t, f.sock)
+			c.request("www@example.test", []string{"x@far.test"}, msg)
+			if typ, _ := c.verdict(); typ != frameSign {
+				t.Fatalf("verdict %q", typ)
+			}
+			c.write(frames)
+			if !c.closed() {
+				t.Fatal("the daemon answered a broken message")
+			}
+		})
+	}
+	waitFor(t, func() bool { return strings.Count(ck.log(), "abort") == 4 })
+	if strings.Contains(ck.log(), "commit") {
+		t.Fatalf("charged: %q", ck.log())
+	}
+	for _, d := range f.srv.DKIMReport().Domains {
+		if d.Signed != 0 {
+			t.Fatalf("counted signed: %+v", d)
+		}
+	}
 }
 
 // TestDKIMKeysOnReload: keys added or removed take effect on reload; a bad

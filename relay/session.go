@@ -383,13 +383,18 @@ func (s *session) data(tx *transaction, msg *storeReader, headBuf []byte) *smtp.
 	if tx.ptx != nil {
 		msg.atEOF = func() error { return s.recheck(tx) }
 	}
-	if r := s.fromControl(tx, head, !msg.inHeader, true); r != nil {
+	if r := s.fromControl(tx, head, !msg.inHeader); r != nil {
 		return r
 	}
 	body := io.MultiReader(strings.NewReader(s.traceHeaders(tx)), bytes.NewReader(head), msg)
 	if tx.fromVerdict.Action == dkim.Sign {
 		// Signed last, over every byte handed off (docs/design.md §11).
-		signed, done, r := s.signed(tx, body, msg)
+		signed, done, r := s.signed(tx, body, func() *smtp.SMTPError {
+			if msg.Err() == nil {
+				return nil
+			}
+			return s.storeFailure(msg)
+		})
 		if r != nil {
 			return r
 		}

@@ -4,9 +4,11 @@
  * (local/qq.go; the tests in local/ run both): read the message on fd 0
  * and the envelope on fd 1 as qmail-queue does, ask the relay daemon over
  * its local socket (the check protocol, docs/local-check.md: the envelope
- * and the header go in, "reserved", "exempt", "hold", "defer" or "reject"
- * comes back, and a reservation is committed), and exec the real
- * qmail-queue in its place, as the caller.
+ * and the header go in, "reserved", "sign", "exempt", "hold", "defer" or
+ * "reject" comes back, the message follows for "sign" and "hold", and a
+ * reservation is committed), and exec the real qmail-queue in its place,
+ * as the caller, with the daemon's DKIM-Signature fields on top of the
+ * message when it signed it.
  *
  * A Go program costs a runtime start per message; this costs an exec.
  *
@@ -61,6 +63,10 @@
 #define MAX_CHECK_HEADER (64 << 10) /* the H frame */
 #define MAX_MESSAGE_FRAME (64 << 10) /* each M frame */
 #define MAX_REPLY_FRAME (8 << 10)   /* what is read of the daemon's frames */
+#define MAX_SIGNATURE_FRAME (64 << 10) /* but the A after G: the DKIM-Signature fields */
+/* In a spool file the message starts here: the hole in front of it takes
+ * the signatures, so that fd 0 starts right at them, nothing copied. */
+#define SPOOL_ROOM MAX_SIGNATURE_FRAME
 
 /* qmail-queue's exit codes (local/envelope.go). */
 enum {
@@ -285,7 +291,7 @@ static int fallback(void)
 struct spool {
 	char *head; /* the message, when file is -1 */
 	size_t nhead;
-	int file;   /* unlinked file with the whole message, or -1 */
+	int file;   /* unlinked file with the whole message from SPOOL_ROOM, or -1 */
 	off_t size;
 };
 
@@ -323,8 +329,8 @@ static int temp_file(const char *dir)
 }
 
 /* read_spool reads the message to EOF: in memory up to
- * RELAY_QQ_SPOOL_MEMORY bytes, past that whole into an unlinked file (which
- * becomes the real qmail-queue's fd 0). */
+ * RELAY_QQ_SPOOL_MEMORY bytes, past that whole into an unlinked file, from
+ * SPOOL_ROOM on (the file becomes the real qmail-queue's fd 0). */
 static int read_spool(struct spool *sp, const char *tmpdir)
 {
 	size_t cap = 8192;
@@ -361,7 +367,8 @@ static int read_spool(struct spool *sp, const char *tmpdir)
 		if (r == 0)
 			break;
 		if (first) {
-			if ((sp->file = temp_file(tmpdir)) < 0 || write_all(sp->file, sp->head, sp->nhead) < 0) {
+			if ((sp->file = temp_file(tmpdir)) < 0 || lseek(sp->file, SPOOL_ROOM, SEEK_SET) < 0 ||
+			    write_all(sp->file, sp->head, sp->nhead) < 0) {
 				logf_("reading the message: spooling message: %s", strerror(errno));
 				return EXIT_WRITE_ERROR;
 			}
@@ -392,7 +399,7 @@ static int each_chunk(struct spool *sp, int (*fn)(void *, const char *, size_t),
 	enum { chunk = 65536 };
 	char *buf = xrealloc(NULL, chunk);
 	for (off_t off = 0; off < sp->size;) {
-		ssize_t r = pread(sp->file, buf, chunk, off);
+		ssize_t r = pread(sp->file, buf, chunk, SPOOL_ROOM + off);
 		if (r < 0 && errno == EINTR)
 			continue;
 		if (r <= 0 || fn(arg, buf, r) < 0) {
@@ -496,20 +503,37 @@ static int mem_file(const char *name, const char *tmpdir)
 
 static int write_chunk(void *arg, const char *p, size_t n) { return write_all(*(int *)arg, p, n); }
 
-/* hand_over_fds makes fd 0 and fd 1 the message and the envelope; -1 and
- * a logged line when it cannot. */
-static int hand_over_fds(struct spool *sp, struct envelope *e, const char *tmpdir)
+/* hand_over_fds makes fd 0 the signatures (sigs[0..nsigs), DKIM-Signature
+ * fields from the daemon, or nothing) and the message, and fd 1 the
+ * envelope; -1 and a logged line when it cannot. A spool file gets the
+ * signatures in the room in front of the message. */
+static int hand_over_fds(struct spool *sp, struct envelope *e, const char *tmpdir, const char *sigs, size_t nsigs)
 {
 	int msg = sp->file, env = -1;
-	if (msg < 0 && ((msg = mem_file("relay-qq-message", tmpdir)) < 0 || each_chunk(sp, write_chunk, &msg) < 0)) {
+	off_t start = 0;
+	if (msg < 0 && ((msg = mem_file("relay-qq-message", tmpdir)) < 0 || write_all(msg, sigs, nsigs) < 0 ||
+	                each_chunk(sp, write_chunk, &msg) < 0)) {
 		logf_("cannot hand the message to the real qmail-queue: %s", strerror(errno));
 		return -1;
+	}
+	if (sp->file >= 0) {
+		start = SPOOL_ROOM - (off_t)nsigs; /* nsigs <= MAX_SIGNATURE_FRAME */
+		for (size_t off = 0; off < nsigs;) {
+			ssize_t w = pwrite(msg, sigs + off, nsigs - off, start + (off_t)off);
+			if (w < 0 && errno == EINTR)
+				continue;
+			if (w <= 0) {
+				logf_("cannot hand the message to the real qmail-queue: %s", strerror(errno));
+				return -1;
+			}
+			off += w;
+		}
 	}
 	if ((env = mem_file("relay-qq-envelope", tmpdir)) < 0 || write_all(env, e->raw, e->nraw) < 0) {
 		logf_("cannot hand the envelope to the real qmail-queue: %s", strerror(errno));
 		return -1;
 	}
-	if (lseek(msg, 0, SEEK_SET) < 0 || lseek(env, 0, SEEK_SET) < 0 || dup2(msg, 0) < 0 || dup2(env, 1) < 0) {
+	if (lseek(msg, start, SEEK_SET) < 0 || lseek(env, 0, SEEK_SET) < 0 || dup2(msg, 0) < 0 || dup2(env, 1) < 0) {
 		logf_("cannot hand the message to the real qmail-queue: %s", strerror(errno));
 		return -1;
 	}
@@ -528,7 +552,7 @@ static int exec_qq(const struct settings *s)
 
 static int exec_real(const struct settings *s, struct spool *sp, struct envelope *e)
 {
-	return hand_over_fds(sp, e, s->tmpdir) < 0 ? EXIT_DEFERRED : exec_qq(s);
+	return hand_over_fds(sp, e, s->tmpdir, NULL, 0) < 0 ? EXIT_DEFERRED : exec_qq(s);
 }
 
 /* ---------------------------------------------------------------------
@@ -636,23 +660,41 @@ static int get_line(struct conn *c, struct failure *f, char *line, size_t size)
 	return 0;
 }
 
-/* get_frame reads one of the daemon's frames, its payload into text
- * (MAX_REPLY_FRAME + 1 bytes). A longer payload is no answer of this
- * protocol: NOT_CHECK. */
+/* get_frame reads one of the daemon's frames, its payload into text (max
+ * + 1 bytes) and its length into *n when n is not NULL. A longer payload
+ * is no answer of this protocol: NOT_CHECK. */
 enum { NOT_CHECK = -2 };
-static int get_frame(struct conn *c, struct failure *f, char *type, char *text)
+static int get_frame(struct conn *c, struct failure *f, char *type, char *text, uint32_t max, size_t *len)
 {
 	unsigned char h[5];
 	if (get(c, f, (char *)h, sizeof h) < 0)
 		return -1;
 	uint32_t n = (uint32_t)h[1] << 24 | (uint32_t)h[2] << 16 | (uint32_t)h[3] << 8 | h[4];
-	if (n > MAX_REPLY_FRAME)
+	if (n > max)
 		return NOT_CHECK;
 	if (get(c, f, text, n) < 0)
 		return -1;
 	text[n] = 0;
 	*type = (char)h[0];
+	if (len)
+		*len = n;
 	return 0;
+}
+
+/* signature_fields reports whether the payload of the A after G is what
+ * may go on top of a message: nothing, or DKIM-Signature header fields,
+ * every line ended by LF, no empty line, no CR, no NUL. */
+static int signature_fields(const char *p, size_t n)
+{
+	static const char name[] = "DKIM-Signature:";
+	if (n == 0)
+		return 1;
+	if (n < sizeof name - 1 || memcmp(p, name, sizeof name - 1) != 0 || p[n - 1] != '\n')
+		return 0;
+	for (size_t i = 0; i < n; i++)
+		if (p[i] == '\r' || p[i] == 0 || (p[i] == '\n' && i + 1 < n && p[i + 1] == '\n'))
+			return 0;
+	return 1;
 }
 
 /* header_len is the length of what the H frame carries of the message's
@@ -682,7 +724,7 @@ static int send_request(struct conn *c, struct failure *f, struct spool *sp, str
 	if (sp->file >= 0) {
 		char *buf = xrealloc(NULL, MAX_CHECK_HEADER);
 		ssize_t r;
-		while ((r = pread(sp->file, buf, MAX_CHECK_HEADER, 0)) < 0 && errno == EINTR)
+		while ((r = pread(sp->file, buf, MAX_CHECK_HEADER, SPOOL_ROOM)) < 0 && errno == EINTR)
 			;
 		if (r < 0)
 			return io_failure(f, strerror(errno));
@@ -721,9 +763,23 @@ static int put_message_chunk(void *arg, const char *p, size_t n)
 
 enum verdict { UNKNOWN, RESERVED, EXEMPT, HELD, DEFERRED, REJECTED, DOWN };
 
+/* send_message sends the whole message as M frames and an E (for a hold or
+ * a signature) and reads the daemon's answer, of at most max bytes, into
+ * text; NOT_CHECK or -1 as get_frame. */
+static int send_message(struct conn *c, struct failure *f, struct spool *sp, char *type, char *text, uint32_t max, size_t *len)
+{
+	struct framer m = {c, f};
+	if (each_chunk(sp, put_message_chunk, &m) < 0 || put_frame(c, f, 'E', NULL, 0) < 0 || flush_out(c, f) < 0)
+		return -1;
+	return get_frame(c, f, type, text, max, len);
+}
+
 /* check asks the daemon. why gets the daemon's text, or what went wrong;
- * the connection stays open (c->fd) only when the verdict is RESERVED. */
-static enum verdict check(const struct settings *s, struct conn *c, struct spool *sp, struct envelope *e, char *why, size_t size)
+ * the connection stays open (c->fd) only when the verdict is RESERVED, and
+ * then *sigs holds the DKIM-Signature fields to put on top of the message
+ * (*nsigs bytes, 0 when the daemon did not sign it). */
+static enum verdict check(const struct settings *s, struct conn *c, struct spool *sp, struct envelope *e, char *why, size_t size,
+                          char **sigs, size_t *nsigs)
 {
 	struct failure f;
 	c->pos = c->n = c->nout = 0;
@@ -756,6 +812,8 @@ static enum verdict check(const struct settings *s, struct conn *c, struct spool
 	 * read: one wait for the verdict. Even when that write failed, a
 	 * refusal may be waiting to be read. */
 	struct failure wf;
+	*sigs = NULL;
+	*nsigs = 0;
 	int sent = send_request(c, &wf, sp, e);
 	char line[1024], type, *text = xrealloc(NULL, MAX_REPLY_FRAME + 1);
 	enum verdict v = DEFERRED;
@@ -774,7 +832,7 @@ static enum verdict check(const struct settings *s, struct conn *c, struct spool
 	char magic[CHECK_MAGIC_LEN];
 	int got = get(c, &f, magic, sizeof magic);
 	if (got == 0 && memcmp(magic, CHECK_MAGIC, CHECK_MAGIC_LEN) == 0)
-		got = get_frame(c, &f, &type, text);
+		got = get_frame(c, &f, &type, text, MAX_REPLY_FRAME, NULL);
 	else if (got == 0)
 		got = NOT_CHECK;
 	if (got == NOT_CHECK) {
@@ -785,19 +843,42 @@ static enum verdict check(const struct settings *s, struct conn *c, struct spool
 		snprintf(why, size, "relay daemon at %s stopped answering: %s", s->socket, f.text);
 		goto out;
 	}
-	if (type == 'Q') {
-		/* hold: the daemon wants the message itself */
-		struct framer m = {c, &f};
-		if (each_chunk(sp, put_message_chunk, &m) < 0 || put_frame(c, &f, 'E', NULL, 0) < 0 ||
-		    flush_out(c, &f) < 0 || (got = get_frame(c, &f, &type, text)) < 0) {
+	if (type == 'Q' || type == 'G') {
+		/* hold or sign: the daemon wants the message itself, and answers
+		 * K (held) or A with the signatures (a refusal either way) */
+		char asked = type, *answer = text;
+		uint32_t max = MAX_REPLY_FRAME;
+		size_t n = 0;
+		if (asked == 'G') {
+			answer = xrealloc(NULL, MAX_SIGNATURE_FRAME + 1);
+			max = MAX_SIGNATURE_FRAME;
+		}
+		if ((got = send_message(c, &f, sp, &type, answer, max, &n)) < 0) {
 			if (got == NOT_CHECK)
 				snprintf(why, size, "relay daemon at %s does not speak the check protocol", s->socket);
 			else
 				snprintf(why, size, "relay daemon at %s stopped answering: %s", s->socket, f.text);
 			goto out;
 		}
-		if (type == 'K')
+		if (asked == 'Q' && type == 'K') {
 			type = 'H'; /* held */
+		} else if (asked == 'G' && type == 'A') {
+			if (!signature_fields(answer, n)) {
+				snprintf(why, size, "'A' after 'G' is not DKIM-Signature fields: \"%.200s\"", answer);
+				v = UNKNOWN;
+				goto out;
+			}
+			*sigs = answer;
+			*nsigs = n;
+			snprintf(why, size, "signed");
+			return RESERVED;
+		} else if (type == 'A' || type == 'K') {
+			snprintf(why, size, "'%c' after '%c'", type, asked); /* not an answer to this */
+			v = UNKNOWN;
+			goto out;
+		}
+		if (answer != text)
+			snprintf(text, MAX_REPLY_FRAME + 1, "%s", answer);
 	}
 	snprintf(why, size, "%s", text);
 	switch (type) {
@@ -834,7 +915,8 @@ static int commit(struct conn *c, char *why, size_t size)
 	char type, text[MAX_REPLY_FRAME + 1], pid[24];
 	int got = 0;
 	int n = snprintf(pid, sizeof pid, "%ld", (long)getpid());
-	if (put_frame(c, &f, 'C', pid, (size_t)n) < 0 || flush_out(c, &f) < 0 || (got = get_frame(c, &f, &type, text)) < 0) {
+	if (put_frame(c, &f, 'C', pid, (size_t)n) < 0 || flush_out(c, &f) < 0 ||
+	    (got = get_frame(c, &f, &type, text, MAX_REPLY_FRAME, NULL)) < 0) {
 		snprintf(why, size, "%s", got == NOT_CHECK ? "does not speak the check protocol" : f.text);
 		return -1;
 	}
@@ -892,16 +974,18 @@ static int filter(const struct settings *s)
 		return EXIT_REJECTED;
 
 	struct conn c;
-	char why[MAX_REPLY_FRAME + 512];
-	switch (check(s, &c, &sp, &e, why, sizeof why)) {
+	char why[MAX_REPLY_FRAME + 512], *sigs;
+	size_t nsigs;
+	switch (check(s, &c, &sp, &e, why, sizeof why, &sigs, &nsigs)) {
 	case RESERVED:
-		/* fds 0 and 1 first, so that only the exec itself can fail once
-		 * the message is charged; if they cannot be set up, the
+		/* fds 0 (the signatures, when the daemon signed, and the
+		 * message) and 1 first, so that only the exec itself can fail
+		 * once the message is charged; if they cannot be set up, the
 		 * connection ends without a commit and the daemon releases the
 		 * charge. The commit comes before the exec: nothing of relay qq is
 		 * left to commit after. A real qmail-queue that then fails has
 		 * been charged; counting errs on the side of more. */
-		if (hand_over_fds(&sp, &e, s->tmpdir) < 0) {
+		if (hand_over_fds(&sp, &e, s->tmpdir, sigs, nsigs) < 0) {
 			close(c.fd);
 			return EXIT_DEFERRED;
 		}
@@ -933,7 +1017,7 @@ static int filter(const struct settings *s)
 		 * fds: it reads the whole config (a file the daemon would refuse
 		 * to start with is refused there too, exit 55) and tries the
 		 * daemon again. This costs a Go start only while nobody listens. */
-		if (hand_over_fds(&sp, &e, s->tmpdir) < 0)
+		if (hand_over_fds(&sp, &e, s->tmpdir, NULL, 0) < 0)
 			return EXIT_DEFERRED;
 		return fallback();
 	case UNKNOWN:
